@@ -1,0 +1,1 @@
+"""Trainer subclasses and their configs (imports hf_ens, never the reverse)."""
