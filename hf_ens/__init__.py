@@ -1,1 +1,20 @@
-"""hf-ens: ensembles and soups of fine-tuned Hugging Face models (the library layer; never imports `trainers`)."""
+"""hf-ens: ensembles and soups of fine-tuned Hugging Face models.
+
+The library layer: it never imports `trainers`.
+"""
+
+from .ensemble import EnsembleLoadError, EnsembleModel, EnsembleOutput, HubPushError
+from .soups import greedy_soup, make_accuracy_eval_fn, recompute_batchnorm, uniform_soup
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "EnsembleModel",
+    "EnsembleOutput",
+    "EnsembleLoadError",
+    "HubPushError",
+    "uniform_soup",
+    "greedy_soup",
+    "recompute_batchnorm",
+    "make_accuracy_eval_fn",
+]

@@ -1,0 +1,148 @@
+"""Model cards for ensembles, rendered from the Jinja templates in ``model_cards/`` with huggingface_hub.
+
+The card carries Hub metadata (``library_name``, tags, ``base_model``, datasets, a ``model-index`` with the
+ensemble and soup results) and a human part: method, hyper-parameters, a metrics table and how to load the
+ensemble, the soup and one member.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+import hf_ens
+
+__all__ = ["render_model_card", "template_path"]
+
+METHOD_NAMES = {
+    "starsse": "StarSSE (star-shaped snapshot ensemble)",
+    "sse": "SSE (snapshot ensemble with cyclic learning rate)",
+    "local_de": "Local DE (independent fine-tunings from one checkpoint)",
+}
+METHOD_DESCRIPTIONS = {
+    "starsse": (
+        "StarSSE (Sadrtdinov et al., NeurIPS 2023, *To Stay or Not to Stay in the Pre-train Basin*) "
+        "fine-tunes the pre-trained model once (member 0), then runs each further cycle *from member 0* "
+        "with a fresh optimizer state, so the snapshots form a star around member 0 in the pre-train basin."
+    ),
+    "sse": "SSE trains one run with a cyclic learning rate and keeps the snapshot at the end of every cycle.",
+    "local_de": "Local DE fine-tunes every member independently from the same pre-trained checkpoint.",
+}
+HYPERPARAMETERS = (
+    "method",
+    "num_members",
+    "learning_rate",
+    "num_train_epochs",
+    "cycle_epochs",
+    "cycle_learning_rate",
+    "cycle_warmup_steps",
+    "per_device_train_batch_size",
+    "weight_decay",
+    "bf16",
+    "seed",
+)
+_AUTO_CLASSES = {
+    "ForImageClassification": ("AutoModelForImageClassification", "image-classification"),
+    "ForSequenceClassification": ("AutoModelForSequenceClassification", "text-classification"),
+}
+
+
+def template_path(name: str = "ensemble_card.md") -> Path:
+    """Location of a card template: in the wheel (``hf_ens/model_cards``) or the source tree's top level."""
+    package_dir = Path(hf_ens.__file__).parent
+    for folder in (package_dir / "model_cards", package_dir.parent / "model_cards"):
+        if (folder / name).is_file():
+            return folder / name
+    raise FileNotFoundError(f"Model card template {name!r} not found next to {package_dir}.")
+
+
+def _fmt(value) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def render_model_card(
+    metadata: dict,
+    metrics: dict | None = None,
+    repo_id: str | None = None,
+    ensemble_config: dict | None = None,
+) -> ModelCard:
+    """Render the ensemble card.
+
+    Args:
+        metadata: the ensemble's metadata (method, num_members, learning rates, cycle settings, base_model,
+            dataset, dataset_split, ...).
+        metrics: output of `hf_ens.metrics.ensemble_metrics` (keys ``ensemble/accuracy``, ``soup/nll``, ...).
+        repo_id: Hub id used in the load snippets and as the model-index name.
+        ensemble_config: the saved ``ensemble_config.json`` content (for the architecture name).
+    """
+    metadata, metrics, ensemble_config = (
+        dict(metadata or {}),
+        dict(metrics or {}),
+        dict(ensemble_config or {}),
+    )
+    method = str(metadata.get("method", "ensemble"))
+    num_members = int(metadata.get("num_members") or ensemble_config.get("num_members") or 0)
+    architecture = ensemble_config.get("architecture") or metadata.get("architecture") or "transformers"
+    auto_class, task = next(
+        (v for k, v in _AUTO_CLASSES.items() if architecture.endswith(k)),
+        ("AutoModel", "image-classification"),
+    )
+    base_model = metadata.get("base_model")
+    dataset, split = metadata.get("dataset"), metadata.get("dataset_split") or metadata.get("eval_split")
+    name = repo_id or f"{method}-ensemble"
+
+    eval_results = []
+    if dataset:
+        for prefix, label in (("ensemble", "ensemble"), ("soup", "soup")):
+            for metric in ("accuracy", "nll", "ece", "brier"):
+                if f"{prefix}/{metric}" in metrics:
+                    eval_results.append(
+                        EvalResult(
+                            task_type=task,
+                            dataset_type=str(dataset),
+                            dataset_name=str(dataset),
+                            dataset_split=split,
+                            metric_type=metric,
+                            metric_name=f"{label} {metric}",
+                            metric_value=round(float(metrics[f"{prefix}/{metric}"]), 6),
+                        )
+                    )
+    card_data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag=task,
+        tags=["hf-ens", "ensemble", "model-soup", method.replace("_", "-"), task],
+        base_model=base_model,
+        datasets=[dataset] if dataset else None,
+        model_name=name,
+        eval_results=eval_results or None,
+        license=metadata.get("license"),
+    )
+    rows = []
+    for prefix, label in (("ensemble", "ensemble"), ("soup", "soup"), ("member_mean", "mean member")):
+        if any(f"{prefix}/{m}" in metrics for m in ("accuracy", "nll", "ece", "brier")):
+            row = {
+                m: _fmt(metrics[f"{prefix}/{m}"]) if f"{prefix}/{m}" in metrics else "-"
+                for m in ("accuracy", "nll", "ece", "brier")
+            }
+            rows.append({"name": label, **row})
+    diversity = [(k.split("/", 1)[1], _fmt(v)) for k, v in metrics.items() if k.startswith("diversity/")]
+    hyperparameters = [(k, _fmt(metadata[k])) for k in HYPERPARAMETERS if metadata.get(k) is not None]
+    hyperparameters += [("base_model", base_model)] if base_model else []
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(template_path()),
+        title=f"{name}: {num_members}-member {METHOD_NAMES.get(method, method)} ensemble and soup",
+        num_members=max(num_members, 1),
+        architecture=architecture,
+        base_model=base_model,
+        method_name=METHOD_NAMES.get(method, method),
+        method_description=METHOD_DESCRIPTIONS.get(method, ""),
+        hyperparameters=hyperparameters,
+        metrics_rows=rows,
+        diversity=diversity,
+        dataset=dataset,
+        dataset_split=split,
+        repo_id=repo_id or "path/to/ensemble",
+        auto_class=auto_class,
+    )

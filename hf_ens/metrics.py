@@ -1,0 +1,173 @@
+"""Classification metrics for members, ensembles and soups, plus member diversity.
+
+All functions take logits (unnormalised scores or log-probabilities; both give the same probabilities after
+a softmax) as torch tensors or numpy arrays, and integer labels. They compute in float64 and return floats.
+
+Conventions (documented because papers differ):
+  * ``nll``: mean negative log-likelihood of the true class (natural log).
+  * ``ece``: expected calibration error with ``n_bins`` equal-width confidence bins on [0, 1]; confidence is
+    the maximum probability, ``ece = sum_b (n_b / N) * |accuracy_b - mean confidence_b|``; bin b holds
+    confidences in ``(lo_b, hi_b]`` (the first bin also holds 0).
+  * ``brier``: sum over classes of ``(p_c - onehot_c)^2``, averaged over samples (range [0, 2]; the
+    multi-class form of Brier 1950, *not* divided by the number of classes).
+  * ``diversity/disagreement``: mean over member pairs of the fraction of samples predicted differently.
+  * ``diversity/kl_to_ensemble``: mean over members and samples of KL(member || ensemble), i.e.
+    ``sum_c p_k,c (log p_k,c - log p_ens,c)`` with ``p_ens`` the mean member probability (a generalised
+    Jensen-Shannon divergence; zero iff all members agree exactly).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+__all__ = [
+    "accuracy",
+    "nll",
+    "ece",
+    "brier",
+    "classification_metrics",
+    "ensemble_log_probs",
+    "disagreement",
+    "kl_to_ensemble",
+    "ensemble_metrics",
+    "compute_metrics",
+]
+
+METRICS = ("accuracy", "nll", "ece", "brier")
+
+
+def _to_tensor(x, dtype=torch.float64) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x.detach().to("cpu", dtype)
+    return torch.as_tensor(np.ascontiguousarray(x), dtype=dtype)
+
+
+def _prepare(logits, labels) -> tuple[torch.Tensor, torch.Tensor]:
+    log_probs = torch.log_softmax(_to_tensor(logits), dim=-1)
+    labels = _to_tensor(labels, torch.long).reshape(-1)
+    if log_probs.ndim != 2 or log_probs.shape[0] != labels.shape[0]:
+        raise ValueError(
+            f"Expected logits of shape [N, C] and labels of shape [N]; got {tuple(log_probs.shape)} and "
+            f"{tuple(labels.shape)}."
+        )
+    if labels.numel() == 0:
+        raise ValueError("Metrics need at least one sample; got an empty array.")
+    if labels.min() < 0 or labels.max() >= log_probs.shape[1]:
+        raise ValueError(
+            f"Labels must lie in [0, {log_probs.shape[1] - 1}]; got {labels.min()}..{labels.max()}."
+        )
+    return log_probs, labels
+
+
+def accuracy(logits, labels) -> float:
+    """Fraction of samples whose arg-max class is the label."""
+    log_probs, labels = _prepare(logits, labels)
+    return (log_probs.argmax(-1) == labels).double().mean().item()
+
+
+def nll(logits, labels) -> float:
+    """Mean negative log-likelihood of the true class (natural log)."""
+    log_probs, labels = _prepare(logits, labels)
+    return -log_probs.gather(1, labels[:, None]).mean().item()
+
+
+def ece(logits, labels, n_bins: int = 15) -> float:
+    """Expected calibration error with `n_bins` equal-width bins over the max-probability confidence."""
+    log_probs, labels = _prepare(logits, labels)
+    conf, pred = log_probs.exp().max(-1)
+    correct = (pred == labels).double()
+    # bin b holds (b/n, (b+1)/n]; clamp puts confidence 0 into the first bin.
+    bins = (torch.ceil(conf * n_bins).long() - 1).clamp(0, n_bins - 1)
+    total = 0.0
+    for b in range(n_bins):
+        mask = bins == b
+        if mask.any():
+            total += mask.double().mean().item() * abs(correct[mask].mean().item() - conf[mask].mean().item())
+    return total
+
+
+def brier(logits, labels) -> float:
+    """Multi-class Brier score: sum over classes of (p - onehot)^2, averaged over samples."""
+    log_probs, labels = _prepare(logits, labels)
+    onehot = torch.nn.functional.one_hot(labels, log_probs.shape[1]).double()
+    return ((log_probs.exp() - onehot) ** 2).sum(-1).mean().item()
+
+
+def classification_metrics(logits, labels, prefix: str = "") -> dict[str, float]:
+    """accuracy, nll, ece and brier of one set of logits, keys prefixed with `prefix`."""
+    return {
+        f"{prefix}{name}": fn(logits, labels)
+        for name, fn in zip(METRICS, (accuracy, nll, ece, brier), strict=True)
+    }
+
+
+def ensemble_log_probs(member_logits) -> torch.Tensor:
+    """log(mean_k softmax(z_k)) from member logits [K, N, C], computed stably as logsumexp - log K."""
+    z = _to_tensor(member_logits)
+    if z.ndim != 3:
+        raise ValueError(f"member_logits must have shape [K, N, C]; got {tuple(z.shape)}.")
+    return torch.logsumexp(torch.log_softmax(z, -1), dim=0) - math.log(z.shape[0])
+
+
+def disagreement(member_logits) -> float:
+    """Mean over member pairs of the fraction of samples with different predicted classes (0 for K=1)."""
+    preds = _to_tensor(member_logits).argmax(-1)
+    pairs = list(itertools.combinations(range(preds.shape[0]), 2))
+    if not pairs:
+        return 0.0
+    return float(np.mean([(preds[i] != preds[j]).double().mean().item() for i, j in pairs]))
+
+
+def kl_to_ensemble(member_logits) -> float:
+    """Mean over members and samples of KL(member || ensemble mean probability)."""
+    log_p = torch.log_softmax(_to_tensor(member_logits), -1)
+    log_ens = ensemble_log_probs(member_logits)
+    return (log_p.exp() * (log_p - log_ens[None])).sum(-1).mean().item()
+
+
+def ensemble_metrics(member_logits, labels, soup_logits=None) -> dict[str, float]:
+    """All metrics of an ensemble: each member, their mean, the ensemble, the soup (if given), and diversity.
+
+    Keys: ``member_{k}/{metric}``, ``member_mean/{metric}``, ``ensemble/{metric}``, ``soup/{metric}``,
+    ``diversity/disagreement``, ``diversity/kl_to_ensemble`` with metric in accuracy, nll, ece, brier.
+    """
+    z = _to_tensor(member_logits)
+    if z.ndim != 3:
+        raise ValueError(f"member_logits must have shape [K, N, C]; got {tuple(z.shape)}.")
+    out: dict[str, float] = {}
+    for k in range(z.shape[0]):
+        out.update(classification_metrics(z[k], labels, prefix=f"member_{k}/"))
+    for name in METRICS:
+        out[f"member_mean/{name}"] = float(np.mean([out[f"member_{k}/{name}"] for k in range(z.shape[0])]))
+    out.update(classification_metrics(ensemble_log_probs(z), labels, prefix="ensemble/"))
+    if soup_logits is not None:
+        out.update(classification_metrics(soup_logits, labels, prefix="soup/"))
+    out["diversity/disagreement"] = disagreement(z)
+    out["diversity/kl_to_ensemble"] = kl_to_ensemble(z)
+    out["num_members"] = float(z.shape[0])
+    return out
+
+
+def compute_metrics(eval_pred) -> dict[str, float]:
+    """``compute_metrics`` for `transformers.Trainer`.
+
+    Plain logits [N, C] (of a single model, or of an `EnsembleModel`: already log-mean-probabilities) give
+    ``accuracy``, ``nll``, ``ece``, ``brier``. A predictions tuple ``(logits, member_logits [K, N, C])`` gives
+    the full `ensemble_metrics`. (`EnsembleModel` hides ``member_logits`` from the Trainer by default, via
+    ``config.keys_to_ignore_at_inference``, because the Trainer concatenates outputs along dim 0.)
+    """
+    predictions, labels = eval_pred[0], eval_pred[1]
+    if isinstance(predictions, Sequence) and not isinstance(predictions, (np.ndarray, torch.Tensor)):
+        if (
+            len(predictions) > 1
+            and np.ndim(predictions[1]) == 3
+            and np.shape(predictions[1])[1] == len(labels)
+        ):
+            return ensemble_metrics(predictions[1], labels)
+        predictions = predictions[0]
+    return classification_metrics(predictions, labels)
