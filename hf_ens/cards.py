@@ -127,7 +127,11 @@ def render_model_card(
             }
             rows.append({"name": label, **row})
     diversity = [(k.split("/", 1)[1], _fmt(v)) for k, v in metrics.items() if k.startswith("diversity/")]
-    hyperparameters = [(k, _fmt(metadata[k])) for k in HYPERPARAMETERS if metadata.get(k) is not None]
+    hyperparameters = [
+        (k, f"{metadata[k]:g}" if isinstance(metadata[k], float) else str(metadata[k]))
+        for k in HYPERPARAMETERS
+        if metadata.get(k) is not None
+    ]
     hyperparameters += [("base_model", base_model)] if base_model else []
     return ModelCard.from_template(
         card_data,

@@ -1,0 +1,79 @@
+"""Model cards rendered from model_cards/ensemble_card.md through huggingface_hub's ModelCard."""
+
+from huggingface_hub import ModelCard
+
+from hf_ens.cards import render_model_card, template_path
+
+METADATA = {
+    "method": "starsse",
+    "num_members": 4,
+    "learning_rate": 1e-4,
+    "num_train_epochs": 3.0,
+    "cycle_epochs": 2.0,
+    "cycle_learning_rate": 5e-4,
+    "cycle_warmup_steps": 0.1,
+    "base_model": "google/vit-base-patch16-224-in21k",
+    "dataset": "cifar10",
+    "dataset_split": "test",
+    "seed": 42,
+}
+METRICS = {
+    "ensemble/accuracy": 0.9712,
+    "ensemble/nll": 0.1034,
+    "ensemble/ece": 0.012,
+    "ensemble/brier": 0.045,
+    "soup/accuracy": 0.9655,
+    "soup/nll": 0.121,
+    "member_mean/accuracy": 0.961,
+    "member_mean/nll": 0.14,
+    "member_mean/ece": 0.02,
+    "member_mean/brier": 0.06,
+    "diversity/disagreement": 0.031,
+    "diversity/kl_to_ensemble": 0.0123,
+}
+
+
+def test_template_found_in_source_tree():
+    assert template_path().is_file() and template_path().parent.name == "model_cards"
+
+
+def test_card_metadata_and_model_index():
+    card = render_model_card(METADATA, METRICS, repo_id="user/vit-cifar10-starsse")
+    reparsed = ModelCard(str(card))  # what the Hub would parse
+    data = reparsed.data.to_dict()
+    assert data["library_name"] == "transformers"
+    assert data["base_model"] == "google/vit-base-patch16-224-in21k"
+    assert data["datasets"] == ["cifar10"]
+    assert {"hf-ens", "ensemble", "model-soup", "starsse"} <= set(data["tags"])
+    assert data["pipeline_tag"] == "image-classification"
+    index = data["model-index"][0]
+    assert index["name"] == "user/vit-cifar10-starsse"
+    metrics = {m["name"]: m["value"] for r in index["results"] for m in r["metrics"]}
+    assert metrics["ensemble accuracy"] == 0.9712 and metrics["soup accuracy"] == 0.9655
+    assert metrics["ensemble brier"] == 0.045 and "soup brier" not in metrics
+    assert index["results"][0]["dataset"]["split"] == "test"
+
+
+def test_card_body_has_table_hyperparameters_and_snippets():
+    text = render_model_card(
+        METADATA,
+        METRICS,
+        repo_id="user/vit-cifar10-starsse",
+        ensemble_config={"architecture": "ViTForImageClassification"},
+    ).text
+    assert "| ensemble | 0.9712 | 0.1034 | 0.0120 | 0.0450 |" in text
+    assert "| soup | 0.9655 | 0.1210 | - | - |" in text
+    assert "| mean member | 0.9610 | 0.1400 | 0.0200 | 0.0600 |" in text
+    assert "| cycle_learning_rate | 0.0005 |" in text and "| cycle_epochs | 2 |" in text
+    assert "| learning_rate | 0.0001 |" in text and "| method | starsse |" in text
+    assert "disagreement = 0.0310" in text
+    assert 'EnsembleModel.from_pretrained("user/vit-cifar10-starsse")' in text
+    assert 'AutoModelForImageClassification.from_pretrained("user/vit-cifar10-starsse")' in text
+    assert 'subfolder="member_00"' in text and "member_03/" in text
+    assert "StarSSE" in text and "`ViTForImageClassification`" in text
+
+
+def test_card_without_metrics_or_dataset():
+    card = render_model_card({"method": "local_de", "num_members": 2}, None, None)
+    assert "model-index" not in card.data.to_dict()
+    assert "## Evaluation" not in card.text and "Local DE" in card.text
