@@ -1,0 +1,129 @@
+"""PNG plots for the recipes: the learning-rate schedule and metrics vs ensemble size.
+
+Figures are built with `matplotlib.figure.Figure` (Agg canvas), never `pyplot`, so the library neither needs a
+display nor changes the backend of a notebook that imports it. Files are written atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+
+def new_figure(ncols: int = 1, width: float = 4.5, height: float = 3.4):
+    """A pyplot-free figure with `ncols` side-by-side axes (returned as a list)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width * ncols, height), layout="constrained")
+    axes = fig.subplots(1, ncols, squeeze=False)[0]
+    return fig, list(axes)
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
+    """Write `fig` as PNG to `path` atomically (temporary file in the same folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".png", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png", dpi=dpi)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _floats(name: str, values) -> list[float]:
+    try:
+        out = [float(v) for v in values]
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{name} must be a sequence of numbers, got {values!r}.") from err
+    return out
+
+
+def plot_lr_schedule(
+    steps: Sequence[float],
+    lrs: Sequence[float],
+    boundaries: Sequence[float] = (),
+    path: str | os.PathLike = "lr_schedule.png",
+    title: str | None = None,
+) -> Path:
+    """Learning rate vs optimizer step, with a dashed line where each ensemble member is saved.
+
+    `boundaries` are the steps that end a member (model 1's fine-tuning, then each cycle), the point of the
+    plot: it shows at a glance how high and how long each cycle goes compared with the fine-tuning run.
+    """
+    steps, lrs = _floats("steps", steps), _floats("lrs", lrs)
+    if len(steps) != len(lrs) or not steps:
+        raise ValueError(
+            f"steps and lrs must be non-empty and of equal length, got {len(steps)} and {len(lrs)}."
+        )
+    fig, (ax,) = new_figure(width=6.0)
+    ax.plot(steps, lrs, color="tab:blue", lw=1.5)
+    for k, b in enumerate(_floats("boundaries", boundaries)):
+        ax.axvline(b, color="gray", ls="--", lw=0.8)
+        ax.annotate(
+            f"member {k + 1}", (b, max(lrs)), rotation=90, ha="right", va="top", fontsize=7, color="gray"
+        )
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("learning rate")
+    ax.set_ylim(bottom=0)
+    ax.set_title(title or "Learning-rate schedule")
+    ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+    return save_figure(fig, path)
+
+
+def _series(method: str, metric: str, values, n: int) -> tuple[list[float], list[float] | None]:
+    if isinstance(values, Mapping):
+        if "mean" not in values:
+            raise ValueError(f"{method}/{metric}: a mapping needs a 'mean' list (and optionally 'ci').")
+        mean = _floats(f"{method}/{metric} mean", values["mean"])
+        ci = _floats(f"{method}/{metric} ci", values["ci"]) if values.get("ci") is not None else None
+    else:
+        mean, ci = _floats(f"{method}/{metric}", values), None
+    if len(mean) != n or (ci is not None and len(ci) != n):
+        raise ValueError(f"{method}/{metric} has {len(mean)} values but there are {n} ensemble sizes.")
+    return mean, ci
+
+
+def plot_vs_ensemble_size(
+    sizes: Sequence[int],
+    metrics_by_method: Mapping[str, Mapping[str, Sequence[float] | Mapping[str, Sequence[float]]]],
+    path: str | os.PathLike = "ensemble_size.png",
+    title: str | None = None,
+) -> Path:
+    """One panel per metric (e.g. accuracy, NLL), one line per method, vs the number of members K.
+
+    `metrics_by_method` maps method -> metric -> values (one per size), or -> {"mean": [...], "ci": [...]} to
+    draw a shaded interval (e.g. a 95% interval over seeds).
+    """
+    sizes = _floats("sizes", sizes)
+    if not sizes or not metrics_by_method:
+        raise ValueError("Need at least one ensemble size and one method to plot.")
+    metric_names: list[str] = []
+    for per_metric in metrics_by_method.values():
+        metric_names += [m for m in per_metric if m not in metric_names]
+    if not metric_names:
+        raise ValueError("metrics_by_method holds no metrics.")
+    fig, axes = new_figure(ncols=len(metric_names))
+    for ax, metric in zip(axes, metric_names, strict=True):
+        for method, per_metric in metrics_by_method.items():
+            if metric not in per_metric:
+                continue
+            mean, ci = _series(method, metric, per_metric[metric], len(sizes))
+            (line,) = ax.plot(sizes, mean, marker="o", ms=4, label=method)
+            if ci is not None:
+                lo = [m - c for m, c in zip(mean, ci, strict=True)]
+                hi = [m + c for m, c in zip(mean, ci, strict=True)]
+                ax.fill_between(sizes, lo, hi, color=line.get_color(), alpha=0.2, lw=0)
+        ax.set_xlabel("ensemble size K")
+        ax.set_ylabel(metric)
+        ax.set_xticks(sizes)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title or "Metrics vs ensemble size")
+    return save_figure(fig, path)
