@@ -1,7 +1,7 @@
 """Shared pytest fixtures. Keep this file small: one fixture per idea, each with a comment saying why.
 
-`hub`: a local Hugging Face Hub (tests/hub_server.py) that the in-process huggingface_hub, transformers and datasets
-clients talk to for the duration of one test. Usage::
+`hub`: a local Hugging Face Hub (tests/hub_server.py) that the in-process huggingface_hub, transformers and
+datasets clients talk to for the duration of one test. Usage::
 
     def test_roundtrip(hub):
         api = HfApi()                                   # endpoint and token come from the fixture
@@ -14,11 +14,11 @@ clients talk to for the duration of one test. Usage::
     hub.crash_on(r"POST /api/models/.*/commit/")         # die midway through a push
     hub.corrupt_file(repo_id, "model.safetensors"); hub.delete_file(repo_id, "member_01/model.safetensors")
 
-Why all the patching: huggingface_hub, transformers and datasets copy HF_ENDPOINT, HF_HUB_OFFLINE, HF_HUB_DISABLE_XET
-and the cache paths into module globals at import time, and `make test` runs with HF_HUB_OFFLINE=1. Setting
-environment variables alone would therefore not reach clients that are already imported. Everything is patched with
-`monkeypatch`, so it is restored after the test and offline tests stay offline. Environment variables are set too,
-so subprocesses started by a test (e.g. `accelerate launch`) talk to the same server.
+Why all the patching: huggingface_hub, transformers and datasets copy HF_ENDPOINT, HF_HUB_OFFLINE,
+HF_HUB_DISABLE_XET and the cache paths into module globals at import time, and `make test` runs with
+HF_HUB_OFFLINE=1, so environment variables alone would not reach clients that are already imported.
+Everything is patched with `monkeypatch`: restored after the test, so offline tests stay offline. Environment
+variables are set too, so subprocesses started by a test (e.g. `accelerate launch`) talk to the same server.
 """
 
 from __future__ import annotations
@@ -99,12 +99,13 @@ def _connect_clients(server: HubServer, hf_home: str, monkeypatch: pytest.Monkey
     }.items():
         monkeypatch.setattr(constants, name, value)
     monkeypatch.setattr(_http, "_HUB_ORIGINS", _http._HUB_ORIGINS | {_http._url_origin(endpoint)})
-    # The module-level `HfApi()` behind `huggingface_hub.create_repo`, `upload_folder`, ... froze its endpoint.
+    # The module-level `HfApi()` behind `huggingface_hub.create_repo`, `upload_folder`, ... froze its
+    # endpoint.
     from huggingface_hub import hf_api
 
     monkeypatch.setattr(hf_api.api, "endpoint", endpoint)
-    # Retries back off 1, 2, 4, 8, 8 s: keep the retries (they are real client behaviour) but not the waiting, so a
-    # stopped server fails in well under a second instead of ~25 s.
+    # Retries back off 1, 2, 4, 8, 8 s: keep the retries (they are real client behaviour) but not the waiting,
+    # so a stopped server fails in well under a second instead of ~25 s.
     for fn in (_http.http_backoff, _http.http_stream_backoff):
         fn = inspect.unwrap(fn)  # http_stream_backoff is a @contextmanager
         monkeypatch.setitem(fn.__kwdefaults__, "base_wait_time", 0.01)

@@ -1,22 +1,22 @@
 """A small Hugging Face Hub-compatible HTTP server for the test suite (standard library only).
 
-Why: no Hub is reachable here and mocks of `HfApi` would not test the real clients. This server speaks the subset
-of the Hub's HTTP API that `huggingface_hub` (create_repo, upload_folder/create_commit with regular and LFS files,
-repo info, tree, paths-info, resolve, refs, branches, tags), `transformers` (`from_pretrained`) and `datasets`
-(`load_dataset` through `HfFileSystem`) call, so tests exercise the real client code paths end to end.
+Why: no Hub is reachable here, and mocks of `HfApi` would not test the real clients. This server speaks the
+subset of the Hub's HTTP API that `huggingface_hub` (create_repo, upload_folder/create_commit with regular and
+LFS files, repo info, tree, paths-info, resolve, refs, branches, tags), `transformers` (`from_pretrained`) and
+`datasets` (`load_dataset` through `HfFileSystem`) call, so tests run the real client code paths end to end.
 
 Model of the Hub kept here:
-- repos of type model/dataset/space, keyed by (repo_type, "namespace/name"), created with an initial commit that
-  holds the Hub's default `.gitattributes` (so `*.safetensors`, `*.parquet`, ... go through LFS);
+- repos of type model/dataset/space, keyed by (repo_type, "namespace/name"), created with an initial commit
+  holding the Hub's default `.gitattributes` (so `*.safetensors`, `*.parquet`, ... go through LFS);
 - commits are immutable snapshots (path -> file entry) with sha1 hex ids; branches and tags point at commits;
-- regular files are content-addressed by their git blob sha1, LFS files by their sha256 (uploaded with the LFS batch
-  API + a basic PUT transfer, then referenced by an `lfsFile` line of the ndjson commit);
-- `resolve` answers regular files directly (ETag = git sha1) and redirects LFS files (302, X-Linked-Etag = sha256,
-  X-Linked-Size) to a second "CDN" port, as the real Hub does with its storage;
+- regular files are content-addressed by their git blob sha1, LFS files by their sha256 (uploaded with the LFS
+  batch API + a basic PUT transfer, then referenced by an `lfsFile` line of the ndjson commit);
+- `resolve` answers regular files directly (ETag = git sha1) and redirects LFS files (302, X-Linked-Etag =
+  sha256, X-Linked-Size) to a second "CDN" port, as the real Hub does with its storage;
 - Xet is never advertised (clients must run with HF_HUB_DISABLE_XET=1).
 
-`HubServer` is the programmatic handle; the pytest fixture `hub` in `tests/conftest.py` wires the in-process clients
-to it. Everything lives in memory and is dropped by `reset()`.
+`HubServer` is the programmatic handle; the pytest fixture `hub` in `tests/conftest.py` points the in-process
+clients at it. Everything lives in memory and is dropped by `reset()`.
 """
 
 from __future__ import annotations
@@ -47,9 +47,10 @@ URL_PREFIXES = {"model": "", "dataset": "datasets/", "space": "spaces/"}
 DEFAULT_GITATTRIBUTES = "".join(
     f"{pattern} filter=lfs diff=lfs merge=lfs -text\n"
     for pattern in (
-        "*.7z *.arrow *.bin *.bz2 *.ckpt *.ftz *.gz *.h5 *.joblib *.lfs.* *.mlmodel *.model *.msgpack *.npy *.npz "
-        "*.onnx *.ot *.parquet *.pb *.pickle *.pkl *.pt *.pth *.rar *.safetensors saved_model/**/* *.tar.* *.tar "
-        "*.tflite *.tgz *.wasm *.xz *.zip *.zst *tfevents* *.png *.jpg *.jpeg *.webp *.wav *.mp3 *.ogg *.flac"
+        "*.7z *.arrow *.bin *.bz2 *.ckpt *.ftz *.gz *.h5 *.joblib *.lfs.* *.mlmodel *.model *.msgpack *.npy "
+        "*.npz *.onnx *.ot *.parquet *.pb *.pickle *.pkl *.pt *.pth *.rar *.safetensors saved_model/**/* "
+        "*.tar.* *.tar *.tflite *.tgz *.wasm *.xz *.zip *.zst *tfevents* *.png *.jpg *.jpeg *.webp *.wav "
+        "*.mp3 *.ogg *.flac"
     ).split()
 )
 
@@ -69,7 +70,7 @@ def _now() -> str:
 
 @dataclass(frozen=True)
 class FileEntry:
-    """One file of a snapshot. `blob_key` addresses the stored bytes (tests may repoint it to corrupt a file)."""
+    """One file of a snapshot; `blob_key` addresses the stored bytes (repointed to corrupt a file)."""
 
     oid: str  # git blob sha1 of the content (regular) or of the LFS pointer (LFS)
     size: int
@@ -119,7 +120,7 @@ class Repo:
 
 
 class HubError(Exception):
-    """Raised inside handlers; turned into an HTTP error with the Hub's X-Error-Code/X-Error-Message headers."""
+    """Raised inside handlers; sent as an HTTP error with the Hub's X-Error-Code/X-Error-Message headers."""
 
     def __init__(self, status: int, message: str, code: str | None = None, headers: dict | None = None):
         super().__init__(message)
@@ -139,7 +140,7 @@ class HubState:
             self.blobs: dict[str, bytes] = {}  # blob_key -> bytes
             self._counter = itertools.count()
 
-    # -- repos and commits ------------------------------------------------------------------------------------------
+    # -- repos and commits -----------------------------------------------------------------------------------
     def get_repo(self, repo_type: str, repo_id: str) -> Repo:
         repo = self.repos.get((repo_type, repo_id))
         if repo is None:
@@ -242,9 +243,9 @@ def _matches_gitattributes(path: str, patterns: list[str]) -> bool:
     return False
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # HTTP layer
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 _API_REPO = re.compile(r"^/api/(models|datasets|spaces)/([^/]+)/([^/]+)(?:/(.*))?$")
 _LFS_BATCH = re.compile(r"^/(?:(datasets|spaces)/)?([^/]+)/([^/]+)\.git/info/lfs/objects/batch$")
@@ -259,7 +260,7 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format, *args):  # noqa: A002 - signature of the base class
         pass
 
-    # -- plumbing ----------------------------------------------------------------------------------------------------
+    # -- plumbing --------------------------------------------------------------------------------------------
     def do_GET(self):
         self._dispatch("GET")
 
@@ -284,7 +285,7 @@ class _Handler(BaseHTTPRequestHandler):
         if hub._should_crash(f"{method} {self.raw_path}"):
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)
-            threading.Thread(target=hub._shutdown, daemon=True).start()
+            hub._shutdown(background=True)
             return
         try:
             if self.server.is_cdn:
@@ -359,7 +360,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _url(self, path: str) -> str:
         return self.server.hub.endpoint + path
 
-    # -- routing -----------------------------------------------------------------------------------------------------
+    # -- routing ---------------------------------------------------------------------------------------------
     def _route(self, method: str) -> None:
         path = self.raw_path
         if path == "/api/whoami-v2" and method == "GET":
@@ -413,7 +414,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._settings(repo_type, repo_id)
         raise HubError(404, f"Not implemented by the test Hub: {method} {path}")
 
-    # -- account -----------------------------------------------------------------------------------------------------
+    # -- account ---------------------------------------------------------------------------------------------
     def _whoami(self) -> None:
         self._require_auth()
         self._json(
@@ -439,7 +440,7 @@ class _Handler(BaseHTTPRequestHandler):
                 errors.append("Metadata block is not closed by '---'")
             else:
                 try:
-                    import yaml  # a project dependency; the server itself needs nothing beyond stdlib otherwise
+                    import yaml  # a project dependency; the rest of the server is stdlib only
 
                     metadata = yaml.safe_load(match.group(1))
                     if metadata is not None and not isinstance(metadata, dict):
@@ -452,7 +453,7 @@ class _Handler(BaseHTTPRequestHandler):
             raise HubError(400, "; ".join(errors))
         self._json({"errors": [], "warnings": []})
 
-    # -- repos -------------------------------------------------------------------------------------------------------
+    # -- repos -----------------------------------------------------------------------------------------------
     def _create_repo(self) -> None:
         self._require_auth()
         body = self.json_body()
@@ -595,7 +596,7 @@ class _Handler(BaseHTTPRequestHandler):
             repo.tags[tag] = self._commit(repo, target).id
         self._json({})
 
-    # -- listing -----------------------------------------------------------------------------------------------------
+    # -- listing ---------------------------------------------------------------------------------------------
     def _entry_json(self, commit: Commit, path: str, expand: bool, repo: Repo) -> dict | None:
         entry = commit.files.get(path)
         if entry is not None:
@@ -661,7 +662,7 @@ class _Handler(BaseHTTPRequestHandler):
         items = [self._entry_json(commit, p.strip("/"), expand, repo) for p in paths]
         self._json([item for item in items if item is not None])
 
-    # -- resolve -----------------------------------------------------------------------------------------------------
+    # -- resolve ---------------------------------------------------------------------------------------------
     def _resolve(self, repo_type: str, repo_id: str, revision: str, path: str) -> None:
         repo = self._repo(repo_type, repo_id)
         commit = self._commit(repo, revision)
@@ -718,7 +719,7 @@ class _Handler(BaseHTTPRequestHandler):
         etag = key.split("-", 1)[-1]
         self._serve_bytes(data, {"ETag": f'"{etag}"', "Accept-Ranges": "bytes"})
 
-    # -- upload ------------------------------------------------------------------------------------------------------
+    # -- upload ----------------------------------------------------------------------------------------------
     def _preupload(self, repo_type: str, repo_id: str, revision: str) -> None:
         repo = self._repo(repo_type, repo_id, write=True)
         commit = repo.resolve(revision)
@@ -832,7 +833,7 @@ def _repo_type(url_prefix: str | None) -> str:
 
 
 class _Server(ThreadingHTTPServer):
-    """Tracks open connections so that `stop()` really cuts keep-alive clients off (a stopped Hub must fail)."""
+    """Tracks open connections so that `stop()` cuts keep-alive clients off (a stopped Hub must fail)."""
 
     daemon_threads = True
     allow_reuse_address = True
@@ -879,8 +880,9 @@ class HubServer:
         self._servers: list[_Server] = []
         self._crash_patterns: list[re.Pattern] = []
         self._lock = threading.Lock()
+        self._pending_shutdown: threading.Thread | None = None
 
-    # -- lifecycle ---------------------------------------------------------------------------------------------------
+    # -- lifecycle -------------------------------------------------------------------------------------------
     @property
     def running(self) -> bool:
         return bool(self._servers)
@@ -894,7 +896,11 @@ class HubServer:
         return f"http://{self.host}:{self._ports[1]}"
 
     def start(self) -> HubServer:
+        """Serve (again) on the same ports, with the stored repos kept."""
         with self._lock:
+            if self._pending_shutdown is not None:
+                self._pending_shutdown.join()
+                self._pending_shutdown = None
             if self._servers:
                 return self
             api = _Server((self.host, self._ports[0]), self, is_cdn=False)
@@ -902,26 +908,34 @@ class HubServer:
             self._ports = (api.server_address[1], cdn.server_address[1])
             self._servers = [api, cdn]
             for server in self._servers:
-                threading.Thread(
-                    target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-                ).start()
+                thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+                thread.daemon = True
+                thread.start()
         return self
 
     def stop(self) -> None:
-        """Stop serving (both ports) and cut open connections; in-process clients drop their pooled connections."""
-        self._shutdown()
+        """Stop serving (both ports) and cut open connections; in-process clients drop pooled connections."""
+        self._shutdown(background=False)
         if "huggingface_hub" in sys.modules:
             from huggingface_hub import close_session
 
             close_session()
 
-    def _shutdown(self) -> None:
+    def _shutdown(self, background: bool) -> None:
         with self._lock:
             servers, self._servers = self._servers, []
-            for server in servers:
-                server.shutdown()
-                server.server_close()
-                server.close_all()
+
+            def close() -> None:
+                for server in servers:
+                    server.shutdown()
+                    server.server_close()
+                    server.close_all()
+
+            if background:  # called from a request handler: serve_forever must not wait on itself
+                self._pending_shutdown = threading.Thread(target=close, daemon=True)
+                self._pending_shutdown.start()
+            else:
+                close()
 
     def reset(self) -> None:
         """Forget all repos, blobs, logged requests and crash triggers."""
@@ -931,7 +945,7 @@ class HubServer:
 
     def crash_on(self, pattern: str) -> None:
         """Stop the server abruptly (connection cut, no response) on the first request matching the regex
-        `pattern`, searched in "METHOD /path" (e.g. r"POST /api/models/.*/commit/"). Simulates a Hub outage midway."""
+        `pattern`, searched in "METHOD /path" (e.g. r"POST /api/models/.*/commit/"): an outage midway."""
         self._crash_patterns.append(re.compile(pattern))
 
     def _should_crash(self, request_line: str) -> bool:
@@ -941,7 +955,7 @@ class HubServer:
                 return True
         return False
 
-    # -- test helpers ------------------------------------------------------------------------------------------------
+    # -- test helpers ----------------------------------------------------------------------------------------
     def repo(self, repo_id: str, repo_type: str = "model") -> Repo:
         return self.state.get_repo(repo_type, repo_id)
 
@@ -958,8 +972,8 @@ class HubServer:
         repo_type: str = "model",
         revision: str = "main",
     ) -> None:
-        """Make the Hub serve other bytes for `path` in every commit of the repo, while its metadata (size, etag,
-        sha256) still describe the original: a damaged object in storage. Default `data`: the first half."""
+        """Make the Hub serve other bytes for `path` in every commit of the repo, while its metadata (size,
+        etag, sha256) still describe the original: a damaged object in storage. Default `data`: first half."""
         with self.state.lock:
             entry = self._entry(repo_id, path, repo_type, revision)
             original = self.state.blobs[entry.blob_key]
