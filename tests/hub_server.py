@@ -283,9 +283,9 @@ class _Handler(BaseHTTPRequestHandler):
         hub.requests.append(f"{method} {self.raw_path}")
         self._body: bytes | None = None
         if hub._should_crash(f"{method} {self.raw_path}"):
+            hub._shutdown(background=True)  # first: `running` is False once the client sees the cut
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)
-            hub._shutdown(background=True)
             return
         try:
             if self.server.is_cdn:
@@ -320,7 +320,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         for key, value in (headers or {}).items():
-            self.send_header(key, str(value))
+            # one latin-1 line per header value (error messages may quote paths or multi-line YAML errors)
+            value = " ".join(str(value).split()).encode("ascii", "backslashreplace").decode()
+            self.send_header(key, value)
         if "Content-Length" not in (headers or {}):
             self.send_header("Content-Length", str(len(data)))
         self.end_headers()

@@ -10,7 +10,15 @@ import time
 import httpx2
 import pytest
 import torch
-from huggingface_hub import HfApi, ModelCard, ModelCardData, hf_hub_download
+from huggingface_hub import (
+    HfApi,
+    HfFileSystem,
+    ModelCard,
+    ModelCardData,
+    constants,
+    hf_hub_download,
+    snapshot_download,
+)
 from huggingface_hub.errors import (
     EntryNotFoundError,
     HfHubHTTPError,
@@ -113,6 +121,16 @@ def test_revisions_branches_and_tags(hub, tmp_path):
     with pytest.raises(RevisionNotFoundError):
         read("no-such-branch")
 
+    # snapshot_download and HfFileSystem (ranged reads) honour the revision too
+    snapshot = snapshot_download("test-user/revs", revision=first)
+    assert (tmp_path / snapshot / "f.txt").read_bytes() == b"v1"
+    fs = HfFileSystem()
+    assert fs.cat_file("test-user/revs/f.txt") == b"v2"
+    assert fs.cat_file(f"test-user/revs@{first}/f.txt") == b"v1"
+    with fs.open("test-user/revs/f.txt", "rb", block_size=1) as f:
+        f.seek(1)
+        assert f.read(1) == b"2"
+
 
 def test_transformers_from_pretrained_with_revision_and_subfolder(hub, tmp_path):
     from transformers import ViTForImageClassification
@@ -153,28 +171,39 @@ def test_model_card_push_validates_yaml(hub):
 
 def test_load_dataset_by_name_from_parquet(hub, tmp_path):
     import datasets
+    import numpy as np
+    from PIL import Image
 
-    rows = {"img": [[0, 1], [2, 3], [4, 5]], "label": [0, 1, 0]}
+    # CIFAR-shaped: `img` (datasets.Image) and `label` (ClassLabel) columns
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)) for _ in range(4)]
+    labels = [0, 1, 1, 0]
     features = datasets.Features(
-        {
-            "img": datasets.Sequence(datasets.Value("int64")),
-            "label": datasets.ClassLabel(names=["cat", "dog"]),
-        }
+        {"img": datasets.Image(), "label": datasets.ClassLabel(names=["cat", "dog"])}
     )
-    ds = datasets.Dataset.from_dict(rows, features=features)
+    ds = datasets.Dataset.from_dict({"img": images, "label": labels}, features=features)
+
+    # a parquet file uploaded with HfApi...
     api = HfApi()
     api.create_repo("test-user/tiny-cifar", repo_type="dataset")
     (tmp_path / "data").mkdir()
     ds.to_parquet(tmp_path / "data" / "train-00000-of-00001.parquet")
-    api.upload_folder(repo_id="test-user/tiny-cifar", repo_type="dataset", folder_path=tmp_path)
-
+    api.upload_folder(
+        repo_id="test-user/tiny-cifar",
+        repo_type="dataset",
+        folder_path=tmp_path / "data",
+        path_in_repo="data",
+    )
     loaded = datasets.load_dataset("test-user/tiny-cifar", split="train")
-    assert loaded.to_dict() == rows
-    assert loaded.features["label"].names == ["cat", "dog"]
+    assert loaded["label"] == labels and loaded.features["label"].names == ["cat", "dog"]
+    assert [np.asarray(im).tolist() for im in loaded["img"]] == [np.asarray(im).tolist() for im in images]
 
-    # datasets' own upload path (push_to_hub: preupload + commit via HfApi) then load by name again
+    # ... and datasets' own upload path (push_to_hub, with a dataset card), loaded by name and revision
     ds.push_to_hub("test-user/pushed-ds")
-    assert datasets.load_dataset("test-user/pushed-ds", split="train").to_dict() == rows
+    first = HfApi().dataset_info("test-user/pushed-ds").sha
+    ds.select(range(2)).push_to_hub("test-user/pushed-ds")
+    assert datasets.load_dataset("test-user/pushed-ds", split="train").num_rows == 2
+    assert datasets.load_dataset("test-user/pushed-ds", split="train", revision=first)["label"] == labels
 
 
 def test_stopped_server_fails_fast_and_restarts(hub):
@@ -211,3 +240,17 @@ def test_crash_midway_and_tampered_files(hub, tmp_path):
     hub.delete_file("test-user/broken", "a.txt")
     with pytest.raises(EntryNotFoundError):
         hf_hub_download("test-user/broken", "a.txt")
+
+
+def test_fixture_patches_are_undone(hub):
+    """The session's offline settings come back after a `hub` test (checked on a second, nested patch)."""
+    from tests.conftest import _connect_clients
+
+    assert constants.ENDPOINT == hub.endpoint and not constants.HF_HUB_OFFLINE
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(constants, "ENDPOINT", "http://elsewhere")
+        mp.setattr(constants, "HF_HUB_OFFLINE", True)
+        with pytest.MonkeyPatch.context() as inner:
+            _connect_clients(hub, "/tmp/unused-hf-home", inner)
+            assert constants.ENDPOINT == hub.endpoint and not constants.HF_HUB_OFFLINE
+        assert constants.ENDPOINT == "http://elsewhere" and constants.HF_HUB_OFFLINE
