@@ -684,7 +684,8 @@ class _Handler(BaseHTTPRequestHandler):
                     "ETag": f'"{entry.oid}"',
                     "X-Linked-Etag": f'"{entry.sha256}"',
                     "X-Linked-Size": entry.size,
-                    "Location": f"{self.server.hub.cdn_endpoint}/{entry.blob_key}",
+                    # like the Hub's signed storage URLs: the object key, plus the file name to report
+                    "Location": f"{self.server.hub.cdn_endpoint}/{entry.blob_key}?filename={quote(path)}",
                 }
             )
             return self._send(302, pointer, headers, content_type="text/plain; charset=utf-8")
@@ -718,8 +719,10 @@ class _Handler(BaseHTTPRequestHandler):
         data = self.server.hub.state.blobs.get(key)
         if data is None:
             raise HubError(404, f"No such object {key}")
-        etag = key.split("-", 1)[-1]
-        self._serve_bytes(data, {"ETag": f'"{etag}"', "Accept-Ranges": "bytes"})
+        headers = {"ETag": f'"{key.split("-", 1)[-1]}"', "Accept-Ranges": "bytes"}
+        if "filename" in self.query:  # huggingface_hub names the file from this in its size-mismatch error
+            headers["Content-Disposition"] = f'attachment; filename="{self.query["filename"][0]}";'
+        self._serve_bytes(data, headers)
 
     # -- upload ----------------------------------------------------------------------------------------------
     def _preupload(self, repo_type: str, repo_id: str, revision: str) -> None:

@@ -235,7 +235,7 @@ def test_crash_midway_and_tampered_files(hub, tmp_path):
     api.upload_folder(repo_id="test-user/broken", folder_path=tmp_path)
 
     hub.corrupt_file("test-user/broken", "model.safetensors")
-    with pytest.raises(OSError):  # the client notices the size mismatch
+    with pytest.raises(OSError, match="model.safetensors"):  # the client notices the size mismatch
         hf_hub_download("test-user/broken", "model.safetensors")
     hub.delete_file("test-user/broken", "a.txt")
     with pytest.raises(EntryNotFoundError):
