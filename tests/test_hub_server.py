@@ -131,6 +131,11 @@ def test_revisions_branches_and_tags(hub, tmp_path):
         f.seek(1)
         assert f.read(1) == b"2"
 
+    api.update_repo_settings("test-user/revs", private=True)
+    assert api.model_info("test-user/revs").private is True
+    api.delete_repo("test-user/revs")
+    assert not api.repo_exists("test-user/revs")
+
 
 def test_transformers_from_pretrained_with_revision_and_subfolder(hub, tmp_path):
     from transformers import ViTForImageClassification
