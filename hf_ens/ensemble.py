@@ -24,6 +24,7 @@ import shutil
 import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,8 @@ FORMAT_VERSION = 1
 _SUPPORTED_SUFFIXES = ("ForImageClassification", "ForSequenceClassification")
 # Files fetched from the Hub for an ensemble: configs, processors and the members; not the root soup weights.
 _HUB_ALLOW_PATTERNS = ["*.json", "*.txt", "*.model", "*.jinja", "README.md", "member_*/*"]
+# Files of an earlier ensemble push that the new commit deletes unless it uploads them again.
+_STALE_PATTERNS = ["member_*/*", "model*.safetensors", "model.safetensors.index.json", ENSEMBLE_CONFIG_NAME]
 
 
 class EnsembleLoadError(OSError):
@@ -214,13 +217,7 @@ class EnsembleModel(PreTrainedModel):
         if not path.is_dir():
             if path.exists():
                 raise EnsembleLoadError(f"{path} is a file, not an ensemble directory.")
-            from huggingface_hub import snapshot_download
-
-            path = Path(
-                snapshot_download(
-                    str(repo_id_or_dir), revision=revision, allow_patterns=_HUB_ALLOW_PATTERNS, **hub_kwargs
-                )
-            )
+            path = _download(str(repo_id_or_dir), revision, **hub_kwargs)
         elif revision is not None:
             raise ValueError(f"revision={revision!r} applies to Hub repos; {path} is a local directory.")
         cfg_file = path / ENSEMBLE_CONFIG_NAME
@@ -374,7 +371,8 @@ class EnsembleModel(PreTrainedModel):
         """Push the whole ensemble repo to the Hub in ONE commit; returns the `CommitInfo`.
 
         The repo is first saved to a temporary directory and uploaded with `HfApi.upload_folder`, so the Hub
-        never sees a partial ensemble. On failure raises `HubPushError` (no commit was made; local files are
+        never sees a partial ensemble; stale members or soup shards of an earlier push are deleted in that
+        same commit. On failure raises `HubPushError` (no commit was made; local files are
         untouched).
         """
         from huggingface_hub import HfApi
@@ -392,6 +390,8 @@ class EnsembleModel(PreTrainedModel):
                     commit_message=commit_message or f"Upload hf-ens ensemble of {self.num_members} members",
                     revision=revision,
                     create_pr=create_pr,
+                    # a repo that held a larger ensemble or a sharded soup must not keep stale parts
+                    delete_patterns=_STALE_PATTERNS,
                 )
             except Exception as e:
                 raise HubPushError(
@@ -399,6 +399,37 @@ class EnsembleModel(PreTrainedModel):
                     "committed (the upload is a single commit) and the local model and directories are "
                     "intact; retry the push."
                 ) from e
+
+
+def _download(repo_id: str, revision: str | None, **hub_kwargs) -> Path:
+    """Fetch an ensemble repo (not its root soup weights) into the HF cache; errors name the failing file."""
+    from huggingface_hub import HfApi, hf_hub_download, snapshot_download
+
+    try:
+        return Path(
+            snapshot_download(repo_id, revision=revision, allow_patterns=_HUB_ALLOW_PATTERNS, **hub_kwargs)
+        )
+    except Exception as e:
+        error = e
+    # Find out which file failed, so the error names it (snapshot_download's message often does not).
+    try:
+        info = HfApi(token=hub_kwargs.get("token")).model_info(
+            repo_id, revision=revision, files_metadata=False
+        )
+    except Exception as e:
+        raise EnsembleLoadError(f"Could not fetch ensemble {repo_id!r} (revision={revision}): {error}") from e
+    wanted = [
+        s.rfilename for s in info.siblings or [] if any(fnmatch(s.rfilename, p) for p in _HUB_ALLOW_PATTERNS)
+    ]
+    for filename in wanted:
+        try:
+            hf_hub_download(repo_id, filename, revision=info.sha, force_download=True, **hub_kwargs)
+        except Exception as e:
+            raise EnsembleLoadError(
+                f"Could not download {filename} of ensemble {repo_id!r} (revision={revision}): "
+                f"{type(e).__name__}: {e}"
+            ) from e
+    raise EnsembleLoadError(f"Could not fetch ensemble {repo_id!r} (revision={revision}): {error}") from error
 
 
 def _load_processor(path: Path):
