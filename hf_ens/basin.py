@@ -192,7 +192,8 @@ def plot_profile(
         ax.plot(alphas, [v * scale for v in values], marker="o", ms=4, color="tab:red")
         ax.set_xlabel(f"alpha  (0 = {labels[0]}, 1 = {labels[1]})")
         ax.set_ylabel("test error (%)" if key == "error" else "test loss")
-        ax.set_title(f"{key}: barrier {barrier(values) * scale:.3g}", fontsize=9)
+        unit = " points" if key == "error" else ""
+        ax.set_title(f"{key} barrier: {barrier(values) * scale:.3g}{unit}", fontsize=9)
         ax.grid(alpha=0.3)
     fig.suptitle(title or "Linear interpolation between two models")
     return save_figure(fig, path)

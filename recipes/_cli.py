@@ -79,6 +79,12 @@ def parse_config_and_args(
     if dataclasses.is_dataclass(dataclass_types):
         dataclass_types = [dataclass_types]
     dataclass_types = list(dataclass_types)
+    seen: dict[str, str] = {}
+    for dtype in dataclass_types:
+        for f in dataclasses.fields(dtype):
+            if f.name in seen:
+                raise TypeError(f"{seen[f.name]} and {dtype.__name__} both define {f.name!r}; rename one.")
+            seen[f.name] = dtype.__name__
     args = list(sys.argv[1:] if args is None else args)
 
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)

@@ -1,0 +1,126 @@
+"""Offline pre-training recipe on a tiny config (trains, caches, loads via Auto classes); YAML + CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from recipes._cli import ConfigError, parse_config_and_args
+from recipes.pretrain_vit import PretrainArguments, ensure_pretrained_checkpoint, main
+
+HAVE_DATA = os.path.isfile("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+
+TINY = {
+    "hidden_size": 16,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "intermediate_size": 32,
+    "train_size": 60,
+    "eval_size": 20,
+    "max_steps": 3,
+    "batch_size": 20,
+}
+
+
+@pytest.mark.skipif(not HAVE_DATA, reason="Fashion-MNIST IDX files absent and the test suite runs offline")
+def test_pretrain_caches_and_loads_with_auto_classes(tmp_path):
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    args = PretrainArguments(cache_dir=str(tmp_path), **TINY)
+    path = ensure_pretrained_checkpoint(args)
+    assert os.path.dirname(path) == str(tmp_path) and os.path.basename(path).startswith("vit-fmnist-")
+    assert [p.name for p in tmp_path.iterdir()] == [os.path.basename(path)]  # no temporary folder left
+    record = json.load(open(os.path.join(path, "pretrain_config.json")))
+    assert record["metrics"]["train_steps"] == 3 and record["metrics"]["train_images"] == 60
+    assert 0.0 <= record["metrics"]["eval_accuracy"] <= 1.0
+
+    model = AutoModelForImageClassification.from_pretrained(path)
+    processor = AutoImageProcessor.from_pretrained(path)
+    assert model.config.id2label == {0: "T-shirt/top", 1: "Trouser", 2: "Pullover", 3: "Sandal", 4: "Bag"}
+    gray = PIL.Image.fromarray(np.arange(28 * 28, dtype=np.uint8).reshape(28, 28) % 255, mode="L")
+    big_rgb = PIL.Image.new("RGB", (64, 48), (10, 200, 30))
+    pixel_values = processor([gray, big_rgb], return_tensors="pt")["pixel_values"]
+    assert pixel_values.shape == (2, 3, 28, 28)  # grayscale -> RGB and resized to the model
+    assert pixel_values.min() >= -1.0 and pixel_values.max() <= 1.0
+    assert model(pixel_values=pixel_values).logits.shape == (2, 5)
+
+    # second call: cache hit, nothing retrained or rewritten
+    weights = os.path.join(path, "model.safetensors")
+    stamp = os.stat(weights).st_mtime_ns
+    assert ensure_pretrained_checkpoint(dict(cache_dir=str(tmp_path), **TINY)) == path
+    assert os.stat(weights).st_mtime_ns == stamp
+    # a setting that changes the weights is another checkpoint; cache_dir/force are not part of the key
+    assert PretrainArguments(**{**TINY, "seed": 1}).cache_key() != args.cache_key()
+    assert PretrainArguments(**{**TINY, "force": True}).cache_key() == args.cache_key()
+
+    # the script: YAML config + CLI overrides, force retrains in place
+    config = tmp_path.parent / "tiny.yaml"
+    config.write_text("".join(f"{k}: {v}\n" for k, v in TINY.items()))
+    again = main(["--config", str(config), "--cache_dir", str(tmp_path), "--force"])
+    assert again == path and os.stat(weights).st_mtime_ns != stamp
+    reloaded = AutoModelForImageClassification.from_pretrained(path)
+    assert torch.equal(reloaded.classifier.weight, model.classifier.weight)  # same seed, same weights
+
+
+def test_bad_pretrain_settings_fail_before_training(tmp_path):
+    with pytest.raises(ValueError, match="must divide image_size"):
+        PretrainArguments(patch_size=5)
+    with pytest.raises(ValueError, match="distinct"):
+        PretrainArguments(source_classes=[1, 1])
+    with pytest.raises(ValueError, match="Unknown pre-training key"):
+        ensure_pretrained_checkpoint({"hiden_size": 8})
+    with pytest.raises(TypeError, match="YAML path"):
+        ensure_pretrained_checkpoint(42)
+
+
+@dataclass
+class ScriptArgs:
+    source_classes: list[int] = field(default_factory=lambda: [0, 1])
+    train_size: int | None = 5
+    force: bool = True
+
+
+def test_yaml_then_cli_overrides(tmp_path):
+    from transformers import TrainingArguments
+
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "source_classes: [3, 4]\nlearning_rate: 2.0e-3\ntrain_size: null\nforce: false\n"
+        "output_dir: out\nlr_scheduler_type: cosine\nbf16: false\n"
+    )
+    script, train = parse_config_and_args(
+        (ScriptArgs, TrainingArguments), ["--config", str(config), "--learning_rate", "5e-4"]
+    )
+    assert script.source_classes == [3, 4] and script.force is False and script.train_size is None
+    assert train.learning_rate == 5e-4  # the command line wins over the file
+    assert train.output_dir == "out" and train.lr_scheduler_type == "cosine"
+    (plain,) = parse_config_and_args(PretrainArguments, ["--hidden_size", "64", "--force"])
+    assert plain.hidden_size == 64 and plain.force is True and plain.source_classes == [0, 1, 2, 5, 8]
+    with pytest.raises(TypeError, match="both define"):
+        parse_config_and_args((PretrainArguments, TrainingArguments), [])
+
+
+def test_unknown_or_invalid_keys_are_clear_errors(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("hiden_size: 64\n")
+    with pytest.raises(ConfigError, match=r"'hiden_size' \(did you mean hidden_size") as err:
+        parse_config_and_args(PretrainArguments, ["--config", str(config)])
+    assert "Valid keys:" in str(err.value) and "num_train_epochs" in str(err.value)
+    with pytest.raises(ConfigError, match="on the command line"):
+        parse_config_and_args(PretrainArguments, ["--num_layers", "2"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        parse_config_and_args(PretrainArguments, ["--config", str(tmp_path / "missing.yaml")])
+    config.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        parse_config_and_args(PretrainArguments, ["--config", str(config)])
+    config.write_text("lr_scheduler_type: wobbly\n")
+    with pytest.raises(SystemExit):  # argparse's own "invalid choice" message, before any work
+        from transformers import TrainingArguments
+
+        parse_config_and_args((ScriptArgs, TrainingArguments), ["--config", str(config)])
