@@ -25,8 +25,11 @@ import base64
 import datetime as _dt
 import fnmatch
 import hashlib
+import importlib
+import inspect
 import itertools
 import json
+import os
 import re
 import socket
 import sys
@@ -1030,3 +1033,113 @@ class HubServer:
         """The resolve URL of a file (or the repo page when `path` is empty)."""
         base = f"{self.endpoint}/{URL_PREFIXES[repo_type]}{repo_id}"
         return f"{base}/resolve/{quote(revision, safe='')}/{quote(path)}" if path else base
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Client wiring (used by the `hub` fixture in tests/conftest.py)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def connect_clients(server: HubServer, hf_home: str, monkeypatch) -> None:
+    """Point the in-process huggingface_hub, datasets and transformers clients (and, through the environment,
+    subprocesses) at `server`, with caches under `hf_home`. `monkeypatch` (a `pytest.MonkeyPatch`) undoes it.
+
+    Why so many places: these libraries copy HF_ENDPOINT, HF_HUB_OFFLINE, HF_HUB_DISABLE_XET and the cache
+    paths into module globals at import time, and `make test` runs with HF_HUB_OFFLINE=1.
+    """
+    endpoint = server.endpoint
+    hub_cache = os.path.join(hf_home, "hub")
+    datasets_cache = os.path.join(hf_home, "datasets")
+
+    # Environment: read at call time by some code paths and inherited by subprocesses.
+    env = {
+        "HF_ENDPOINT": endpoint,
+        "HF_TOKEN": server.token,
+        "HF_HOME": hf_home,
+        "HF_HUB_CACHE": hub_cache,
+        "HF_DATASETS_CACHE": datasets_cache,
+        "HF_HUB_OFFLINE": "0",
+        "TRANSFORMERS_OFFLINE": "0",
+        "HF_DATASETS_OFFLINE": "0",
+        "HF_HUB_DISABLE_XET": "1",  # the test Hub speaks LFS only
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_HUB_ETAG_TIMEOUT": "5",  # a local server answers in ms; never wait 10 s on a dead one
+        "HF_HUB_DOWNLOAD_TIMEOUT": "5",
+        "HF_UPDATE_DOWNLOAD_COUNTS": "0",
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+
+    # huggingface_hub: module-level copies made at import time.
+    from huggingface_hub import constants
+    from huggingface_hub.utils import _http
+
+    for name, value in {
+        "ENDPOINT": endpoint,
+        "HUGGINGFACE_CO_URL_TEMPLATE": endpoint + "/{repo_id}/resolve/{revision}/{filename}",
+        "HF_URL_HOSTS": constants.HF_URL_HOSTS | {"127.0.0.1"},
+        "HF_HUB_OFFLINE": False,
+        "HF_HUB_DISABLE_XET": True,
+        "HF_HUB_DISABLE_TELEMETRY": True,
+        "HF_HOME": hf_home,
+        "HF_HUB_CACHE": hub_cache,
+        "HUGGINGFACE_HUB_CACHE": hub_cache,
+        "HF_ASSETS_CACHE": os.path.join(hf_home, "assets"),
+        "HUGGINGFACE_ASSETS_CACHE": os.path.join(hf_home, "assets"),
+        "HF_XET_CACHE": os.path.join(hf_home, "xet"),
+        "HF_TOKEN_PATH": os.path.join(hf_home, "token"),  # never read the developer's stored token
+        "HF_STORED_TOKENS_PATH": os.path.join(hf_home, "stored_tokens"),
+        "HF_HUB_ETAG_TIMEOUT": 5,
+        "HF_HUB_DOWNLOAD_TIMEOUT": 5,
+    }.items():
+        monkeypatch.setattr(constants, name, value)
+    monkeypatch.setattr(_http, "_HUB_ORIGINS", _http._HUB_ORIGINS | {_http._url_origin(endpoint)})
+    # The module-level `HfApi()` behind `huggingface_hub.create_repo`, `upload_folder`, ... froze its
+    # endpoint.
+    from huggingface_hub import hf_api
+
+    monkeypatch.setattr(hf_api.api, "endpoint", endpoint)
+    # Retries back off 1, 2, 4, 8, 8 s: keep the retries (they are real client behaviour) but not the waiting,
+    # so a stopped server fails in well under a second instead of ~25 s.
+    for fn in (_http.http_backoff, _http.http_stream_backoff):
+        fn = inspect.unwrap(fn)  # http_stream_backoff is a @contextmanager
+        monkeypatch.setitem(fn.__kwdefaults__, "base_wait_time", 0.01)
+        monkeypatch.setitem(fn.__kwdefaults__, "max_wait_time", 0.02)
+
+    # datasets: its own frozen copies of the endpoint, offline flag and cache paths.
+    datasets_config = importlib.import_module("datasets.config")
+    for name, value in {
+        "HF_ENDPOINT": endpoint,
+        "HUB_DATASETS_URL": endpoint + "/datasets/{repo_id}/resolve/{revision}/{path}",
+        "HF_HUB_OFFLINE": False,
+        "HF_DATASETS_OFFLINE": False,
+        "HF_CACHE_HOME": hf_home,
+        "HF_DATASETS_CACHE": _as_path(datasets_cache),
+        "HF_MODULES_CACHE": _as_path(os.path.join(hf_home, "modules")),
+        "DOWNLOADED_DATASETS_PATH": _as_path(os.path.join(datasets_cache, "downloads")),
+        "EXTRACTED_DATASETS_PATH": _as_path(os.path.join(datasets_cache, "downloads", "extracted")),
+        "USE_PARQUET_EXPORT": False,  # would ask the dataset viewer service on the internet
+        "HF_UPDATE_DOWNLOAD_COUNTS": False,
+    }.items():
+        monkeypatch.setattr(datasets_config, name, value)
+
+    # transformers reads the endpoint and offline flag from huggingface_hub at call time; only the remote-code
+    # module cache is frozen.
+    transformers_hub = importlib.import_module("transformers.utils.hub")
+    monkeypatch.setattr(transformers_hub, "HF_MODULES_CACHE", os.path.join(hf_home, "modules"))
+
+    drop_client_state()
+
+
+def _as_path(path: str):
+    from pathlib import Path
+
+    return Path(path)
+
+
+def drop_client_state() -> None:
+    """Pooled connections and cached filesystems (with their listing caches) must not leak between tests."""
+    from huggingface_hub import HfFileSystem, close_session
+
+    close_session()
+    HfFileSystem.clear_instance_cache()

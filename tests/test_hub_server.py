@@ -249,13 +249,13 @@ def test_crash_midway_and_tampered_files(hub, tmp_path):
 
 def test_fixture_patches_are_undone(hub):
     """The session's offline settings come back after a `hub` test (checked on a second, nested patch)."""
-    from tests.conftest import _connect_clients
+    from tests.hub_server import connect_clients
 
     assert constants.ENDPOINT == hub.endpoint and not constants.HF_HUB_OFFLINE
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(constants, "ENDPOINT", "http://elsewhere")
         mp.setattr(constants, "HF_HUB_OFFLINE", True)
         with pytest.MonkeyPatch.context() as inner:
-            _connect_clients(hub, "/tmp/unused-hf-home", inner)
+            connect_clients(hub, "/tmp/unused-hf-home", inner)
             assert constants.ENDPOINT == hub.endpoint and not constants.HF_HUB_OFFLINE
         assert constants.ENDPOINT == "http://elsewhere" and constants.HF_HUB_OFFLINE
