@@ -45,3 +45,5 @@ def hub(_hub_server: HubServer, tmp_path, monkeypatch) -> HubServer:
     yield _hub_server
     _hub_server.start()
     drop_client_state()
+    # A 500 means the test Hub lacks something a client needed: surface it instead of a confusing retry error.
+    assert not _hub_server.errors, "test Hub internal errors:\n" + "\n".join(_hub_server.errors)

@@ -34,6 +34,7 @@ import re
 import socket
 import sys
 import threading
+import traceback
 import uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -302,6 +303,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._json({"error": err.message}, status=err.status, headers=headers)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
+        except (
+            Exception
+        ) as err:  # a bug or gap in this server: answer 500 and keep the traceback for the test
+            hub.errors.append(traceback.format_exc())
+            self._json({"error": f"test Hub internal error: {err!r}"}, status=500)
 
     def body(self) -> bytes:
         if self._body is None:
@@ -884,6 +890,7 @@ class HubServer:
         self.host, self.token = host, token
         self.state = HubState()
         self.requests: list[str] = []  # "METHOD /path" of every request, for debugging and assertions
+        self.errors: list[str] = []  # tracebacks of internal server errors (HTTP 500)
         self._ports: tuple[int, int] = (0, 0)
         self._servers: list[_Server] = []
         self._crash_patterns: list[re.Pattern] = []
@@ -949,6 +956,7 @@ class HubServer:
         """Forget all repos, blobs, logged requests and crash triggers."""
         self.state.reset()
         self.requests.clear()
+        self.errors.clear()
         self._crash_patterns.clear()
 
     def crash_on(self, pattern: str) -> None:

@@ -5,6 +5,8 @@ If these pass, other tests can trust the `hub` fixture to behave like the Hub fo
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 
 import httpx2
@@ -224,6 +226,16 @@ def test_stopped_server_fails_fast_and_restarts(hub):
     assert time.monotonic() - start < 5
     hub.start()  # same port, repos kept
     assert open(hf_hub_download("test-user/outage", "f.txt"), "rb").read() == b"data"
+
+
+def test_subprocesses_reach_the_hub_through_the_environment(hub):
+    """Recipes run under `accelerate launch`: a child process must find the same Hub, token and settings."""
+    HfApi().create_repo("test-user/env")
+    HfApi().upload_file(path_or_fileobj=b"from env", path_in_repo="f.txt", repo_id="test-user/env")
+    code = "import huggingface_hub as h; print(open(h.hf_hub_download('test-user/env', 'f.txt')).read())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "from env"
 
 
 def test_crash_midway_and_tampered_files(hub, tmp_path):
