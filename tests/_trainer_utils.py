@@ -1,0 +1,98 @@
+"""Shared pieces of the trainer tests: a tiny real ViT, a synthetic image dataset, a data-order recorder."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from transformers import TrainerCallback, ViTConfig, ViTForImageClassification
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+NUM_SAMPLES = 24
+BATCH = 4
+
+
+def tiny_vit(seed: int = 0) -> ViTForImageClassification:
+    torch.manual_seed(seed)
+    config = ViTConfig(
+        image_size=16,
+        patch_size=4,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=3,
+    )
+    return ViTForImageClassification(config)
+
+
+class TinyImages(torch.utils.data.Dataset):
+    """Random 16x16 images, 3 labels; each item carries its index so the collator can record data order."""
+
+    def __init__(self, n: int = NUM_SAMPLES, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, 3, 16, 16, generator=g)
+        self.y = torch.randint(0, 3, (n,), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"pixel_values": self.x[i], "labels": self.y[i], "idx": i}
+
+
+class RecordingCollator:
+    """Stacks a batch and records the sample indices in the order the model sees them."""
+
+    def __init__(self):
+        self.seen: list[int] = []
+
+    def __call__(self, features: list[dict]) -> dict:
+        self.seen.extend(int(f["idx"]) for f in features)
+        return {
+            "pixel_values": torch.stack([f["pixel_values"] for f in features]),
+            "labels": torch.stack([f["labels"] for f in features]),
+        }
+
+
+def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys(), set(a) ^ set(b)
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def load_member(path: str) -> dict[str, torch.Tensor]:
+    return weights(ViTForImageClassification.from_pretrained(path))
+
+
+class Recorder(TrainerCallback):
+    """Records LR per optimizer step, the weights at cycle starts/ends and the optimizer state size.
+
+    Add it with ``trainer.add_callback`` so that it runs after the trainer's own cycle callback.
+    """
+
+    def __init__(self, trainer, snapshot_steps=()):
+        self.trainer = trainer
+        self.lrs: dict[int, float] = {}
+        self.begin: dict[int, dict] = {}
+        self.end: dict[int, dict] = {}
+        self.opt_state_len: dict[int, int] = {}
+        self.snapshot_steps = set(snapshot_steps)
+        self.stop_at: int | None = None
+
+    def on_step_begin(self, args, state, control, **kw):
+        step = state.global_step
+        self.lrs[step] = self.trainer.optimizer.param_groups[0]["lr"]
+        self.opt_state_len[step] = len(self.trainer.optimizer.state)
+        if step in self.snapshot_steps:
+            self.begin[step] = weights(self.trainer.model)
+
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step in self.snapshot_steps:
+            self.end[state.global_step] = weights(self.trainer.model)
+        if self.stop_at is not None and state.global_step >= self.stop_at:
+            control.should_training_stop = True
