@@ -81,7 +81,7 @@ def _member_class(config) -> type[PreTrainedModel]:
     return cls
 
 
-def _load_member(path: str | os.PathLike) -> PreTrainedModel:
+def _load_member(path: str | os.PathLike, dtype: torch.dtype | str | None = None) -> PreTrainedModel:
     """Load one member directory strictly: safetensors only, every weight present, nothing unexpected."""
     path = Path(path)
     config_file = path / "config.json"
@@ -93,7 +93,7 @@ def _load_member(path: str | os.PathLike) -> PreTrainedModel:
     try:
         config = transformers.AutoConfig.from_pretrained(path)
         model, info = _member_class(config).from_pretrained(
-            path, config=config, use_safetensors=True, output_loading_info=True
+            path, config=config, use_safetensors=True, output_loading_info=True, dtype=dtype
         )
     except EnsembleLoadError:
         raise
@@ -206,12 +206,19 @@ class EnsembleModel(PreTrainedModel):
         return cls(models, processor=processor, metadata=metadata)
 
     @classmethod
-    def from_pretrained(cls, repo_id_or_dir: str | os.PathLike, revision: str | None = None, **hub_kwargs):
+    def from_pretrained(
+        cls,
+        repo_id_or_dir: str | os.PathLike,
+        revision: str | None = None,
+        dtype: torch.dtype | str | None = None,
+        **hub_kwargs,
+    ):
         """Load a saved ensemble from a local directory or a Hub repo id (optionally at a `revision`).
 
         Hub repos are fetched with `huggingface_hub.snapshot_download` (members, configs and processor; not
-        the root soup weights), then loaded like a local directory. `hub_kwargs` (token, cache_dir,
-        local_files_only, ...) go to `snapshot_download`.
+        the root soup weights), then loaded like a local directory. `dtype` is the members' dtype (e.g.
+        ``torch.bfloat16``; default: as saved); `hub_kwargs` (token, cache_dir, local_files_only, ...) go to
+        `snapshot_download`.
         """
         path = Path(repo_id_or_dir)
         if not path.is_dir():
@@ -237,7 +244,7 @@ class EnsembleModel(PreTrainedModel):
             raise EnsembleLoadError(
                 f"{cfg_file} lists {len(member_names)} members {member_names} but {path} holds {found}."
             )
-        members = [_load_member(path / name) for name in member_names]
+        members = [_load_member(path / name, dtype=dtype) for name in member_names]
         processor = _load_processor(path)
         return cls(members, processor=processor, metadata=ens_cfg.get("metadata", {}))
 

@@ -274,3 +274,30 @@ def test_soup_of_batchnorm_ensemble_warns(tmp_path):
     members = [ResNetForImageClassification(cfg).eval() for _ in range(2)]
     with pytest.warns(UserWarning, match="BatchNorm"):
         EnsembleModel.from_members(members).soup()
+
+
+def test_text_ensemble_with_tokenizer_roundtrip_and_pipeline(tmp_path):
+    from transformers import BertTokenizerFast
+
+    words = ["good", "bad", "movie", "plot", "great", "awful"]
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]))
+    tokenizer = BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt"))
+    berts = [tiny_bert(s) for s in range(2)]
+    ens = EnsembleModel.from_members(berts, processor=tokenizer, metadata={"method": "local_de"})
+    loaded = EnsembleModel.from_pretrained(ens.save_pretrained(tmp_path / "ens"))
+    assert loaded.processor("good movie")["input_ids"] == tokenizer("good movie")["input_ids"]
+    text = "great plot awful movie"
+    result = pipeline("text-classification", model=loaded, tokenizer=loaded.processor, top_k=None)([text])[0]
+    with torch.no_grad():
+        probs = ens(**tokenizer(text, return_tensors="pt")).logits.softmax(-1)[0]
+    expected = {ens.config.id2label[i]: p.item() for i, p in enumerate(probs)}
+    assert {r["label"]: r["score"] for r in result} == pytest.approx(expected, rel=1e-5)
+
+
+def test_load_in_bf16(saved):
+    ens = EnsembleModel.from_pretrained(saved, dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in ens.parameters())
+    with torch.no_grad():
+        out = ens(pixel_values=torch.randn(2, 3, 16, 16, dtype=torch.bfloat16))
+    assert out.member_logits.dtype == torch.bfloat16 and out.logits.dtype == torch.float32
+    torch.testing.assert_close(out.logits.exp().sum(-1), torch.ones(2))
