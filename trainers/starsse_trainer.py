@@ -119,6 +119,7 @@ class StarSSETrainer(Trainer):
         self.snapshot_seconds = 0.0
         self._anchor: dict[str, torch.Tensor] | None = None
         self._members_written = 0  # members 0..n-1 are on disk
+        self.written_members: list[int] = []  # members this process wrote (only the main process writes)
         self._cycles_started = 0  # cycle 0 starts with training; cycle k >= 1 once its start was applied
         self._resumed_state: dict[str, Any] | None = None
         self._train_sampler: MemberSeededSampler | None = None
@@ -291,6 +292,7 @@ class StarSSETrainer(Trainer):
         start = time.perf_counter()
         if self.args.should_save:
             self._write_member(k)
+            self.written_members.append(k)
         if k == 0 and self.args.method == "starsse":
             self._anchor = self._copy_weights()
         self._members_written = k + 1
