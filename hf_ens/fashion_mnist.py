@@ -5,16 +5,15 @@ Debian ships Fashion-MNIST (package `dataset-fashion-mnist`) as the original IDX
 copy (`zalando-datasets/fashion_mnist`) is used. Either way the result has the same features, so the recipes
 treat it exactly like any other Hub image-classification dataset.
 
-Speed: encoding 70k images to PNG for the `Image` feature takes ~7 s on one core, so class/size subsetting
-is done on the raw arrays *before* encoding (a 500-image task costs milliseconds), and the raw arrays are
-kept in memory for the life of the process.
+Speed: encoding 70k images to PNG for the `Image` feature takes ~7 s on one core; they are stored as
+lossless binary PGM instead (header + raw pixels, ~0.3 s), class/size subsetting happens on the raw arrays
+before encoding, and the raw arrays are kept in memory for the life of the process.
 """
 
 from __future__ import annotations
 
 import functools
 import gzip
-import io
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -74,12 +73,14 @@ def _load_idx_dir(data_dir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return out
 
 
-def _png(array: np.ndarray) -> dict:
-    import PIL.Image
+def _pgm(array: np.ndarray) -> dict:
+    """A grayscale image as binary PGM bytes for the `Image` feature.
 
-    buffer = io.BytesIO()
-    PIL.Image.fromarray(array, mode="L").save(buffer, format="PNG")
-    return {"bytes": buffer.getvalue(), "path": None}
+    PGM is a lossless format PIL reads natively, and it is just a header plus the raw pixels: encoding is
+    ~100x and decoding ~2x faster than PNG, at ~800 instead of ~500 bytes per 28x28 image.
+    """
+    height, width = array.shape
+    return {"bytes": b"P5\n%d %d\n255\n" % (width, height) + array.tobytes(), "path": None}
 
 
 def _has_idx_files(data_dir: str) -> bool:
@@ -101,7 +102,7 @@ def _source(data_dir: str | os.PathLike | None):
         if _has_idx_files(directory):
             arrays = _load_idx_dir(os.path.abspath(directory))
             return {
-                split: (labels, lambda idx, images=images: [_png(images[i]) for i in idx])
+                split: (labels, lambda idx, images=images: [_pgm(images[i]) for i in idx])
                 for split, (images, labels) in arrays.items()
             }
     if data_dir is not None:
