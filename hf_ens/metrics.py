@@ -36,6 +36,8 @@ __all__ = [
     "kl_to_ensemble",
     "ensemble_metrics",
     "compute_metrics",
+    "predict_logits",
+    "evaluate_ensemble",
 ]
 
 METRICS = ("accuracy", "nll", "ece", "brier")
@@ -171,3 +173,37 @@ def compute_metrics(eval_pred) -> dict[str, float]:
             return ensemble_metrics(predictions[1], labels)
         predictions = predictions[0]
     return classification_metrics(predictions, labels)
+
+
+@torch.no_grad()
+def predict_logits(model, dataloader) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits [N, C] of any classifier and labels [N] over a labelled loader (eval mode, no grad)."""
+    from .soups import _split_batch
+
+    was_training, chunks, labels = model.training, [], []
+    model.eval()
+    try:
+        for batch in dataloader:
+            inputs, y = _split_batch(batch, model)
+            chunks.append(model(**inputs).logits.float().cpu())
+            labels.append(torch.as_tensor(y).cpu())
+    finally:
+        model.train(was_training)
+    if not chunks:
+        raise ValueError("predict_logits got an empty dataloader.")
+    return torch.cat(chunks), torch.cat(labels)
+
+
+def evaluate_ensemble(ensemble, dataloader, soup=None) -> dict[str, float]:
+    """`ensemble_metrics` of an `EnsembleModel` (and optionally its soup) on a labelled loader.
+
+    The result feeds `EnsembleModel.save_pretrained(..., metrics=...)` and `push_to_hub(..., metrics=...)`,
+    which put it into the model card. Evaluate on the split you report, never on the one that picked a soup.
+    """
+    member_logits, labels = ensemble.predict(dataloader)
+    soup_logits = None
+    if soup is not None:
+        soup_logits, soup_labels = predict_logits(soup, dataloader)
+        if not torch.equal(soup_labels, labels):
+            raise ValueError("The dataloader yielded different labels on a second pass; do not shuffle it.")
+    return ensemble_metrics(member_logits, labels, soup_logits=soup_logits)

@@ -105,3 +105,34 @@ def test_bad_inputs_raise_clear_errors():
         brier(np.zeros((0, 3)), [])
     with pytest.raises(ValueError, match=r"\[K, N, C\]"):
         ensemble_metrics(LOGITS, Y)
+
+
+def test_evaluate_ensemble_with_soup_matches_manual_metrics():
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from hf_ens import EnsembleModel, uniform_soup
+    from hf_ens.metrics import evaluate_ensemble
+
+    cfg = ViTConfig(
+        image_size=16,
+        patch_size=4,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=3,
+    )
+    members = []
+    for seed in range(2):
+        torch.manual_seed(seed)
+        members.append(ViTForImageClassification(cfg).eval())
+    x, y = torch.randn(6, 3, 16, 16), torch.tensor([0, 1, 2, 0, 1, 2])
+    batches = [{"pixel_values": x[:4], "labels": y[:4]}, {"pixel_values": x[4:], "labels": y[4:]}]
+    soup = uniform_soup(members)
+    m = evaluate_ensemble(EnsembleModel.from_members(members), batches, soup=soup)
+    with torch.no_grad():
+        z = torch.stack([mem(pixel_values=x).logits for mem in members])
+        soup_z = soup(pixel_values=x).logits
+    assert m["ensemble/nll"] == pytest.approx(nll(ensemble_log_probs(z), y), rel=1e-5)
+    assert m["soup/brier"] == pytest.approx(brier(soup_z, y), rel=1e-5)
+    assert m["member_1/ece"] == pytest.approx(ece(z[1], y), rel=1e-5)
