@@ -92,6 +92,9 @@ def _load_member(path: str | os.PathLike, dtype: torch.dtype | str | None = None
         raise EnsembleLoadError(f"Missing member file {weights[0]} (hf-ens loads safetensors weights only).")
     try:
         config = transformers.AutoConfig.from_pretrained(path)
+    except Exception as e:
+        raise EnsembleLoadError(f"Could not read member file {config_file}: {type(e).__name__}: {e}") from e
+    try:
         model, info = _member_class(config).from_pretrained(
             path, config=config, use_safetensors=True, output_loading_info=True, dtype=dtype
         )

@@ -301,3 +301,9 @@ def test_load_in_bf16(saved):
         out = ens(pixel_values=torch.randn(2, 3, 16, 16, dtype=torch.bfloat16))
     assert out.member_logits.dtype == torch.bfloat16 and out.logits.dtype == torch.float32
     torch.testing.assert_close(out.logits.exp().sum(-1), torch.ones(2))
+
+
+def test_corrupted_member_config_names_the_file(saved):
+    (saved / "member_01" / "config.json").write_text("{not json")
+    with pytest.raises(EnsembleLoadError, match=r"member_01[/\\]config\.json"):
+        EnsembleModel.from_pretrained(saved)
