@@ -261,23 +261,30 @@ def ensure_pretrained_checkpoint(cfg) -> str:
     """Return the folder of the pre-trained checkpoint for `cfg`, training it first if it is not cached.
 
     `cfg` is a `PretrainArguments`, a dict of its fields, or a YAML path. The folder appears atomically (built
-    in a temporary sibling, then renamed), so a crash never leaves a half-written checkpoint behind and
-    concurrent callers at worst train twice.
+    in a temporary sibling, then renamed), so a crash never leaves a half-written checkpoint behind. A file
+    lock makes concurrent callers (e.g. every process of an `accelerate launch`) wait for the first one
+    instead of training again; `force=True` retrains unless another caller just did.
     """
+    from filelock import FileLock
+
     args = _as_args(cfg)
     final = args.checkpoint_dir()
     marker = os.path.join(final, "pretrain_config.json")
     if os.path.isfile(marker) and not args.force:
         return final
     os.makedirs(args.cache_dir, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=args.cache_dir)
-    try:
-        metrics = pretrain(args, tmp)
-        if os.path.isdir(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    stamp = os.stat(marker).st_mtime_ns if os.path.isfile(marker) else None
+    with FileLock(final + ".lock"):
+        if os.path.isfile(marker) and (not args.force or os.stat(marker).st_mtime_ns != stamp):
+            return final  # another process finished it while we waited
+        tmp = tempfile.mkdtemp(prefix=".tmp-", dir=args.cache_dir)
+        try:
+            metrics = pretrain(args, tmp)
+            if os.path.isdir(final):
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     print(
         f"Pre-trained ViT ({metrics['num_parameters'] / 1e6:.2f}M params) on "
         f"{metrics['train_images']} images in {metrics['total_seconds']:.0f} s: "

@@ -29,13 +29,22 @@ TINY = {
 
 
 @pytest.mark.skipif(not HAVE_DATA, reason="Fashion-MNIST IDX files absent and the test suite runs offline")
-def test_pretrain_caches_and_loads_with_auto_classes(tmp_path):
+def test_pretrain_caches_and_loads_with_auto_classes(tmp_path, capsys):
+    from concurrent.futures import ThreadPoolExecutor
+
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
     args = PretrainArguments(cache_dir=str(tmp_path), **TINY)
-    path = ensure_pretrained_checkpoint(args)
+    with ThreadPoolExecutor(2) as pool:  # two concurrent callers on a cold cache: one trains, one waits
+        paths = list(pool.map(ensure_pretrained_checkpoint, [args, dict(cache_dir=str(tmp_path), **TINY)]))
+    assert paths[0] == paths[1] and capsys.readouterr().out.count("Pre-trained ViT") == 1
+    path = paths[0]
     assert os.path.dirname(path) == str(tmp_path) and os.path.basename(path).startswith("vit-fmnist-")
-    assert [p.name for p in tmp_path.iterdir()] == [os.path.basename(path)]  # no temporary folder left
+    leftovers = {p.name for p in tmp_path.iterdir()} - {
+        os.path.basename(path),
+        os.path.basename(path) + ".lock",
+    }
+    assert not leftovers  # no temporary folder left behind
     record = json.load(open(os.path.join(path, "pretrain_config.json")))
     assert record["metrics"]["train_steps"] == 3 and record["metrics"]["train_images"] == 60
     assert 0.0 <= record["metrics"]["eval_accuracy"] <= 1.0
