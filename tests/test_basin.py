@@ -12,6 +12,15 @@ from torch import nn
 from hf_ens.basin import barrier, distances_to, interpolate, interpolation_profile, weight_distance
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny models gain nothing from 2 threads; on a busy 2-core box OpenMP spinning made them 30x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _tiny(fill: float, tracked: int) -> nn.Module:
     """Linear(2, 2) + BatchNorm1d(2) with every floating tensor set to `fill` and an integer buffer."""
     model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))

@@ -14,6 +14,16 @@ import torch
 from recipes._cli import ConfigError, parse_config_and_args
 from recipes.pretrain_vit import PretrainArguments, ensure_pretrained_checkpoint, main
 
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny models gain nothing from 2 threads; on a busy 2-core box OpenMP spinning made them 30x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 HAVE_DATA = os.path.isfile("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 
 TINY = {
