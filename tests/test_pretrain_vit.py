@@ -59,7 +59,8 @@ def test_pretrain_caches_and_loads_with_auto_classes(tmp_path, capsys):
     assert record["metrics"]["train_steps"] == 3 and record["metrics"]["train_images"] == 60
     assert 0.0 <= record["metrics"]["eval_accuracy"] <= 1.0
 
-    model = AutoModelForImageClassification.from_pretrained(path)
+    model, info = AutoModelForImageClassification.from_pretrained(path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]  # every saved weight found its module
     processor = AutoImageProcessor.from_pretrained(path)
     assert model.config.id2label == {0: "T-shirt/top", 1: "Trouser", 2: "Pullover", 3: "Sandal", 4: "Bag"}
     gray = PIL.Image.fromarray(np.arange(28 * 28, dtype=np.uint8).reshape(28, 28) % 255, mode="L")
