@@ -277,7 +277,10 @@ def ensure_pretrained_checkpoint(cfg) -> str:
     with FileLock(final + ".lock"):
         if os.path.isfile(marker) and (not args.force or os.stat(marker).st_mtime_ns != stamp):
             return final  # another process finished it while we waited
-        tmp = tempfile.mkdtemp(prefix=".tmp-", dir=args.cache_dir)
+        prefix = f".tmp-{os.path.basename(final)}-"
+        for stale in Path(args.cache_dir).glob(prefix + "*"):  # left by a killed run; we hold the lock
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = tempfile.mkdtemp(prefix=prefix, dir=args.cache_dir)
         try:
             metrics = pretrain(args, tmp)
             if os.path.isdir(final):

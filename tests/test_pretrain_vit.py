@@ -70,6 +70,9 @@ def test_pretrain_caches_and_loads_with_auto_classes(tmp_path, capsys):
     assert pixel_values.min() >= -1.0 and pixel_values.max() <= 1.0
     assert model(pixel_values=pixel_values).logits.shape == (2, 5)
 
+    stale = tmp_path / f".tmp-{os.path.basename(path)}-killed"
+    stale.mkdir()  # what a run killed mid-training leaves behind; the next training run removes it
+
     # second call: cache hit, nothing retrained or rewritten
     weights = os.path.join(path, "model.safetensors")
     stamp = os.stat(weights).st_mtime_ns
@@ -83,7 +86,7 @@ def test_pretrain_caches_and_loads_with_auto_classes(tmp_path, capsys):
     config = tmp_path.parent / "tiny.yaml"
     config.write_text("".join(f"{k}: {v}\n" for k, v in TINY.items()))
     again = main(["--config", str(config), "--cache_dir", str(tmp_path), "--force"])
-    assert again == path and os.stat(weights).st_mtime_ns != stamp
+    assert again == path and os.stat(weights).st_mtime_ns != stamp and not stale.exists()
     reloaded = AutoModelForImageClassification.from_pretrained(path)
     assert torch.equal(reloaded.classifier.weight, model.classifier.weight)  # same seed, same weights
 
