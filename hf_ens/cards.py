@@ -42,6 +42,7 @@ HYPERPARAMETERS = (
     "bf16",
     "seed",
 )
+_NOT_HYPERPARAMETERS = {"base_model", "dataset", "dataset_split", "eval_split", "license", "architecture"}
 _AUTO_CLASSES = {
     "ForImageClassification": ("AutoModelForImageClassification", "image-classification"),
     "ForSequenceClassification": ("AutoModelForSequenceClassification", "text-classification"),
@@ -94,7 +95,7 @@ def render_model_card(
 
     eval_results = []
     if dataset:
-        for prefix, label in (("ensemble", "ensemble"), ("soup", "soup")):
+        for prefix, label in (("ensemble", "ensemble"), ("soup", "soup"), ("greedy_soup", "greedy soup")):
             for metric in ("accuracy", "nll", "ece", "brier"):
                 if f"{prefix}/{metric}" in metrics:
                     eval_results.append(
@@ -119,7 +120,12 @@ def render_model_card(
         license=metadata.get("license"),
     )
     rows = []
-    for prefix, label in (("ensemble", "ensemble"), ("soup", "soup"), ("member_mean", "mean member")):
+    for prefix, label in (
+        ("ensemble", "ensemble"),
+        ("soup", "uniform soup"),
+        ("greedy_soup", "greedy soup"),
+        ("member_mean", "mean member"),
+    ):
         if any(f"{prefix}/{m}" in metrics for m in ("accuracy", "nll", "ece", "brier")):
             row = {
                 m: _fmt(metrics[f"{prefix}/{m}"]) if f"{prefix}/{m}" in metrics else "-"
@@ -127,10 +133,12 @@ def render_model_card(
             }
             rows.append({"name": label, **row})
     diversity = [(k.split("/", 1)[1], _fmt(v)) for k, v in metrics.items() if k.startswith("diversity/")]
+    listed = [k for k in HYPERPARAMETERS if k in metadata]
+    listed += sorted(k for k in metadata if k not in HYPERPARAMETERS and k not in _NOT_HYPERPARAMETERS)
     hyperparameters = [
         (k, f"{metadata[k]:g}" if isinstance(metadata[k], float) else str(metadata[k]))
-        for k in HYPERPARAMETERS
-        if metadata.get(k) is not None
+        for k in listed
+        if isinstance(metadata[k], (str, int, float, bool))
     ]
     hyperparameters += [("base_model", base_model)] if base_model else []
     return ModelCard.from_template(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
@@ -34,10 +35,14 @@ def has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, _BatchNorm) for m in model.modules())
 
 
-def _check_members(members: Sequence[nn.Module]) -> list[nn.Module]:
+def _check_members(members: Sequence[nn.Module | str | os.PathLike]) -> list[nn.Module]:
     members = list(members)
     if not members:
         raise ValueError("A soup needs at least one member; got an empty list.")
+    if any(isinstance(m, (str, os.PathLike)) for m in members):
+        from .ensemble import _load_member  # strict safetensors loading, as for ensembles
+
+        members = [_load_member(m) if isinstance(m, (str, os.PathLike)) else m for m in members]
     for i, m in enumerate(members):
         if not isinstance(m, nn.Module):
             raise TypeError(f"Soup member {i} is a {type(m).__name__}, expected a torch/transformers model.")
@@ -57,7 +62,9 @@ def _check_members(members: Sequence[nn.Module]) -> list[nn.Module]:
 
 @torch.no_grad()
 def uniform_soup(
-    members: Sequence[PreTrainedModel], bn_dataloader: Iterable | None = None, warn_batchnorm: bool = True
+    members: Sequence[PreTrainedModel | str | os.PathLike],
+    bn_dataloader: Iterable | None = None,
+    warn_batchnorm: bool = True,
 ) -> PreTrainedModel:
     """Average the members' weights uniformly and return an ordinary model of the members' class.
 
@@ -67,7 +74,8 @@ def uniform_soup(
     of member 0 holding the averaged state; the members are not modified.
 
     Args:
-        members: models of one architecture with identical weight names and shapes.
+        members: models of one architecture with identical weight names and shapes, or their
+            ``save_pretrained`` directories (loaded strictly, safetensors only).
         bn_dataloader: training batches used to re-estimate BatchNorm statistics (see `recompute_batchnorm`).
             Models with BatchNorm and no loader get a warning explaining why this matters.
         warn_batchnorm: set False to silence that warning when you recompute the statistics yourself.
@@ -101,7 +109,7 @@ def uniform_soup(
 
 
 def greedy_soup(
-    members: Sequence[PreTrainedModel],
+    members: Sequence[PreTrainedModel | str | os.PathLike],
     eval_fn: Callable[[PreTrainedModel], float],
     bn_dataloader: Iterable | None = None,
 ) -> tuple[PreTrainedModel, list[int]]:

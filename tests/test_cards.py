@@ -16,6 +16,9 @@ METADATA = {
     "dataset": "cifar10",
     "dataset_split": "test",
     "seed": 42,
+    "reset_optimizer": True,
+    "cycle_steps": 120,
+    "model1_steps": None,
 }
 METRICS = {
     "ensemble/accuracy": 0.9712,
@@ -24,6 +27,7 @@ METRICS = {
     "ensemble/brier": 0.045,
     "soup/accuracy": 0.9655,
     "soup/nll": 0.121,
+    "greedy_soup/accuracy": 0.97,
     "member_mean/accuracy": 0.961,
     "member_mean/nll": 0.14,
     "member_mean/ece": 0.02,
@@ -51,6 +55,7 @@ def test_card_metadata_and_model_index():
     metrics = {m["name"]: m["value"] for r in index["results"] for m in r["metrics"]}
     assert metrics["ensemble accuracy"] == 0.9712 and metrics["soup accuracy"] == 0.9655
     assert metrics["ensemble brier"] == 0.045 and "soup brier" not in metrics
+    assert metrics["greedy soup accuracy"] == 0.97
     assert index["results"][0]["dataset"]["split"] == "test"
 
 
@@ -62,10 +67,12 @@ def test_card_body_has_table_hyperparameters_and_snippets():
         ensemble_config={"architecture": "ViTForImageClassification"},
     ).text
     assert "| ensemble | 0.9712 | 0.1034 | 0.0120 | 0.0450 |" in text
-    assert "| soup | 0.9655 | 0.1210 | - | - |" in text
+    assert "| uniform soup | 0.9655 | 0.1210 | - | - |" in text
+    assert "| greedy soup | 0.9700 | - | - | - |" in text
     assert "| mean member | 0.9610 | 0.1400 | 0.0200 | 0.0600 |" in text
     assert "| cycle_learning_rate | 0.0005 |" in text and "| cycle_epochs | 2 |" in text
     assert "| learning_rate | 0.0001 |" in text and "| method | starsse |" in text
+    assert "| reset_optimizer | True |" in text and "| cycle_steps | 120 |" in text  # extra metadata too
     assert "disagreement = 0.0310" in text
     assert 'EnsembleModel.from_pretrained("user/vit-cifar10-starsse")' in text
     assert 'AutoModelForImageClassification.from_pretrained("user/vit-cifar10-starsse")' in text

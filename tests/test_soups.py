@@ -49,6 +49,16 @@ def test_uniform_soup_is_the_mean_of_every_weight():
     torch.testing.assert_close(members[0].state_dict()["classifier.weight"], tiny_vit(0).classifier.weight)
 
 
+def test_soup_of_member_directories(tmp_path):
+    members = [tiny_vit(s) for s in range(2)]
+    paths = []
+    for k, m in enumerate(members):
+        m.save_pretrained(tmp_path / f"member_{k:02d}")
+        paths.append(tmp_path / f"member_{k:02d}")
+    from_dirs = uniform_soup([str(paths[0]), paths[1]])
+    torch.testing.assert_close(from_dirs.state_dict(), uniform_soup(members).state_dict())
+
+
 def test_bf16_members_are_accumulated_in_fp32():
     members = [tiny_vit(s).to(torch.bfloat16) for s in range(3)]
     soup = uniform_soup(members)
