@@ -121,7 +121,10 @@ def _source(data_dir: str | os.PathLike | None):
     out = {}
     for split in ("train", "test"):
         ds = hub[split].cast_column("image", datasets.Image(decode=False))
-        out[split] = (np.asarray(ds["label"], dtype=np.int64), lambda idx, ds=ds: ds.select(idx)["image"])
+        out[split] = (
+            np.asarray(ds["label"], dtype=np.int64),
+            lambda idx, ds=ds: list(ds.select(idx)["image"]),
+        )
     return out
 
 
