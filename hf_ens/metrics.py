@@ -36,7 +36,6 @@ __all__ = [
     "kl_to_ensemble",
     "ensemble_metrics",
     "compute_metrics",
-    "predict_logits",
     "evaluate_ensemble",
 ]
 
@@ -176,7 +175,7 @@ def compute_metrics(eval_pred) -> dict[str, float]:
 
 
 @torch.no_grad()
-def predict_logits(model, dataloader) -> tuple[torch.Tensor, torch.Tensor]:
+def _predict_logits(model, dataloader) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits [N, C] of any classifier and labels [N] over a labelled loader (eval mode, no grad)."""
     from .soups import _split_batch
 
@@ -190,7 +189,7 @@ def predict_logits(model, dataloader) -> tuple[torch.Tensor, torch.Tensor]:
     finally:
         model.train(was_training)
     if not chunks:
-        raise ValueError("predict_logits got an empty dataloader.")
+        raise ValueError("evaluate_ensemble got an empty dataloader.")
     return torch.cat(chunks), torch.cat(labels)
 
 
@@ -203,7 +202,7 @@ def evaluate_ensemble(ensemble, dataloader, soup=None) -> dict[str, float]:
     member_logits, labels = ensemble.predict(dataloader)
     soup_logits = None
     if soup is not None:
-        soup_logits, soup_labels = predict_logits(soup, dataloader)
+        soup_logits, soup_labels = _predict_logits(soup, dataloader)
         if not torch.equal(soup_labels, labels):
             raise ValueError("The dataloader yielded different labels on a second pass; do not shuffle it.")
     return ensemble_metrics(member_logits, labels, soup_logits=soup_logits)
