@@ -116,7 +116,8 @@ class StarSSETrainer(Trainer):
                 "StarSSETrainer owns the LR schedule (trainers.schedule); do not pass a lr_scheduler."
             )
         self.plan: CyclePlan | None = None
-        self.snapshot_seconds = 0.0
+        self.snapshot_seconds = 0.0  # time spent writing members (and copying the StarSSE anchor)
+        self.cycle_start_seconds = 0.0  # time spent reloading anchors / resetting the optimizer
         self._anchor: dict[str, torch.Tensor] | None = None
         self._members_written = 0  # members 0..n-1 are on disk
         self.written_members: list[int] = []  # members this process wrote (only the main process writes)
@@ -273,6 +274,7 @@ class StarSSETrainer(Trainer):
         k = self.plan.cycle_of_step(global_step)
         if k <= self._cycles_started:
             return
+        start = time.perf_counter()
         model = self.model
         if self._anchor is not None:
             model.load_state_dict(self._anchor, strict=True)
@@ -283,6 +285,7 @@ class StarSSETrainer(Trainer):
         if self.args.reset_optimizer:
             self.optimizer.state.clear()
         self._cycles_started = k
+        self.cycle_start_seconds += time.perf_counter() - start
 
     def _maybe_snapshot(self, global_step: int) -> None:
         self.lr_scheduler.sync(global_step)  # skipped fp16 steps must not shift the schedule
