@@ -195,7 +195,7 @@ def pretrain(args: PretrainArguments, output_dir: str) -> dict:
 
     from hf_ens.fashion_mnist import load_fashion_mnist
 
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     torch.manual_seed(args.seed)
     data = load_fashion_mnist(
         args.source_classes, train_size=args.train_size, test_size=args.eval_size, seed=args.seed
@@ -248,6 +248,10 @@ def pretrain(args: PretrainArguments, output_dir: str) -> dict:
         "data_seconds": round(data_time, 2),
         "train_seconds": round(train_time, 2),
         "total_seconds": round(time.perf_counter() - start, 2),
+        "cpu_seconds": round(
+            time.process_time() - cpu_start, 2
+        ),  # all threads; less load-sensitive than wall
+        "torch_threads": torch.get_num_threads(),
     }
     model.save_pretrained(output_dir)
     processor.save_pretrained(output_dir)
