@@ -248,9 +248,7 @@ def pretrain(args: PretrainArguments, output_dir: str) -> dict:
         "data_seconds": round(data_time, 2),
         "train_seconds": round(train_time, 2),
         "total_seconds": round(time.perf_counter() - start, 2),
-        "cpu_seconds": round(
-            time.process_time() - cpu_start, 2
-        ),  # all threads; less load-sensitive than wall
+        "cpu_seconds": round(time.process_time() - cpu_start, 2),  # summed over threads
         "torch_threads": torch.get_num_threads(),
     }
     model.save_pretrained(output_dir)
