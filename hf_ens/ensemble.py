@@ -42,7 +42,13 @@ _SUPPORTED_SUFFIXES = ("ForImageClassification", "ForSequenceClassification")
 # Files fetched from the Hub for an ensemble: configs, processors and the members; not the root soup weights.
 _HUB_ALLOW_PATTERNS = ["*.json", "*.txt", "*.model", "*.jinja", "README.md", "member_*/*"]
 # Files of an earlier ensemble push that the new commit deletes unless it uploads them again.
-_STALE_PATTERNS = ["member_*/*", "model*.safetensors", "model.safetensors.index.json", ENSEMBLE_CONFIG_NAME]
+_STALE_PATTERNS = [
+    "member_*",
+    "member_*/*",
+    "model*.safetensors",
+    "model.safetensors.index.json",
+    ENSEMBLE_CONFIG_NAME,
+]
 
 
 class EnsembleLoadError(OSError):
@@ -134,16 +140,29 @@ def _check_compatible(members: Sequence[PreTrainedModel]) -> None:
             )
 
 
-def _atomic_replace_dir(tmp: Path, target: Path) -> None:
-    """Move the finished directory `tmp` to `target`, replacing an old one only when the new one is done."""
-    backup = None
-    if target.exists():
-        backup = target.with_name(f".{target.name}.old-{os.getpid()}")
-        shutil.rmtree(backup, ignore_errors=True)
-        os.replace(target, backup)
-    os.replace(tmp, target)
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
+def _install_dir(tmp: Path, target: Path) -> None:
+    """Move the finished directory `tmp` to `target` once it is complete.
+
+    A new `target` is one rename (atomic). Into an existing directory (e.g. a Trainer ``output_dir``) each
+    entry is renamed into place, so files that are not part of the ensemble survive; members and soup shards
+    of an earlier, larger ensemble are removed.
+    """
+    if not target.exists():
+        os.replace(tmp, target)
+        return
+    new = {p.name for p in tmp.iterdir()}
+    stale = [
+        p for p in target.iterdir() if p.name not in new and any(fnmatch(p.name, s) for s in _STALE_PATTERNS)
+    ]
+    trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    try:
+        for entry in [target / name for name in new if (target / name).exists()] + stale:
+            os.replace(entry, trash / entry.name)
+        for name in new:
+            os.replace(tmp / name, target / name)
+    finally:
+        shutil.rmtree(trash, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 class EnsembleModel(PreTrainedModel):
@@ -360,7 +379,7 @@ class EnsembleModel(PreTrainedModel):
             render_model_card(self.metadata, metrics, repo_id, ensemble_config=self.ensemble_config()).save(
                 tmp / "README.md"
             )
-            _atomic_replace_dir(tmp, target)
+            _install_dir(tmp, target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -153,9 +153,13 @@ def test_save_load_roundtrip_and_layout(vits, processor, tmp_path):
     assert isinstance(loaded.processor, type(processor)) or loaded.processor.size == processor.size
     assert loaded.metadata["method"] == "starsse"
 
-    # saving again replaces the directory atomically; from member directories works too
+    # saving again replaces the ensemble's files (stale member_02 goes), keeps unrelated files
+    (target / "notes.txt").write_text("mine")
     EnsembleModel.from_members(vits[:2]).save_pretrained(target)
     assert sorted(p.name for p in target.glob("member_*")) == ["member_00", "member_01"]
+    assert (target / "notes.txt").read_text() == "mine"
+    assert EnsembleModel.from_pretrained(target).num_members == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["ens"]
     again = EnsembleModel.from_members([target / "member_00", target / "member_01"])
     assert again.num_members == 2
     with pytest.raises(ValueError, match="local directory"):
@@ -251,7 +255,8 @@ def test_trainer_evaluate_reports_ensemble_metrics(vits, tmp_path):
     args = TrainingArguments(
         output_dir=str(tmp_path), per_device_eval_batch_size=4, report_to=[], use_cpu=True, disable_tqdm=True
     )
-    metrics = Trainer(model=ens, args=args, eval_dataset=ds, compute_metrics=compute_metrics).evaluate()
+    trainer = Trainer(model=ens, args=args, eval_dataset=ds, compute_metrics=compute_metrics)
+    metrics = trainer.evaluate()
     with torch.no_grad():
         member_logits = torch.stack([m(pixel_values=torch.from_numpy(x)).logits for m in vits])
     log_p = ensemble_log_probs(member_logits).numpy()
@@ -260,6 +265,10 @@ def test_trainer_evaluate_reports_ensemble_metrics(vits, tmp_path):
     assert metrics["eval_loss"] == pytest.approx(expected_nll, rel=1e-4)
     assert metrics["eval_accuracy"] == pytest.approx(np.mean(log_p.argmax(-1) == y))
     assert math.isfinite(metrics["eval_ece"]) and math.isfinite(metrics["eval_brier"])
+    # Trainer.save_model writes the ensemble layout next to the Trainer's own files
+    trainer.save_model(str(tmp_path / "saved"))
+    assert EnsembleModel.from_pretrained(tmp_path / "saved").num_members == 3
+    assert (tmp_path / "saved" / "training_args.bin").is_file()
 
 
 def test_predict_collects_member_logits(vits):
