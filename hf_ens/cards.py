@@ -95,7 +95,11 @@ def render_model_card(
 
     eval_results = []
     if dataset:
-        for prefix, label in (("ensemble", "ensemble"), ("soup", "soup"), ("greedy_soup", "greedy soup")):
+        for prefix, label in (
+            ("ensemble", "ensemble"),
+            ("soup", "uniform soup"),
+            ("greedy_soup", "greedy soup"),
+        ):
             for metric in ("accuracy", "nll", "ece", "brier"):
                 if f"{prefix}/{metric}" in metrics:
                     eval_results.append(

@@ -53,8 +53,8 @@ def test_card_metadata_and_model_index():
     index = data["model-index"][0]
     assert index["name"] == "user/vit-cifar10-starsse"
     metrics = {m["name"]: m["value"] for r in index["results"] for m in r["metrics"]}
-    assert metrics["ensemble accuracy"] == 0.9712 and metrics["soup accuracy"] == 0.9655
-    assert metrics["ensemble brier"] == 0.045 and "soup brier" not in metrics
+    assert metrics["ensemble accuracy"] == 0.9712 and metrics["uniform soup accuracy"] == 0.9655
+    assert metrics["ensemble brier"] == 0.045 and "uniform soup brier" not in metrics
     assert metrics["greedy soup accuracy"] == 0.97
     assert index["results"][0]["dataset"]["split"] == "test"
 
