@@ -48,13 +48,23 @@ def config(out, **overrides) -> StarSSEConfig:
     return StarSSEConfig(**kwargs)
 
 
-def make_trainer(out, model_seed=0, snapshot_steps=(), **overrides):
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run far faster on one thread on a busy 2-core box."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_trainer(out, model_seed=0, snapshot_steps=(), processing_class=None, **overrides):
     collator = RecordingCollator()
     trainer = StarSSETrainer(
         model=tiny_vit(model_seed),
         args=config(out, **overrides),
         train_dataset=TinyImages(),
         data_collator=collator,
+        processing_class=processing_class,
     )
     recorder = Recorder(trainer, snapshot_steps)
     trainer.add_callback(recorder)  # after the cycle callback: sees the weights once a cycle has started
@@ -153,6 +163,30 @@ def test_local_de_members_start_from_pretrained_with_own_head_and_data_order(tmp
     assert orders[0] != orders[1] and orders[1] != orders[2] and orders[0] != orders[2]
     members = [load_member(p) for p in trainer.member_paths]
     assert min(max_diff(members[i], members[j]) for i, j in [(0, 1), (1, 2), (0, 2)]) > 1e-3
+
+
+def test_ensemble_soup_and_processor(tmp_path):
+    from transformers import ViTImageProcessor
+
+    processor = ViTImageProcessor(size={"height": 16, "width": 16})
+    trainer, _, _ = make_trainer(tmp_path, num_members=2, processing_class=processor)
+    trainer.train()
+    assert all(os.path.isfile(os.path.join(p, "preprocessor_config.json")) for p in trainer.member_paths)
+    members = [load_member(p) for p in trainer.member_paths]
+
+    soup = weights(trainer.soup())
+    for name in soup:
+        assert torch.allclose(soup[name], (members[0][name] + members[1][name]) / 2, atol=1e-7)
+
+    ens = trainer.ensemble()
+    assert ens.num_members == 2
+    assert ens.metadata["method"] == "starsse" and ens.metadata["num_members"] == 2
+    assert ens.metadata["model1_steps"] == 12 and ens.metadata["cycle_steps"] == 6
+    pixels = TinyImages()[0]["pixel_values"][None]
+    with torch.no_grad():
+        out = ens(pixel_values=pixels)
+    probs = torch.stack([torch.softmax(out.member_logits[k], -1) for k in range(2)]).mean(0)
+    assert torch.allclose(out.logits.exp(), probs, atol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -290,16 +324,13 @@ def test_existing_members_are_never_overwritten_silently(tmp_path):
     third.train()
 
 
-@pytest.mark.parametrize(
-    "overrides",
-    [dict(num_members=3), dict(method="sse"), dict(cycle_epochs=2)],
-)
-def test_resume_with_different_plan_fails(tmp_path, overrides):
+def test_resume_with_different_plan_fails(tmp_path):
     out = tmp_path / "run"
     base = dict(num_members=2, save_strategy="steps", save_steps=6)
     run, _, _ = make_trainer(out, **base)
     run.train()
-    other, rec, _ = make_trainer(out, **{**base, **overrides})
-    with pytest.raises(ValueError, match="Cannot resume"):
-        other.train(resume_from_checkpoint=str(out / "checkpoint-12"))
-    assert rec.lrs == {}
+    for overrides in (dict(num_members=3), dict(method="sse"), dict(cycle_epochs=2)):
+        other, rec, _ = make_trainer(out, **{**base, **overrides})
+        with pytest.raises(ValueError, match="Cannot resume"):
+            other.train(resume_from_checkpoint=str(out / "checkpoint-12"))
+        assert rec.lrs == {}
