@@ -285,6 +285,9 @@ def ensure_pretrained_checkpoint(cfg) -> str:
         tmp = tempfile.mkdtemp(prefix=prefix, dir=args.cache_dir)
         try:
             metrics = pretrain(args, tmp)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the cache is an ordinary folder
             if os.path.isdir(final):
                 shutil.rmtree(final)
             os.replace(tmp, final)
