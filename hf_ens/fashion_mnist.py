@@ -111,7 +111,7 @@ def _source(data_dir: str | os.PathLike | None):
         ]
         raise FileNotFoundError(f"data_dir={str(data_dir)!r} lacks {missing}. {_HOW_TO_GET}")
     if _hub_offline():
-        raise FileNotFoundError(f"{DEBIAN_DIR} is missing and HF_HUB_OFFLINE is set. {_HOW_TO_GET}")
+        raise FileNotFoundError(f"No IDX files in {candidates[0]} and HF_HUB_OFFLINE is set. {_HOW_TO_GET}")
     import datasets
 
     try:
