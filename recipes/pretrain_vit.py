@@ -109,7 +109,7 @@ class PretrainArguments:
         return os.path.join(self.cache_dir, f"vit-fmnist-{self.cache_key()}")
 
 
-def _as_args(cfg) -> PretrainArguments:
+def _as_args(cfg: PretrainArguments | dict | str | os.PathLike) -> PretrainArguments:
     if isinstance(cfg, PretrainArguments):
         return cfg
     if isinstance(cfg, dict):
@@ -259,7 +259,7 @@ def pretrain(args: PretrainArguments, output_dir: str) -> dict:
     return metrics
 
 
-def ensure_pretrained_checkpoint(cfg) -> str:
+def ensure_pretrained_checkpoint(cfg: PretrainArguments | dict | str | os.PathLike) -> str:
     """Return the folder of the pre-trained checkpoint for `cfg`, training it first if it is not cached.
 
     `cfg` is a `PretrainArguments`, a dict of its fields, or a YAML path. The folder appears atomically (built
