@@ -3,6 +3,7 @@
 The library layer: it never imports `trainers`.
 """
 
+from .basin import barrier, distances_to, interpolate, interpolation_profile, plot_profile, weight_distance
 from .ensemble import EnsembleLoadError, EnsembleModel, EnsembleOutput, HubPushError
 from .soups import greedy_soup, make_accuracy_eval_fn, recompute_batchnorm, uniform_soup
 
@@ -17,4 +18,10 @@ __all__ = [
     "greedy_soup",
     "recompute_batchnorm",
     "make_accuracy_eval_fn",
+    "interpolate",
+    "interpolation_profile",
+    "barrier",
+    "weight_distance",
+    "distances_to",
+    "plot_profile",
 ]

@@ -24,8 +24,14 @@ variables are set too, so subprocesses started by a test (e.g. `accelerate launc
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tests.hub_server import HubServer, connect_clients, drop_client_state
+
+
+# Tiny models run many times slower with 2 intra-op threads on a 2-core box (thread hand-off dominates), and
+# a test's numbers must not depend on the thread count: every test runs single-threaded.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
