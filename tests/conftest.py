@@ -28,7 +28,6 @@ import torch
 
 from tests.hub_server import HubServer, connect_clients, drop_client_state
 
-
 # Tiny models run many times slower with 2 intra-op threads on a 2-core box (thread hand-off dominates), and
 # a test's numbers must not depend on the thread count: every test runs single-threaded.
 torch.set_num_threads(1)
