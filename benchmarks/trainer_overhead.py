@@ -118,7 +118,7 @@ def main() -> None:
     parser.add_argument("--steps-per-cycle", type=int, default=200)
     parser.add_argument("--members", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=4)
     opts = parser.parse_args()
     hf_logging.set_verbosity_error()
 
@@ -131,8 +131,12 @@ def main() -> None:
 
     ratios, robust, shares = [], [], []
     for r in range(opts.repeats):
-        plain, plain_timer = run_plain(dataset, batch, total)
-        ours, trainer, our_timer = run_starsse(dataset, batch, members)
+        if r % 2 == 0:  # alternate the order so that drifting background load does not favour one side
+            plain, plain_timer = run_plain(dataset, batch, total)
+            ours, trainer, our_timer = run_starsse(dataset, batch, members)
+        else:
+            ours, trainer, our_timer = run_starsse(dataset, batch, members)
+            plain, plain_timer = run_plain(dataset, batch, total)
         extra = trainer.snapshot_seconds + trainer.cycle_start_seconds
         per_cycle = extra / members
         cycle_time = ours / total * steps
