@@ -110,6 +110,8 @@ def test_starsse_lr_members_starts_and_reset(tmp_path, grad_accum, cycle_warmup)
         and rec.lrs[23] < 0.2 * CYCLE_LR
     )
     assert trainer.plan.learning_rates() == pytest.approx([rec.lrs[s] for s in range(24)], rel=1e-12)
+    steps, lrs, ends = trainer.lr_schedule()
+    assert steps == list(range(24)) and ends == boundaries and lrs == trainer.plan.learning_rates()
 
     # Member k is exactly the weights at the end of cycle k.
     members = [load_member(p) for p in trainer.member_paths]

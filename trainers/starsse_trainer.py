@@ -136,6 +136,16 @@ class StarSSETrainer(Trainer):
         """``{output_dir}/members/member_{k:02d}`` for k = 0..K-1 (written at the end of cycle k)."""
         return [os.path.join(self.members_dir, f"member_{k:02d}") for k in range(self.args.num_members)]
 
+    def lr_schedule(self) -> tuple[list[int], list[float], list[int]]:
+        """(optimizer steps, LR used at each step, steps that end a member) of the run, for plots.
+
+        Comes from the same :class:`~trainers.schedule.CyclePlan` the scheduler uses; known once ``train()``
+        has sized the run.
+        """
+        if self.plan is None:
+            raise ValueError("The schedule is sized when training starts: call trainer.train() first.")
+        return list(range(self.plan.total_steps)), self.plan.learning_rates(), self.plan.boundaries
+
     def ensemble_metadata(self) -> dict[str, Any]:
         """The metadata stored with the ensemble (``ensemble_config.json`` and the model card)."""
         args = self.args
