@@ -33,6 +33,8 @@ from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, set_seed
 from transformers.utils import logging
 
+from hf_ens.heads import reinit_task_head
+
 from .schedule import CyclePlan, plan_cycles
 from .starsse_config import StarSSEConfig
 
@@ -291,7 +293,7 @@ class StarSSETrainer(Trainer):
         if self.args.method == "local_de":
             member_seed = self.args.seed + k
             set_seed(member_seed)
-            self._reinit_head(model)
+            reinit_task_head(model)
         if self.args.reset_optimizer:
             self.optimizer.state.clear()
         self._cycles_started = k
@@ -335,23 +337,6 @@ class StarSSETrainer(Trainer):
         finally:
             if os.path.isdir(tmp):
                 shutil.rmtree(tmp, ignore_errors=True)
-
-    def _reinit_head(self, model: torch.nn.Module) -> None:
-        """Re-draw the task head (every top-level module outside the base model) from the current seed."""
-        prefix = getattr(model, "base_model_prefix", "")
-        heads = [module for name, module in model.named_children() if name != prefix]
-        if not isinstance(model, PreTrainedModel) or not prefix or not heads:
-            raise ValueError(
-                "method='local_de' needs a PreTrainedModel with a base model and a task head to re-draw."
-            )
-        with torch.no_grad():
-            for head in heads:
-                for tensor in list(head.parameters()) + list(head.buffers()):
-                    if getattr(tensor, "_is_hf_initialized", False):
-                        tensor._is_hf_initialized = False
-                for module in head.modules():
-                    module._is_hf_initialized = False
-                head.apply(model._init_weights)
 
     # ------------------------------------------------------------------ checkpoints
     def _save_checkpoint(self, model, trial) -> None:
