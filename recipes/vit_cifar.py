@@ -1,0 +1,435 @@
+"""Fine-tune one pre-trained image classifier into K ensemble members (StarSSE, SSE or Local DE), then evaluate
+members, ensemble and soups, write a model repo (members + soup + card), plots and metrics.json, and optionally
+push the repo to the Hub in one commit.
+
+    accelerate launch recipes/vit_cifar.py --config recipes/configs/vit_cifar10.yaml [--key value ...]
+    accelerate launch recipes/vit_cifar.py --config recipes/configs/offline.yaml      # embedded offline default
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _cli import parse_config_and_args  # noqa: E402
+
+from trainers import StarSSEConfig, StarSSETrainer  # noqa: E402
+
+OFFLINE_DATASET = "offline:fashion_mnist"
+OFFLINE_MODEL = "offline:pretrained_vit"
+
+
+@dataclass
+class ScriptArguments:
+    """What to fine-tune on what; everything about training lives in StarSSEConfig."""
+
+    model_name_or_path: str = field(
+        default="google/vit-base-patch16-224-in21k",
+        metadata={
+            "help": "Any AutoModelForImageClassification checkpoint (Hub id or local dir), or "
+            f"'{OFFLINE_MODEL}' for the embedded offline checkpoint (pre-trained on the spot, cached)."
+        },
+    )
+    dataset_name: str = field(
+        default="uoft-cs/cifar10",
+        metadata={
+            "help": "A Hub image-classification dataset, 'imagefolder' (with --data_dir), or "
+            f"'{OFFLINE_DATASET}' for the offline Fashion-MNIST target task."
+        },
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
+    data_dir: str | None = field(default=None, metadata={"help": "Local folder for 'imagefolder' datasets."})
+    train_split: str = field(
+        default="train", metadata={"help": "Split to fine-tune on (held-out part carved out)."}
+    )
+    test_split: str = field(default="test", metadata={"help": "Split used ONLY for the final report."})
+    image_column: str = field(default="img", metadata={"help": "Column holding the images."})
+    label_column: str = field(default="label", metadata={"help": "Column holding the ClassLabel labels."})
+    classes: list[int] | None = field(
+        default=None, metadata={"help": f"Class subset of the offline dataset ({OFFLINE_DATASET} only)."}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Keep this many training images."})
+    max_test_samples: int | None = field(default=None, metadata={"help": "Keep this many test images."})
+    held_out_fraction: float = field(
+        default=0.1, metadata={"help": "Share of the TRAIN split held out for greedy-soup selection."}
+    )
+    augment: bool = field(
+        default=True, metadata={"help": "Random resized crop + horizontal flip in training."}
+    )
+    ignore_mismatched_sizes: bool = field(
+        default=False,
+        metadata={
+            "help": "Re-initialise a classification head whose label count differs from the dataset's."
+        },
+    )
+    init_from_scratch: bool = field(
+        default=False,
+        metadata={"help": "Random weights with the checkpoint's architecture: the no-transfer baseline."},
+    )
+    pretrain_config: str = field(
+        default="recipes/configs/pretrain_offline.yaml",
+        metadata={"help": f"Pre-training config for '{OFFLINE_MODEL}'."},
+    )
+    eval_batch_size: int = field(default=256, metadata={"help": "Batch size of the final evaluation."})
+    interpolation_points: int = field(
+        default=11, metadata={"help": "Points on the member_00 -> member_01 interpolation path (0 disables)."}
+    )
+    auto_bf16: bool = field(
+        default=True, metadata={"help": "Train in bf16 when a CUDA GPU that supports it is present."}
+    )
+    repo_dirname: str = field(
+        default="ensemble_repo", metadata={"help": "Sub-folder of output_dir for the repo."}
+    )
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.held_out_fraction < 1.0:
+            raise ValueError(f"held_out_fraction must be in (0, 1), got {self.held_out_fraction}.")
+        if self.dataset_name == "imagefolder" and not self.data_dir:
+            raise ValueError("dataset_name='imagefolder' needs --data_dir pointing at the image folder.")
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+def load_splits(args: ScriptArguments, seed: int):
+    """Return (train, held_out, test, label_names) as datasets.Dataset objects with image/label columns checked."""
+    import datasets
+
+    if args.dataset_name == OFFLINE_DATASET:
+        from hf_ens.fashion_mnist import load_fashion_mnist
+
+        raw = load_fashion_mnist(
+            classes=args.classes,
+            train_size=args.max_train_samples,
+            test_size=args.max_test_samples,
+            seed=seed,
+        )
+    elif args.dataset_name == "imagefolder":
+        raw = datasets.load_dataset("imagefolder", data_dir=args.data_dir)
+    else:
+        raw = datasets.load_dataset(args.dataset_name, args.dataset_config_name)
+    for split in (args.train_split, args.test_split):
+        if split not in raw:
+            raise ValueError(f"Dataset {args.dataset_name!r} has no split {split!r}; it has {sorted(raw)}.")
+    train, test = raw[args.train_split], raw[args.test_split]
+    image_col, label_col = _check_columns(train, args)
+    if args.dataset_name == OFFLINE_DATASET:  # the offline loader names its columns image/label
+        image_col, label_col = "image", "label"
+    label_feature = train.features[label_col]
+    if not isinstance(label_feature, datasets.ClassLabel):
+        raise ValueError(
+            f"Column {label_col!r} is {type(label_feature).__name__}, not a datasets.ClassLabel: the recipe needs "
+            "class names. Cast it first, e.g. dataset.cast_column(col, ClassLabel(names=[...]))."
+        )
+    train = train.select_columns([image_col, label_col]).rename_columns(
+        {image_col: "image", label_col: "label"}
+    )
+    test = test.select_columns([image_col, label_col]).rename_columns(
+        {image_col: "image", label_col: "label"}
+    )
+    if args.max_train_samples is not None and args.dataset_name != OFFLINE_DATASET:
+        train = train.shuffle(seed=seed).select(range(min(args.max_train_samples, len(train))))
+    if args.max_test_samples is not None and args.dataset_name != OFFLINE_DATASET:
+        test = test.shuffle(seed=seed).select(range(min(args.max_test_samples, len(test))))
+    split = train.train_test_split(test_size=args.held_out_fraction, seed=seed, stratify_by_column="label")
+    return split["train"], split["test"], test, list(label_feature.names)
+
+
+def _check_columns(ds, args: ScriptArguments) -> tuple[str, str]:
+    if args.dataset_name == OFFLINE_DATASET:
+        return "image", "label"
+    missing = [c for c in (args.image_column, args.label_column) if c not in ds.column_names]
+    if missing:
+        raise ValueError(
+            f"Dataset {args.dataset_name!r} has no column(s) {missing}; its columns are {ds.column_names}. "
+            "Set --image_column / --label_column."
+        )
+    return args.image_column, args.label_column
+
+
+def random_resized_crop_flip(pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Plain-torch RandomResizedCrop(scale=(0.08, 1), ratio=(3/4, 4/3)) + horizontal flip on one [C, H, W] image."""
+    _, h, w = pixels.shape
+    area = h * w
+    for _ in range(10):
+        target = area * torch.empty(1).uniform_(0.08, 1.0, generator=generator).item()
+        log_ratio = torch.empty(1).uniform_(math.log(3 / 4), math.log(4 / 3), generator=generator).item()
+        ratio = math.exp(log_ratio)
+        cw, ch = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
+        if 0 < cw <= w and 0 < ch <= h:
+            top = int(torch.randint(0, h - ch + 1, (1,), generator=generator))
+            left = int(torch.randint(0, w - cw + 1, (1,), generator=generator))
+            break
+    else:
+        ch, cw, top, left = h, w, 0, 0
+    crop = pixels[:, top : top + ch, left : left + cw].unsqueeze(0)
+    out = torch.nn.functional.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False)[0]
+    if torch.rand(1, generator=generator).item() < 0.5:
+        out = out.flip(-1)
+    return out
+
+
+def attach_transforms(ds, processor, augment: bool):
+    """Lazy preprocessing through the checkpoint's image processor (RGB), plus augmentation for training."""
+
+    def transform(batch):
+        images = [img.convert("RGB") for img in batch["image"]]
+        pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+        if augment:
+            pixels = torch.stack([random_resized_crop_flip(p) for p in pixels])
+        return {"pixel_values": pixels, "labels": torch.tensor(batch["label"])}
+
+    return ds.with_transform(transform)
+
+
+def collate(examples):
+    return {
+        "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
+        "labels": torch.stack([torch.as_tensor(e["labels"]) for e in examples]),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+
+def resolve_checkpoint(args: ScriptArguments) -> str:
+    if args.model_name_or_path != OFFLINE_MODEL:
+        return args.model_name_or_path
+    from pretrain_vit import ensure_pretrained_checkpoint
+
+    return str(ensure_pretrained_checkpoint(args.pretrain_config))
+
+
+def load_model(checkpoint: str, label_names: list[str], args: ScriptArguments):
+    """Load the classifier with a head for `label_names`; refuse a trained head of another size unless told."""
+    from transformers import AutoConfig, AutoModelForImageClassification
+
+    from hf_ens.heads import reinit_task_head
+
+    config = AutoConfig.from_pretrained(checkpoint)
+    has_head = any(a.endswith("ForImageClassification") for a in (config.architectures or []))
+    if has_head and config.num_labels != len(label_names) and not args.ignore_mismatched_sizes:
+        raise ValueError(
+            f"{checkpoint!r} has a classification head for {config.num_labels} labels but the dataset has "
+            f"{len(label_names)}. Pass --ignore_mismatched_sizes true to re-initialise the head."
+        )
+    labels = {
+        "num_labels": len(label_names),
+        "id2label": dict(enumerate(label_names)),
+        "label2id": {n: i for i, n in enumerate(label_names)},
+    }
+    if args.init_from_scratch:
+        return AutoModelForImageClassification.from_config(AutoConfig.from_pretrained(checkpoint, **labels))
+    model = AutoModelForImageClassification.from_pretrained(
+        checkpoint, ignore_mismatched_sizes=args.ignore_mismatched_sizes, **labels
+    )
+    trained_for = [str(config.id2label[i]) for i in sorted(config.id2label)] if has_head else []
+    generic = all(name.startswith("LABEL_") for name in trained_for)
+    if has_head and not generic and trained_for != label_names and config.num_labels == len(label_names):
+        # same size, other classes (e.g. the offline source task): a head trained for other classes is no start
+        print(
+            f"Re-initialising the head of {checkpoint}: trained for {trained_for}, the task has {label_names}."
+        )
+        reinit_task_head(model)
+    return model
+
+
+# ----------------------------------------------------------------------------------------- evaluation
+
+
+def evaluate_run(
+    trainer: StarSSETrainer, train_eval, held_out, test, args: ScriptArguments, plot_dir: Path
+) -> dict:
+    """Members, ensemble (and its size curve), uniform and greedy soups, basin profile: metrics + plots."""
+    from torch.utils.data import DataLoader
+
+    from hf_ens import greedy_soup, uniform_soup
+    from hf_ens.basin import barrier, interpolation_profile, plot_profile, weight_distance
+    from hf_ens.evaluation import predict_logits
+    from hf_ens.metrics import accuracy, ensemble_metrics
+    from hf_ens.plots import plot_vs_ensemble_size
+
+    def loader(ds):
+        return DataLoader(ds, batch_size=args.eval_batch_size, collate_fn=collate)
+
+    ensemble = trainer.ensemble()
+    members = list(ensemble.members)
+    has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in members[0].modules())
+    bn_loader = loader(train_eval) if has_bn else None
+
+    member_logits, labels = [], None
+    for k, member in enumerate(members):
+        logits, labels = predict_logits(member, loader(test), desc=f"test member_{k:02d}")
+        member_logits.append(logits)
+    member_logits = torch.stack(member_logits)
+
+    soup = uniform_soup(members, bn_dataloader=bn_loader)
+    soup_logits, _ = predict_logits(soup, loader(test), desc="test uniform soup")
+
+    def held_out_accuracy(model) -> float:
+        logits, y = predict_logits(model, loader(held_out))
+        return float(accuracy(logits, y))
+
+    greedy, chosen = greedy_soup(members, held_out_accuracy, bn_dataloader=bn_loader)
+    greedy_logits, _ = predict_logits(greedy, loader(test), desc="test greedy soup")
+
+    metrics = ensemble_metrics(member_logits, labels, soup_logits=soup_logits)
+    metrics["model1/held_out_accuracy"] = held_out_accuracy(members[0])
+    train_logits, train_labels = predict_logits(members[0], loader(train_eval))
+    metrics["model1/train_accuracy"] = float(accuracy(train_logits, train_labels))
+    greedy_metrics = ensemble_metrics(greedy_logits[None], labels)
+    metrics.update(
+        {k.replace("ensemble/", "greedy_soup/"): v for k, v in greedy_metrics.items() if "ensemble/" in k}
+    )
+    metrics["greedy_soup/members"] = list(map(int, chosen))
+
+    # accuracy / NLL vs ensemble size (first k members)
+    sizes = list(range(1, len(members) + 1))
+    curve = {"accuracy": [], "nll": []}
+    for k in sizes:
+        m = ensemble_metrics(member_logits[:k], labels)
+        curve["accuracy"].append(m["ensemble/accuracy"])
+        curve["nll"].append(m["ensemble/nll"])
+    metrics["ensemble_size_curve"] = {"sizes": sizes, **curve}
+    plot_vs_ensemble_size(sizes, {trainer.args.method: curve}, plot_dir / "ensemble_size.png")
+
+    # basin: distances to model 1 and the member_00 -> member_01 interpolation profile
+    distances = [float(weight_distance(members[0], m)) for m in members]
+    metrics["basin/distance_to_model1"] = distances
+    if len(members) > 1:
+        metrics["basin/mean_distance_to_model1"] = sum(distances[1:]) / (len(members) - 1)
+    if args.interpolation_points > 1 and len(members) > 1:
+
+        def eval_fn(model):
+            logits, y = predict_logits(model, loader(test))
+            return {
+                "loss": torch.nn.functional.cross_entropy(logits, y).item(),
+                "error": 1.0 - float(accuracy(logits, y)),
+            }
+
+        profile = interpolation_profile(members[0], members[1], eval_fn, num_points=args.interpolation_points)
+        metrics["basin/profile_member00_member01"] = profile
+        mid = min(range(len(profile["alphas"])), key=lambda i: abs(profile["alphas"][i] - 0.5))
+        metrics["basin/midpoint_accuracy"] = 1.0 - float(profile["error"][mid])
+        metrics["basin/barrier_error"] = float(barrier(profile["error"]))
+        plot_profile(profile, plot_dir / "interpolation_member00_member01.png")
+    return {"metrics": metrics, "ensemble": ensemble, "soup": soup, "greedy_soup": greedy}
+
+
+def print_summary(metrics: dict) -> str:
+    rows = [
+        ("mean member", "member_mean"),
+        ("ensemble", "ensemble"),
+        ("uniform soup", "soup"),
+        ("greedy soup", "greedy_soup"),
+    ]
+    lines = [f"{'':<14}{'accuracy':>10}{'NLL':>10}{'ECE':>10}"]
+    for name, key in rows:
+        vals = [metrics.get(f"{key}/{m}", float("nan")) for m in ("accuracy", "nll", "ece")]
+        lines.append(f"{name:<14}{vals[0]:>10.4f}{vals[1]:>10.4f}{vals[2]:>10.4f}")
+    table = "\n".join(lines)
+    print(table, flush=True)
+    return table
+
+
+# ------------------------------------------------------------------------------------------------ run
+
+
+def run(script_args: ScriptArguments, training_args: StarSSEConfig) -> dict | None:
+    """The whole job. Returns the metrics dict on the main process, None on the others."""
+    from transformers import AutoImageProcessor
+
+    push, hub_model_id = training_args.push_to_hub, training_args.hub_model_id
+    if push and not hub_model_id:
+        raise ValueError("--push_to_hub needs --hub_model_id user/name.")
+    training_args.push_to_hub = False  # the ensemble repo is pushed once, in one commit, at the end
+    if script_args.auto_bf16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        training_args.bf16 = True
+
+    train, held_out, test, label_names = load_splits(script_args, training_args.seed)
+    checkpoint = resolve_checkpoint(script_args)
+    processor = AutoImageProcessor.from_pretrained(checkpoint)
+    model = load_model(checkpoint, label_names, script_args)
+    train_eval = attach_transforms(train, processor, augment=False)
+    train = attach_transforms(train, processor, augment=script_args.augment)
+    held_out = attach_transforms(held_out, processor, augment=False)
+    test = attach_transforms(test, processor, augment=False)
+
+    training_args.remove_unused_columns = False
+    trainer = StarSSETrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train,
+        data_collator=collate,
+        processing_class=processor,
+    )
+    trainer.train()
+    if not trainer.is_world_process_zero():
+        trainer.accelerator.wait_for_everyone()
+        return None
+
+    out = Path(training_args.output_dir)
+    plot_dir = out / "plots"
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    _plot_schedule(trainer, plot_dir / "lr_schedule.png")
+    result = evaluate_run(trainer, train_eval, held_out, test, script_args, plot_dir)
+    metrics = result["metrics"]
+    metrics["config"] = {"script": asdict(script_args), "base_model": checkpoint}
+
+    result["soup"].save_pretrained(out / "uniform_soup")
+    processor.save_pretrained(out / "uniform_soup")
+    result["greedy_soup"].save_pretrained(out / "greedy_soup")
+    processor.save_pretrained(out / "greedy_soup")
+    ensemble = result["ensemble"]
+    ensemble.metadata.update(
+        {
+            "base_model": checkpoint,
+            "dataset": script_args.dataset_name,
+            "dataset_split": script_args.test_split,
+        }
+    )
+    ensemble.save_pretrained(
+        out / script_args.repo_dirname, soup=result["soup"], metrics=_card_metrics(metrics)
+    )
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+    metrics["summary_table"] = print_summary(metrics)
+    if push:
+        url = ensemble.push_to_hub(
+            hub_model_id, private=training_args.hub_private_repo, metrics=_card_metrics(metrics)
+        )
+        print(f"Pushed the ensemble repo to {url}")
+    trainer.accelerator.wait_for_everyone()
+    return metrics
+
+
+def _card_metrics(metrics: dict) -> dict:
+    return {
+        k: v
+        for k, v in metrics.items()
+        if isinstance(v, float) and k.split("/")[0] in ("ensemble", "soup", "member_mean", "greedy_soup")
+    }
+
+
+def _plot_schedule(trainer: StarSSETrainer, path: Path) -> None:
+    from hf_ens.plots import plot_lr_schedule
+
+    steps, lrs, boundaries = trainer.lr_schedule()
+    plot_lr_schedule(steps, lrs, boundaries, path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    script_args, training_args = parse_config_and_args((ScriptArguments, StarSSEConfig), argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    run(script_args, training_args)
+
+
+if __name__ == "__main__":
+    main()
