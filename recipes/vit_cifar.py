@@ -1,9 +1,9 @@
-"""Fine-tune one pre-trained image classifier into K ensemble members (StarSSE, SSE or Local DE), then evaluate
-members, ensemble and soups, write a model repo (members + soup + card), plots and metrics.json, and optionally
-push the repo to the Hub in one commit.
+"""Fine-tune one pre-trained image classifier into K ensemble members (StarSSE, SSE or Local DE),
+evaluate members, ensemble and soups, write a model repo (members + soup + card), plots and metrics.json,
+and optionally push the repo to the Hub in one commit.
 
     accelerate launch recipes/vit_cifar.py --config recipes/configs/vit_cifar10.yaml [--key value ...]
-    accelerate launch recipes/vit_cifar.py --config recipes/configs/offline.yaml      # embedded offline default
+    accelerate launch recipes/vit_cifar.py --config recipes/configs/offline.yaml  # offline default
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ class ScriptArguments:
 
 
 def load_splits(args: ScriptArguments, seed: int):
-    """Return (train, held_out, test, label_names) as datasets.Dataset objects with image/label columns checked."""
+    """Return (train, held_out, test, label_names) as datasets.Dataset with checked image/label columns."""
     import datasets
 
     if args.dataset_name == OFFLINE_DATASET:
@@ -126,8 +126,8 @@ def load_splits(args: ScriptArguments, seed: int):
     label_feature = train.features[label_col]
     if not isinstance(label_feature, datasets.ClassLabel):
         raise ValueError(
-            f"Column {label_col!r} is {type(label_feature).__name__}, not a datasets.ClassLabel: the recipe needs "
-            "class names. Cast it first, e.g. dataset.cast_column(col, ClassLabel(names=[...]))."
+            f"Column {label_col!r} is {type(label_feature).__name__}, not a datasets.ClassLabel: the "
+            "recipe needs class names. Cast it first, e.g. dataset.cast_column(col, ClassLabel(names=[...]))."
         )
     train = train.select_columns([image_col, label_col]).rename_columns(
         {image_col: "image", label_col: "label"}
@@ -156,7 +156,7 @@ def _check_columns(ds, args: ScriptArguments) -> tuple[str, str]:
 
 
 def random_resized_crop_flip(pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Plain-torch RandomResizedCrop(scale=(0.08, 1), ratio=(3/4, 4/3)) + horizontal flip on one [C, H, W] image."""
+    """Plain-torch RandomResizedCrop(scale=(0.08, 1), ratio=(3/4, 4/3)) + h-flip of one [C, H, W] image."""
     _, h, w = pixels.shape
     area = h * w
     for _ in range(10):
@@ -209,7 +209,7 @@ def resolve_checkpoint(args: ScriptArguments) -> str:
 
 
 def load_model(checkpoint: str, label_names: list[str], args: ScriptArguments):
-    """Load the classifier with a head for `label_names`; refuse a trained head of another size unless told."""
+    """Load the classifier with a head for `label_names`; a trained head of another size is refused."""
     from transformers import AutoConfig, AutoModelForImageClassification
 
     from hf_ens.heads import reinit_task_head
@@ -234,9 +234,10 @@ def load_model(checkpoint: str, label_names: list[str], args: ScriptArguments):
     trained_for = [str(config.id2label[i]) for i in sorted(config.id2label)] if has_head else []
     generic = all(name.startswith("LABEL_") for name in trained_for)
     if has_head and not generic and trained_for != label_names and config.num_labels == len(label_names):
-        # same size, other classes (e.g. the offline source task): a head trained for other classes is no start
+        # same size, other classes (e.g. the offline source task): that head is no starting point
         print(
-            f"Re-initialising the head of {checkpoint}: trained for {trained_for}, the task has {label_names}."
+            f"Re-initialising the head of {checkpoint}: trained for {trained_for}, "
+            f"the task has {label_names}."
         )
         reinit_task_head(model)
     return model

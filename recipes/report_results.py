@@ -1,0 +1,146 @@
+"""Tables and figures for docs/results.md from compare_methods' runs (mean and 95% interval over seeds)."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+METRICS = ("accuracy", "nll", "ece")
+
+
+def _fmt(cell: tuple[float, float] | None, scale: float = 1.0) -> str:
+    if cell is None:
+        return "-"
+    mean, half = cell
+    return f"{mean * scale:.2f} ± {half * scale:.2f}" if half == half else f"{mean * scale:.2f}"
+
+
+def _best_single(summary: dict, init: str) -> tuple[str, dict]:
+    """The LR whose single model has the best held-out accuracy (never chosen on test)."""
+    cands = {k: v for k, v in summary.items() if k.startswith(f"single/{init}/")}
+    name = max(cands, key=lambda k: cands[k]["model1/held_out_accuracy"][0])
+    return name, cands[name]
+
+
+def premise_table(summary: dict) -> str:
+    lines = [
+        "| init | best LR (held-out) | train acc % | test acc % | test NLL | test ECE % |",
+        "|---|---|---|---|---|---|",
+    ]
+    for init in ("pretrained", "scratch"):
+        name, s = _best_single(summary, init)
+        lines.append(
+            f"| {init} | {name.split('lr=')[1]} | {_fmt(s.get('model1/train_accuracy'), 100)} | "
+            f"{_fmt(s.get('ensemble/accuracy'), 100)} | {_fmt(s.get('ensemble/nll'))} | "
+            f"{_fmt(s.get('ensemble/ece'), 100)} |"
+        )
+    return "\n".join(lines)
+
+
+def methods_table(summary: dict) -> str:
+    header = (
+        "| run | mean member acc % | ensemble acc % | soup acc % | greedy soup acc % | member NLL |"
+        " ensemble NLL | member ECE % | ensemble ECE % | disagreement % | dist. to model 1 | midpoint acc % |"
+    )
+    lines = [header, "|" + "---|" * 12]
+    names = [k for k in summary if not k.startswith("single/")]
+    order = {"local_de": 0, "starsse": 1, "sse": 2}
+    names.sort(key=lambda k: (order.get(k.split("/")[0], 9), float(k.split("/x")[1])))
+    for name in names:
+        s = summary[name]
+        cols = [
+            ("member_mean/accuracy", 100), ("ensemble/accuracy", 100), ("soup/accuracy", 100),
+            ("greedy_soup/accuracy", 100), ("member_mean/nll", 1), ("ensemble/nll", 1),
+            ("member_mean/ece", 100), ("ensemble/ece", 100), ("diversity/disagreement", 100),
+            ("basin/mean_distance_to_model1", 1), ("basin/midpoint_accuracy", 100),
+        ]  # fmt: skip
+        lines.append(f"| {name} | " + " | ".join(_fmt(s.get(key), scale) for key, scale in cols) + " |")
+    return "\n".join(lines)
+
+
+def _curves(records: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
+    by_method: dict[str, list[list[float]]] = {}
+    for rec in records:
+        if rec["kind"] != "method" or rec["mult"] != 1.0:
+            continue
+        curve = rec["metrics"].get("ensemble_size_curve")
+        if curve:
+            by_method.setdefault(rec["method"], []).append(curve["accuracy"])
+    return {
+        m: (list(range(1, len(c[0]) + 1)), [statistics.fmean(x) for x in zip(*c, strict=True)])
+        for m, c in by_method.items()
+    }
+
+
+def write_figures(records: list[dict], summary: dict, out: Path) -> list[str]:
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for method, (sizes, acc) in _curves(records).items():
+        ax.plot(sizes, [100 * a for a in acc], marker="o", label=method)
+    ax.set(
+        xlabel="ensemble size K", ylabel="test accuracy %", title="Accuracy vs ensemble size (1x cycle LR)"
+    )
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "accuracy_vs_k.png", dpi=120)
+    plt.close(fig)
+    files.append("accuracy_vs_k.png")
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for method in ("starsse", "sse"):
+        names = sorted(
+            (k for k in summary if k.startswith(f"{method}/x")), key=lambda k: float(k.split("/x")[1])
+        )
+        if not names:
+            continue
+        mults = [float(k.split("/x")[1]) for k in names]
+        for key, style in (
+            ("ensemble/accuracy", "-o"),
+            ("soup/accuracy", "--s"),
+            ("basin/midpoint_accuracy", ":^"),
+        ):
+            vals = [100 * summary[k][key][0] for k in names if key in summary[k]]
+            if len(vals) == len(mults):
+                axes[0].plot(mults, vals, style, label=f"{method} {key.split('/')[0]}")
+        dist = [
+            summary[k]["basin/mean_distance_to_model1"][0]
+            for k in names
+            if "basin/mean_distance_to_model1" in summary[k]
+        ]
+        if len(dist) == len(mults):
+            axes[1].plot(mults, dist, "-o", label=method)
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("cycle LR / fine-tune LR")
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("test accuracy %")
+    axes[1].set_ylabel("L2 distance to model 1")
+    fig.suptitle("Cycle-LR sweep: leaving the pre-train basin")
+    fig.tight_layout()
+    fig.savefig(out / "cycle_lr_sweep.png", dpi=120)
+    plt.close(fig)
+    files.append("cycle_lr_sweep.png")
+    return files
+
+
+def write_report(records: list[dict], summary: dict, out: Path) -> None:
+    """Write tables.md (the numbers docs/results.md quotes) and the figures beside it."""
+    write_figures(records, summary, out)
+    seeds = sorted({r["seed"] for r in records})
+    text = [
+        f"Seeds: {seeds} (mean ± 95% t-interval over seeds).",
+        "",
+        "## Premise P1: pre-trained vs scratch, single models, each with its best LR",
+        premise_table(summary),
+        "",
+        "## Methods (K members each, equal training budget)",
+        methods_table(summary),
+    ]
+    (out / "tables.md").write_text("\n".join(text) + "\n")
+    print("\n".join(text))
