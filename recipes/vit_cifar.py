@@ -373,6 +373,12 @@ def run(script_args: ScriptArguments, training_args: StarSSEConfig) -> dict | No
         processing_class=processor,
     )
     trainer.train()
+    acc = trainer.accelerator
+    print(
+        f"[vit_cifar] process {acc.process_index} of world size {acc.num_processes} wrote members "
+        f"{trainer.written_members}",
+        flush=True,
+    )
     if not trainer.is_world_process_zero():
         trainer.accelerator.wait_for_everyone()
         return None
@@ -383,7 +389,12 @@ def run(script_args: ScriptArguments, training_args: StarSSEConfig) -> dict | No
     _plot_schedule(trainer, plot_dir / "lr_schedule.png")
     result = evaluate_run(trainer, train_eval, held_out, test, script_args, plot_dir)
     metrics = result["metrics"]
-    metrics["config"] = {"script": asdict(script_args), "base_model": checkpoint}
+    metrics["config"] = {
+        "script": asdict(script_args),
+        "base_model": checkpoint,
+        "world_size": acc.num_processes,
+        "written_members": list(trainer.written_members),
+    }
 
     result["soup"].save_pretrained(out / "uniform_soup")
     processor.save_pretrained(out / "uniform_soup")

@@ -1,0 +1,133 @@
+"""Tiny checkpoints and a tiny CIFAR-shaped dataset for tests/test_recipe_vit_cifar.py.
+
+Everything here is real (transformers configs, image processors, `datasets` Image/ClassLabel features) and
+small enough that a whole StarSSE run of the recipe takes a few seconds on one CPU thread.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASS_NAMES = ["red", "green", "blue"]
+# One colour per class, so a 2-layer ViT separates the classes after a few steps.
+CLASS_COLOURS = np.array([[200, 40, 40], [40, 200, 40], [40, 40, 200]], dtype=np.float32)
+
+
+def tiny_processor():
+    """A processor that `AutoImageProcessor.from_pretrained` finds, resizing to 32x32."""
+    from transformers import ViTImageProcessor
+
+    return ViTImageProcessor(
+        do_resize=True, size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3
+    )
+
+
+def save_tiny_vit(
+    path: str | os.PathLike, num_labels: int | None = 3, label_names=None, seed: int = 0
+) -> Path:
+    """A 2-layer ViT (32px, patch 8, hidden 32) + processor; `num_labels=None` saves the bare backbone."""
+    from transformers import ViTConfig, ViTForImageClassification, ViTModel
+
+    torch.manual_seed(seed)
+    kwargs = {}
+    if num_labels is not None:
+        names = label_names or [f"LABEL_{i}" for i in range(num_labels)]
+        kwargs = {"id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}}
+    config = ViTConfig(
+        image_size=32,
+        patch_size=8,
+        num_channels=3,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        **kwargs,
+    )
+    model = ViTForImageClassification(config) if num_labels is not None else ViTModel(config)
+    model.save_pretrained(path)
+    tiny_processor().save_pretrained(path)
+    return Path(path)
+
+
+def save_tiny_resnet(path: str | os.PathLike, num_labels: int = 3, seed: int = 0) -> Path:
+    """An HF ResNet with BatchNorm (2 stages, 8/16 channels) + a processor that resizes to 32x32."""
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    torch.manual_seed(seed)
+    config = ResNetConfig(
+        num_channels=3,
+        embedding_size=8,
+        hidden_sizes=[8, 16],
+        depths=[1, 1],
+        layer_type="basic",
+        num_labels=num_labels,
+    )
+    ResNetForImageClassification(config).save_pretrained(path)
+    tiny_processor().save_pretrained(path)
+    return Path(path)
+
+
+def tiny_cifar(
+    n_train: int = 36, n_test: int = 12, seed: int = 0, image_column: str = "img", classlabel=True
+):
+    """A CIFAR-shaped DatasetDict: `img` (32x32 RGB PIL images), `label` (ClassLabel), train and test splits."""
+    import datasets
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+
+    def split(n: int) -> datasets.Dataset:
+        labels = [i % len(CLASS_NAMES) for i in range(n)]
+        images = []
+        for y in labels:
+            pixels = CLASS_COLOURS[y] + rng.normal(0, 40, (32, 32, 3))
+            images.append(Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), mode="RGB"))
+        label_feature = datasets.ClassLabel(names=CLASS_NAMES) if classlabel else datasets.Value("int64")
+        features = datasets.Features({image_column: datasets.Image(), "label": label_feature})
+        return datasets.Dataset.from_dict({image_column: images, "label": labels}, features=features)
+
+    return datasets.DatasetDict({"train": split(n_train), "test": split(n_test)})
+
+
+def tiny_run_args(output_dir: str | os.PathLike, model: str, dataset: str, *extra: str) -> list[str]:
+    """argv for `vit_cifar.main`: a two-member-or-three StarSSE run that takes seconds on one CPU thread."""
+    return [
+        "--model_name_or_path",
+        str(model),
+        "--dataset_name",
+        str(dataset),
+        "--output_dir",
+        str(output_dir),
+        "--num_train_epochs",
+        "2",
+        "--cycle_epochs",
+        "1",
+        "--num_members",
+        "3",
+        "--per_device_train_batch_size",
+        "9",
+        "--learning_rate",
+        "3e-3",
+        "--held_out_fraction",
+        "0.25",
+        "--eval_batch_size",
+        "8",
+        "--interpolation_points",
+        "3",
+        "--save_strategy",
+        "no",
+        "--use_cpu",
+        "true",
+        "--report_to",
+        "none",
+        "--disable_tqdm",
+        "true",
+        "--logging_steps",
+        "1",
+        *extra,
+    ]

@@ -1,0 +1,308 @@
+"""recipes/vit_cifar.py end to end on tiny real models and data: the Hub path, BatchNorm soups, two processes,
+bad input, and the head handling of `load_model`."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests._recipe_utils import ROOT, save_tiny_resnet, save_tiny_vit, tiny_cifar, tiny_run_args
+
+sys.path.insert(0, str(ROOT / "recipes"))
+
+import vit_cifar  # noqa: E402
+from _cli import ConfigError  # noqa: E402
+
+SUMMARY_KEYS = [
+    f"{row}/{m}"
+    for row in ("member_mean", "ensemble", "soup", "greedy_soup")
+    for m in ("accuracy", "nll", "ece")
+]
+
+
+def _parquet_dataset(path: Path, **kwargs) -> Path:
+    """A local dataset folder (train-/test-*.parquet) that `datasets.load_dataset(path)` reads like a Hub repo."""
+    path.mkdir(parents=True)
+    for split, ds in tiny_cifar(**kwargs).items():
+        ds.to_parquet(path / f"{split}-00000-of-00001.parquet")
+    return path
+
+
+@pytest.fixture(scope="module")
+def local_data(tmp_path_factory) -> Path:
+    return _parquet_dataset(tmp_path_factory.mktemp("data") / "tiny-cifar")
+
+
+@pytest.fixture(scope="module")
+def local_vit(tmp_path_factory) -> Path:
+    return save_tiny_vit(tmp_path_factory.mktemp("ckpt") / "tiny-vit")
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "1"))
+
+
+# ------------------------------------------------------------------------------------------ Hub path
+
+
+def test_hub_run_by_name_writes_everything_and_pushes_one_commit(hub, tmp_path, capsys):
+    import datasets
+    from huggingface_hub import HfApi
+    from transformers import AutoModelForImageClassification
+
+    from hf_ens import EnsembleModel
+
+    ckpt = save_tiny_vit(tmp_path / "tiny-vit")
+    api = HfApi()
+    api.create_repo("test-user/tiny-vit")
+    api.upload_folder(repo_id="test-user/tiny-vit", folder_path=ckpt)
+    tiny_cifar().push_to_hub("test-user/tiny-cifar")
+    assert datasets.load_dataset("test-user/tiny-cifar", split="test").num_rows == 12
+
+    out = tmp_path / "run"
+    argv = tiny_run_args(out, "test-user/tiny-vit", "test-user/tiny-cifar")
+    vit_cifar.main([*argv, "--push_to_hub", "true", "--hub_model_id", "test-user/out"])
+    printed = capsys.readouterr().out
+
+    # outputs on disk
+    assert sorted(p.name for p in (out / "members").iterdir() if not p.name.startswith(".")) == [
+        "member_00",
+        "member_01",
+        "member_02",
+    ]
+    for name in ("uniform_soup", "greedy_soup", "ensemble_repo"):
+        assert (out / name / "config.json").is_file(), name
+    assert (out / "ensemble_repo" / "README.md").is_file()
+    for png in ("lr_schedule.png", "ensemble_size.png", "interpolation_member00_member01.png"):
+        data = (out / "plots" / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000, png
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in SUMMARY_KEYS:
+        assert 0.0 <= metrics[key] < float("inf"), key
+    assert metrics["ensemble_size_curve"]["sizes"] == [1, 2, 3]
+    assert metrics["config"]["world_size"] == 1 and metrics["config"]["written_members"] == [0, 1, 2]
+    # class-coloured images: the ensemble learns the task (chance is 1/3)
+    assert metrics["ensemble/accuracy"] >= 0.75
+    assert "mean member" in printed and "greedy soup" in printed
+
+    # the local repo loads both ways, and its root is the uniform soup
+    ens = EnsembleModel.from_pretrained(out / "ensemble_repo")
+    assert ens.num_members == 3
+    root = AutoModelForImageClassification.from_pretrained(out / "ensemble_repo")
+    soup = AutoModelForImageClassification.from_pretrained(out / "uniform_soup")
+    for (name, a), b in zip(root.state_dict().items(), soup.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert root.config.id2label == {0: "red", 1: "green", 2: "blue"}
+
+    # pushed in ONE commit (plus the repo's initial commit), and loads back by name
+    commits = [r for r in hub.requests if re.match(r"POST /api/models/test-user/out/commit/", r)]
+    assert len(commits) == 1, commits
+    assert len(api.list_repo_commits("test-user/out")) == 2
+    pushed = EnsembleModel.from_pretrained("test-user/out")
+    assert pushed.num_members == 3
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(pushed(pixel_values=x).logits, ens(pixel_values=x).logits)
+        hub_root = AutoModelForImageClassification.from_pretrained("test-user/out")
+        torch.testing.assert_close(hub_root(pixel_values=x).logits, root(pixel_values=x).logits)
+
+
+# ---------------------------------------------------------------------------------------- BatchNorm
+
+
+def test_resnet_soups_get_batchnorm_recomputed(tmp_path, local_data):
+    from transformers import AutoModelForImageClassification
+
+    from hf_ens import uniform_soup
+    from hf_ens.soups import recompute_batchnorm
+
+    ckpt = save_tiny_resnet(tmp_path / "tiny-resnet")
+    out = tmp_path / "run"
+    argv = tiny_run_args(out, ckpt, local_data, "--num_members", "2")
+    vit_cifar.main(argv)  # raises on warnings? no: checked below through the saved statistics
+
+    members = [
+        AutoModelForImageClassification.from_pretrained(out / "members" / f"member_{k:02d}") for k in (0, 1)
+    ]
+    saved = AutoModelForImageClassification.from_pretrained(out / "uniform_soup").state_dict()
+    plain = uniform_soup(members, warn_batchnorm=False)
+    bn_keys = [k for k in saved if k.endswith("running_mean") or k.endswith("running_var")]
+    assert bn_keys
+    # the soup's statistics are NOT the plain average of the members' statistics...
+    assert any(not torch.allclose(saved[k], plain.state_dict()[k], atol=1e-4) for k in bn_keys)
+
+    # ... but exactly what recompute_batchnorm gives on the recipe's training batches (no augmentation)
+    script_args, training_args = vit_cifar.parse_config_and_args(
+        (vit_cifar.ScriptArguments, vit_cifar.StarSSEConfig), argv
+    )
+    from transformers import AutoImageProcessor
+
+    train, _, _, _ = vit_cifar.load_splits(script_args, training_args.seed)
+    train_eval = vit_cifar.attach_transforms(train, AutoImageProcessor.from_pretrained(ckpt), augment=False)
+    loader = torch.utils.data.DataLoader(
+        train_eval, batch_size=script_args.eval_batch_size, collate_fn=vit_cifar.collate
+    )
+    expected = recompute_batchnorm(plain, loader).state_dict()
+    for k in bn_keys:
+        torch.testing.assert_close(saved[k], expected[k], rtol=1e-4, atol=1e-5, msg=k)
+    greedy = AutoModelForImageClassification.from_pretrained(out / "greedy_soup").state_dict()
+    assert all(torch.isfinite(greedy[k]).all() for k in bn_keys)
+
+
+# -------------------------------------------------------------------------------------- two processes
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_process_accelerate_launch(tmp_path, local_data, local_vit):
+    config = tmp_path / "tiny.yaml"
+    out = tmp_path / "run"
+    argv = tiny_run_args(out, local_vit, local_data, "--num_members", "2")
+    # the YAML holds everything (the launch is `--config <tiny config>` alone), in key: value form
+    pairs = dict(zip(argv[::2], argv[1::2]))
+    config.write_text("".join(f"{k.removeprefix('--')}: {json.dumps(v)}\n" for k, v in pairs.items()))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        str(ROOT / "recipes" / "vit_cifar.py"),
+        "--config",
+        str(config),
+    ]
+    start = time.time()
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-6000:]
+    lines = sorted(re.findall(r"\[vit_cifar\] process (\d) of world size (\d) wrote members (\[.*\])", log))
+    assert lines == [("0", "2", "[0, 1]"), ("1", "2", "[]")], log[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"]["world_size"] == 2 and metrics["config"]["written_members"] == [0, 1]
+    members = sorted(p.name for p in (out / "members").iterdir())
+    assert members == ["member_00", "member_01"]  # no leftover temp dirs of a second writer
+    # each member written once: member_01 was written after member_00 and before the run ended
+    mtimes = [(out / "members" / m).stat().st_mtime for m in members]
+    assert start < mtimes[0] <= mtimes[1] <= time.time()
+    assert log.count("Pushed") == 0 and "mean member" in log
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+def _run_expecting(exc, match, tmp_path, model, data, *extra):
+    from trainers import StarSSETrainer
+
+    called = []
+    original = StarSSETrainer.train
+    StarSSETrainer.train = lambda self, *a, **k: called.append(1)  # must never be reached
+    try:
+        with pytest.raises(exc, match=match):
+            vit_cifar.main(tiny_run_args(tmp_path / "run", model, data, *extra))
+    finally:
+        StarSSETrainer.train = original
+    assert not called, "training started before the bad input was reported"
+
+
+def test_unknown_column_lists_columns(tmp_path, local_data, local_vit):
+    _run_expecting(
+        ValueError,
+        r"no column\(s\) \['image'\].*columns are \['img', 'label'\]",
+        tmp_path,
+        local_vit,
+        local_data,
+        "--image_column",
+        "image",
+    )
+
+
+def test_label_without_classlabel(tmp_path, local_vit):
+    data = _parquet_dataset(tmp_path / "ints", classlabel=False)
+    _run_expecting(ValueError, "not a datasets.ClassLabel", tmp_path, local_vit, data)
+
+
+def test_label_count_mismatch_needs_ignore_mismatched_sizes(tmp_path, local_data):
+    five = save_tiny_vit(tmp_path / "five", num_labels=5)
+    _run_expecting(
+        ValueError,
+        "head for 5 labels but the dataset has 3.*--ignore_mismatched_sizes",
+        tmp_path,
+        five,
+        local_data,
+    )
+
+
+def test_unknown_config_key(tmp_path, local_data, local_vit):
+    config = tmp_path / "bad.yaml"
+    config.write_text("num_membres: 3\n")
+    with pytest.raises(
+        ConfigError, match=r"num_membres.*did you mean num_members.*Valid keys:.*cycle_epochs"
+    ):
+        vit_cifar.main(["--config", str(config), *tiny_run_args(tmp_path / "run", local_vit, local_data)])
+
+
+def test_push_without_hub_model_id(tmp_path, local_data, local_vit):
+    _run_expecting(ValueError, "--hub_model_id", tmp_path, local_vit, local_data, "--push_to_hub", "true")
+
+
+# --------------------------------------------------------------------------------------- load_model heads
+
+
+def test_load_model_head_cases(tmp_path):
+    from transformers import AutoModelForImageClassification
+
+    args = vit_cifar.ScriptArguments(dataset_name="x")
+    names = ["cat", "dog", "ship"]
+
+    # 1. a backbone without a head: a fresh head for the task's labels
+    bare = save_tiny_vit(tmp_path / "bare", num_labels=None)
+    model = vit_cifar.load_model(str(bare), names, args)
+    assert model.config.id2label == {0: "cat", 1: "dog", 2: "ship"} and model.classifier.out_features == 3
+
+    # 2. a head trained for other classes of the same count: backbone kept, head re-drawn
+    other = save_tiny_vit(tmp_path / "other", label_names=["a", "b", "c"])
+    source = AutoModelForImageClassification.from_pretrained(other)
+    with torch.no_grad():  # make the saved head unmistakable
+        source.classifier.weight.fill_(0.5)
+    source.save_pretrained(other)
+    model = vit_cifar.load_model(str(other), names, args)
+    assert not torch.allclose(model.classifier.weight, source.classifier.weight)
+    assert model.classifier.weight.std() > 0
+    for (name, a), b in zip(model.vit.state_dict().items(), source.vit.state_dict().values()):
+        assert torch.equal(a, b), name
+    # same names (or generic LABEL_i names): the trained head is kept
+    kept = vit_cifar.load_model(str(other), ["a", "b", "c"], args)
+    assert torch.equal(kept.classifier.weight, source.classifier.weight)
+
+    # 3. a head of another size: refused unless --ignore_mismatched_sizes true
+    five = save_tiny_vit(tmp_path / "five", num_labels=5)
+    with pytest.raises(ValueError, match="5 labels.*has 3.*--ignore_mismatched_sizes true"):
+        vit_cifar.load_model(str(five), names, args)
+    args.ignore_mismatched_sizes = True
+    model = vit_cifar.load_model(str(five), names, args)
+    assert model.classifier.out_features == 3 and model.config.num_labels == 3
