@@ -121,6 +121,7 @@ def load_splits(args: ScriptArguments, seed: int):
             raise ValueError(f"Dataset {args.dataset_name!r} has no split {split!r}; it has {sorted(raw)}.")
     train, test = raw[args.train_split], raw[args.test_split]
     image_col, label_col = _check_columns(train, args)
+    _check_columns(test, args)
     if args.dataset_name == OFFLINE_DATASET:  # the offline loader names its columns image/label
         image_col, label_col = "image", "label"
     label_feature = train.features[label_col]
@@ -128,6 +129,12 @@ def load_splits(args: ScriptArguments, seed: int):
         raise ValueError(
             f"Column {label_col!r} is {type(label_feature).__name__}, not a datasets.ClassLabel: the "
             "recipe needs class names. Cast it first, e.g. dataset.cast_column(col, ClassLabel(names=[...]))."
+        )
+    test_feature = test.features[label_col]
+    if isinstance(test_feature, datasets.ClassLabel) and test_feature.names != label_feature.names:
+        raise ValueError(
+            f"The {args.test_split!r} split's classes {test_feature.names} differ from the "
+            f"{args.train_split!r} split's {label_feature.names}."
         )
     train = train.select_columns([image_col, label_col]).rename_columns(
         {image_col: "image", label_col: "label"}
@@ -411,7 +418,7 @@ def run(script_args: ScriptArguments, training_args: StarSSEConfig) -> dict | No
     ensemble.save_pretrained(
         out / script_args.repo_dirname, soup=result["soup"], metrics=_card_metrics(metrics)
     )
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+    _atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, default=float))
     metrics["summary_table"] = print_summary(metrics)
     if push:
         url = ensemble.push_to_hub(
@@ -420,6 +427,13 @@ def run(script_args: ScriptArguments, training_args: StarSSEConfig) -> dict | No
         print(f"Pushed the ensemble repo to {url}")
     trainer.accelerator.wait_for_everyone()
     return metrics
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temporary file + rename, so a crash never leaves a half-written metrics.json."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _card_metrics(metrics: dict) -> dict:

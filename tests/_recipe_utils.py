@@ -75,7 +75,7 @@ def save_tiny_resnet(path: str | os.PathLike, num_labels: int = 3, seed: int = 0
 def tiny_cifar(
     n_train: int = 36, n_test: int = 12, seed: int = 0, image_column: str = "img", classlabel=True
 ):
-    """A CIFAR-shaped DatasetDict: `img` (32x32 RGB PIL images), `label` (ClassLabel), train and test splits."""
+    """A CIFAR-shaped DatasetDict: `img` (32x32 RGB PIL images), `label` (ClassLabel), train/test splits."""
     import datasets
     from PIL import Image
 

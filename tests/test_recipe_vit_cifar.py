@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -30,7 +31,7 @@ SUMMARY_KEYS = [
 
 
 def _parquet_dataset(path: Path, **kwargs) -> Path:
-    """A local dataset folder (train-/test-*.parquet) that `datasets.load_dataset(path)` reads like a Hub repo."""
+    """Local train-/test-*.parquet files: `datasets.load_dataset(path)` reads them like a Hub repo."""
     path.mkdir(parents=True)
     for split, ds in tiny_cifar(**kwargs).items():
         ds.to_parquet(path / f"{split}-00000-of-00001.parquet")
@@ -100,7 +101,7 @@ def test_hub_run_by_name_writes_everything_and_pushes_one_commit(hub, tmp_path, 
     assert ens.num_members == 3
     root = AutoModelForImageClassification.from_pretrained(out / "ensemble_repo")
     soup = AutoModelForImageClassification.from_pretrained(out / "uniform_soup")
-    for (name, a), b in zip(root.state_dict().items(), soup.state_dict().values()):
+    for (name, a), b in zip(root.state_dict().items(), soup.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     assert root.config.id2label == {0: "red", 1: "green", 2: "blue"}
 
@@ -129,7 +130,10 @@ def test_resnet_soups_get_batchnorm_recomputed(tmp_path, local_data):
     ckpt = save_tiny_resnet(tmp_path / "tiny-resnet")
     out = tmp_path / "run"
     argv = tiny_run_args(out, ckpt, local_data, "--num_members", "2")
-    vit_cifar.main(argv)  # raises on warnings? no: checked below through the saved statistics
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        vit_cifar.main(argv)
+    assert not [w for w in caught if "BatchNorm" in str(w.message)], [str(w.message) for w in caught]
 
     members = [
         AutoModelForImageClassification.from_pretrained(out / "members" / f"member_{k:02d}") for k in (0, 1)
@@ -174,7 +178,7 @@ def test_two_process_accelerate_launch(tmp_path, local_data, local_vit):
     out = tmp_path / "run"
     argv = tiny_run_args(out, local_vit, local_data, "--num_members", "2")
     # the YAML holds everything (the launch is `--config <tiny config>` alone), in key: value form
-    pairs = dict(zip(argv[::2], argv[1::2]))
+    pairs = dict(zip(argv[::2], argv[1::2], strict=True))
     config.write_text("".join(f"{k.removeprefix('--')}: {json.dumps(v)}\n" for k, v in pairs.items()))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [
@@ -215,22 +219,20 @@ def test_two_process_accelerate_launch(tmp_path, local_data, local_vit):
 # ------------------------------------------------------------------------------------------ bad input
 
 
-def _run_expecting(exc, match, tmp_path, model, data, *extra):
+def _run_expecting(monkeypatch, exc, match, tmp_path, model, data, *extra):
+    """The recipe raises `exc` before training starts (a tripwire on `train` records any start)."""
     from trainers import StarSSETrainer
 
-    called = []
-    original = StarSSETrainer.train
-    StarSSETrainer.train = lambda self, *a, **k: called.append(1)  # must never be reached
-    try:
-        with pytest.raises(exc, match=match):
-            vit_cifar.main(tiny_run_args(tmp_path / "run", model, data, *extra))
-    finally:
-        StarSSETrainer.train = original
-    assert not called, "training started before the bad input was reported"
+    started = []
+    monkeypatch.setattr(StarSSETrainer, "train", lambda self, *a, **k: started.append(1))
+    with pytest.raises(exc, match=match):
+        vit_cifar.main(tiny_run_args(tmp_path / "run", model, data, *extra))
+    assert not started, "training started before the bad input was reported"
 
 
-def test_unknown_column_lists_columns(tmp_path, local_data, local_vit):
+def test_unknown_column_lists_columns(monkeypatch, tmp_path, local_data, local_vit):
     _run_expecting(
+        monkeypatch,
         ValueError,
         r"no column\(s\) \['image'\].*columns are \['img', 'label'\]",
         tmp_path,
@@ -241,14 +243,15 @@ def test_unknown_column_lists_columns(tmp_path, local_data, local_vit):
     )
 
 
-def test_label_without_classlabel(tmp_path, local_vit):
+def test_label_without_classlabel(monkeypatch, tmp_path, local_vit):
     data = _parquet_dataset(tmp_path / "ints", classlabel=False)
-    _run_expecting(ValueError, "not a datasets.ClassLabel", tmp_path, local_vit, data)
+    _run_expecting(monkeypatch, ValueError, "not a datasets.ClassLabel", tmp_path, local_vit, data)
 
 
-def test_label_count_mismatch_needs_ignore_mismatched_sizes(tmp_path, local_data):
+def test_label_count_mismatch_needs_ignore_mismatched_sizes(monkeypatch, tmp_path, local_data):
     five = save_tiny_vit(tmp_path / "five", num_labels=5)
     _run_expecting(
+        monkeypatch,
         ValueError,
         "head for 5 labels but the dataset has 3.*--ignore_mismatched_sizes",
         tmp_path,
@@ -264,10 +267,15 @@ def test_unknown_config_key(tmp_path, local_data, local_vit):
         ConfigError, match=r"num_membres.*did you mean num_members.*Valid keys:.*cycle_epochs"
     ):
         vit_cifar.main(["--config", str(config), *tiny_run_args(tmp_path / "run", local_vit, local_data)])
+    # the same typo on the command line
+    with pytest.raises(ConfigError, match=r"cycle_epoch\b.*did you mean cycle_epochs.*Valid keys:"):
+        vit_cifar.main([*tiny_run_args(tmp_path / "run", local_vit, local_data), "--cycle_epoch", "1"])
 
 
-def test_push_without_hub_model_id(tmp_path, local_data, local_vit):
-    _run_expecting(ValueError, "--hub_model_id", tmp_path, local_vit, local_data, "--push_to_hub", "true")
+def test_push_without_hub_model_id(monkeypatch, tmp_path, local_data, local_vit):
+    _run_expecting(
+        monkeypatch, ValueError, "--hub_model_id", tmp_path, local_vit, local_data, "--push_to_hub", "true"
+    )
 
 
 # --------------------------------------------------------------------------------------- load_model heads
@@ -293,7 +301,7 @@ def test_load_model_head_cases(tmp_path):
     model = vit_cifar.load_model(str(other), names, args)
     assert not torch.allclose(model.classifier.weight, source.classifier.weight)
     assert model.classifier.weight.std() > 0
-    for (name, a), b in zip(model.vit.state_dict().items(), source.vit.state_dict().values()):
+    for (name, a), b in zip(model.vit.state_dict().items(), source.vit.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     # same names (or generic LABEL_i names): the trained head is kept
     kept = vit_cifar.load_model(str(other), ["a", "b", "c"], args)
