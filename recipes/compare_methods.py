@@ -4,7 +4,8 @@ Every run goes through the main recipe (`vit_cifar.run`), so what is measured is
   P1  single fine-tune from the pre-trained checkpoint vs from scratch, each with its best LR (held-out)
   (b) ensembles vs their mean member          (c) StarSSE vs SSE vs Local DE of equal size and budget
   (d) a cycle-LR sweep (StarSSE and SSE)      (e) uniform soups of each method vs the single model
-Writes runs.jsonl (one line per run, resumable), summary.json, and the figures + tables for docs/results.md.
+Writes runs-seed<N>.jsonl (one line per run, resumable; seeds may run in parallel processes), summary.json,
+and the figures + tables for docs/results.md.
 
     python recipes/compare_methods.py --config recipes/configs/compare_offline.yaml
 """
@@ -81,19 +82,14 @@ def run_all(cmp: CompareArguments, script: ScriptArguments, train: StarSSEConfig
     """All runs of all seeds; finished runs are read back from runs.jsonl: a crash loses one run at most."""
     out = Path(cmp.results_dir)
     out.mkdir(parents=True, exist_ok=True)
-    log = out / "runs.jsonl"
-    done = {}
-    if log.exists():
-        for line in log.read_text().splitlines():
-            rec = json.loads(line)
-            done[rec["key"]] = rec
+    done = {rec["key"]: rec for rec in read_records(out)}
     records = []
 
     def record(key: str, meta: dict, **changes) -> dict:
         if key not in done:
             metrics = _one_run(script, train, **changes)
             rec = {"key": key, **meta, "metrics": {k: v for k, v in metrics.items() if k != "summary_table"}}
-            with log.open("a") as f:
+            with (out / f"runs-seed{meta['seed']}.jsonl").open("a") as f:
                 f.write(json.dumps(rec, default=float) + "\n")
             done[key] = rec
             print(
@@ -139,6 +135,14 @@ def run_all(cmp: CompareArguments, script: ScriptArguments, train: StarSSEConfig
     return records
 
 
+def read_records(out: Path) -> list[dict]:
+    """Every finished run; one file per seed, so seeds can run in parallel processes."""
+    records = []
+    for path in sorted(out.glob("runs-seed*.jsonl")):
+        records += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return records
+
+
 def summarise(records: list[dict]) -> dict:
     """Mean and 95% interval over seeds for every (kind, method, multiplier) group and metric."""
     groups: dict[str, list[dict]] = {}
@@ -159,9 +163,11 @@ def summarise(records: list[dict]) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     cmp, script, train = parse_config_and_args((CompareArguments, ScriptArguments, StarSSEConfig), argv)
-    records = run_all(cmp, script, train)
-    summary = summarise(records)
     out = Path(cmp.results_dir)
+    if not cmp.report_only:
+        run_all(cmp, script, train)
+    records = read_records(out)  # all seeds, also those run by other processes
+    summary = summarise(records)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     from report_results import write_report
 

@@ -265,8 +265,18 @@ def evaluate_run(
     from hf_ens.metrics import accuracy, ensemble_metrics
     from hf_ens.plots import plot_vs_ensemble_size
 
+    cache: dict[int, list] = {}
+
     def loader(ds):
-        return DataLoader(ds, batch_size=args.eval_batch_size, collate_fn=collate)
+        """Evaluation batches, preprocessed once per split and reused: on small evaluation sets the image
+        processor, not the model, dominates the many passes below. Splits over 1 GiB are streamed instead."""
+        if id(ds) in cache:
+            return cache[id(ds)]
+        batches = DataLoader(ds, batch_size=args.eval_batch_size, collate_fn=collate)
+        if len(ds) * ds[0]["pixel_values"].numel() * 4 > 2**30:
+            return batches
+        cache[id(ds)] = list(batches)
+        return cache[id(ds)]
 
     ensemble = trainer.ensemble()
     members = list(ensemble.members)
