@@ -54,8 +54,9 @@ class CompareArguments:
         default_factory=lambda: [1.0, 4.0, 16.0], metadata={"help": "Cycle-LR multipliers also run with SSE."}
     )
     results_dir: str = field(
-        default="docs/results", metadata={"help": "Where runs.jsonl, figures, tables go."}
+        default="docs/results", metadata={"help": "Where runs-seed*.jsonl, summary, figures and tables go."}
     )
+    report_only: bool = field(default=False, metadata={"help": "Only rebuild the report from finished runs."})
 
 
 def _ci95(values: list[float]) -> tuple[float, float]:
@@ -164,6 +165,7 @@ def summarise(records: list[dict]) -> dict:
 def main(argv: list[str] | None = None) -> None:
     cmp, script, train = parse_config_and_args((CompareArguments, ScriptArguments, StarSSEConfig), argv)
     out = Path(cmp.results_dir)
+    out.mkdir(parents=True, exist_ok=True)
     if not cmp.report_only:
         run_all(cmp, script, train)
     records = read_records(out)  # all seeds, also those run by other processes
