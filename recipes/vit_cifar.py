@@ -391,11 +391,12 @@ def run(script_args: ScriptArguments, training_args: StarSSEConfig) -> dict | No
     )
     trainer.train()
     acc = trainer.accelerator
-    print(
+    # one write per line, so the lines of several processes sharing a terminal do not interleave
+    sys.stdout.write(
         f"[vit_cifar] process {acc.process_index} of world size {acc.num_processes} wrote members "
-        f"{trainer.written_members}",
-        flush=True,
+        f"{trainer.written_members}\n"
     )
+    sys.stdout.flush()
     if not trainer.is_world_process_zero():
         trainer.accelerator.wait_for_everyone()
         return None
