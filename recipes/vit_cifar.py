@@ -369,6 +369,15 @@ def run(script_args: ScriptArguments, training_args: StarSSEConfig) -> dict | No
     if push and not hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id user/name.")
     training_args.push_to_hub = False  # the ensemble repo is pushed once, in one commit, at the end
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and training_args.world_size != launched:
+        # e.g. `accelerate launch --multi_gpu --num_processes 2` on a machine without CUDA and no --use_cpu:
+        # every process would train alone and all would write the same members
+        raise ValueError(
+            f"The launcher started {launched} processes but the Trainer sees a world size of "
+            f"{training_args.world_size}. Without a CUDA GPU, pass --use_cpu true (two or more CPU processes "
+            "then train together over gloo)."
+        )
     if script_args.auto_bf16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         training_args.bf16 = True
 

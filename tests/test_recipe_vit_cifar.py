@@ -172,12 +172,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_two_process_accelerate_launch(tmp_path, local_data, local_vit):
+def _launch_two_processes(tmp_path: Path, argv: list[str]) -> tuple[int, str]:
+    """`accelerate launch --multi_gpu --num_processes 2 recipes/vit_cifar.py --config <yaml of argv>`."""
     config = tmp_path / "tiny.yaml"
-    out = tmp_path / "run"
-    argv = tiny_run_args(out, local_vit, local_data, "--num_members", "2")
-    # the YAML holds everything (the launch is `--config <tiny config>` alone), in key: value form
+    # the YAML holds everything (the launch is `--config <tiny config>` alone); a repeated flag: last one wins
     pairs = dict(zip(argv[::2], argv[1::2], strict=True))
     config.write_text("".join(f"{k.removeprefix('--')}: {json.dumps(v)}\n" for k, v in pairs.items()))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -200,10 +198,18 @@ def test_two_process_accelerate_launch(tmp_path, local_data, local_vit):
         "--config",
         str(config),
     ]
-    start = time.time()
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-6000:]
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_two_process_accelerate_launch(tmp_path, local_data, local_vit):
+    out = tmp_path / "run"
+    start = time.time()
+    returncode, log = _launch_two_processes(
+        tmp_path, tiny_run_args(out, local_vit, local_data, "--num_members", "2")
+    )
+    assert returncode == 0, log[-6000:]
     lines = sorted(
         re.findall(r"\[vit_cifar\] process (\d) of world size (\d) wrote members (\[[\d, ]*\])", log)
     )
@@ -216,6 +222,20 @@ def test_two_process_accelerate_launch(tmp_path, local_data, local_vit):
     mtimes = [(out / "members" / m).stat().st_mtime for m in members]
     assert start < mtimes[0] <= mtimes[1] <= time.time()
     assert log.count("Pushed") == 0 and "mean member" in log
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_without_use_cpu_fail_clearly(tmp_path, local_data, local_vit):
+    # without --use_cpu, accelerate starts 2 processes but torch.distributed is not set up on a CPU-only box:
+    # each would train alone and both would write the same members
+    if torch.cuda.is_available():
+        pytest.skip("with CUDA the two processes form one NCCL group")
+    out = tmp_path / "run"
+    argv = tiny_run_args(out, local_vit, local_data, "--num_members", "2", "--use_cpu", "false")
+    returncode, log = _launch_two_processes(tmp_path, argv)
+    assert returncode != 0
+    assert "started 2 processes but the Trainer sees a world size of 1" in log and "--use_cpu true" in log
+    assert not (out / "members").exists()
 
 
 # ------------------------------------------------------------------------------------------ bad input
