@@ -92,6 +92,10 @@ class ScriptArguments:
     def __post_init__(self) -> None:
         if not 0.0 < self.held_out_fraction < 1.0:
             raise ValueError(f"held_out_fraction must be in (0, 1), got {self.held_out_fraction}.")
+        if self.classes is not None and self.dataset_name != OFFLINE_DATASET:
+            raise ValueError(
+                f"--classes selects classes of {OFFLINE_DATASET!r} only; got dataset {self.dataset_name!r}."
+            )
         if self.dataset_name == "imagefolder" and not self.data_dir:
             raise ValueError("dataset_name='imagefolder' needs --data_dir pointing at the image folder.")
 
@@ -124,6 +128,11 @@ def load_splits(args: ScriptArguments, seed: int):
     _check_columns(test, args)
     if args.dataset_name == OFFLINE_DATASET:  # the offline loader names its columns image/label
         image_col, label_col = "image", "label"
+    if not isinstance(train.features[image_col], datasets.Image):
+        raise ValueError(
+            f"Column {image_col!r} is {type(train.features[image_col]).__name__}, not a datasets.Image; "
+            f"columns are {train.column_names}. Set --image_column to the column holding the images."
+        )
     label_feature = train.features[label_col]
     if not isinstance(label_feature, datasets.ClassLabel):
         raise ValueError(

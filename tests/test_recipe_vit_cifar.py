@@ -265,6 +265,19 @@ def test_unknown_column_lists_columns(monkeypatch, tmp_path, local_data, local_v
     )
 
 
+def test_image_column_that_holds_no_images(monkeypatch, tmp_path, local_data, local_vit):
+    _run_expecting(
+        monkeypatch,
+        ValueError,
+        r"Column 'label' is ClassLabel, not a datasets.Image",
+        tmp_path,
+        local_vit,
+        local_data,
+        "--image_column",
+        "label",
+    )
+
+
 def test_label_without_classlabel(monkeypatch, tmp_path, local_vit):
     data = _parquet_dataset(tmp_path / "ints", classlabel=False)
     _run_expecting(monkeypatch, ValueError, "not a datasets.ClassLabel", tmp_path, local_vit, data)
