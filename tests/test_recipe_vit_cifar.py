@@ -179,6 +179,7 @@ def _launch_two_processes(tmp_path: Path, argv: list[str]) -> tuple[int, str]:
     pairs = dict(zip(argv[::2], argv[1::2], strict=True))
     config.write_text("".join(f"{k.removeprefix('--')}: {json.dumps(v)}\n" for k, v in pairs.items()))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env["HF_HOME"] = str(tmp_path / "hf_home")  # no user-level accelerate default_config.yaml, fresh caches
     cmd = [
         sys.executable,
         "-m",
