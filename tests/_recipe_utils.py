@@ -95,7 +95,7 @@ def tiny_cifar(
 
 
 def tiny_run_args(output_dir: str | os.PathLike, model: str, dataset: str, *extra: str) -> list[str]:
-    """argv for `vit_cifar.main`: a two-member-or-three StarSSE run that takes seconds on one CPU thread."""
+    """argv for `vit_cifar.main`: 3 StarSSE members (2 epochs, then 1-epoch cycles), seconds on one thread."""
     return [
         "--model_name_or_path",
         str(model),

@@ -222,7 +222,7 @@ def test_two_process_accelerate_launch(tmp_path, local_data, local_vit):
     # each member written once: member_01 was written after member_00 and before the run ended
     mtimes = [(out / "members" / m).stat().st_mtime for m in members]
     assert start < mtimes[0] <= mtimes[1] <= time.time()
-    assert log.count("Pushed") == 0 and "mean member" in log
+    assert log.count("mean member") == 1  # only the main process evaluates and prints the summary
 
 
 @pytest.mark.slow
