@@ -26,7 +26,7 @@ data:
 	fi
 
 demo: install data
-	HF_HUB_OFFLINE=1 $(BIN)/accelerate launch --num_processes 1 recipes/vit_cifar.py --config recipes/configs/offline.yaml
+	HF_HUB_OFFLINE=1 $(BIN)/accelerate launch --num_processes 1 recipes/vit_cifar.py --config recipes/configs/offline.yaml --overwrite_output_dir true
 
 test: install data
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
