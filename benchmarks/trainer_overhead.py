@@ -23,25 +23,23 @@ from transformers import (  # noqa: E402
     Trainer,
     TrainerCallback,
     TrainingArguments,
-    ViTConfig,
     ViTForImageClassification,
 )
 from transformers.utils import logging as hf_logging  # noqa: E402
 
+from tests._tiny import TinyImages, tiny_vit  # noqa: E402
 from trainers import StarSSEConfig, StarSSETrainer  # noqa: E402
 
-
-class Synthetic(torch.utils.data.Dataset):
-    def __init__(self, n: int, image_size: int, num_labels: int):
-        g = torch.Generator().manual_seed(0)
-        self.x = torch.randn(n, 3, image_size, image_size, generator=g)
-        self.y = torch.randint(0, num_labels, (n,), generator=g)
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"pixel_values": self.x[i], "labels": self.y[i]}
+# ~2.7M parameters: big enough that per-step work dominates, as in a real run (not the tests' tiny ViT).
+VIT = dict(
+    image_size=32,
+    patch_size=4,
+    hidden_size=192,
+    num_hidden_layers=6,
+    num_attention_heads=3,
+    intermediate_size=768,
+    num_labels=10,
+)
 
 
 class StepTimer(TrainerCallback):
@@ -59,17 +57,7 @@ class StepTimer(TrainerCallback):
 
 
 def make_model() -> ViTForImageClassification:
-    torch.manual_seed(0)
-    config = ViTConfig(
-        image_size=32,
-        patch_size=4,
-        hidden_size=192,
-        num_hidden_layers=6,
-        num_attention_heads=3,
-        intermediate_size=768,
-        num_labels=10,
-    )
-    return ViTForImageClassification(config)
+    return tiny_vit(0, train=True, **VIT)
 
 
 def common(out: str) -> dict:
@@ -123,7 +111,9 @@ def main() -> None:
     hf_logging.set_verbosity_error()
 
     steps, batch, members = opts.steps_per_cycle, opts.batch_size, opts.members
-    dataset = Synthetic(steps * batch, 32, 10)  # one epoch == one cycle
+    dataset = TinyImages(  # one epoch == one cycle
+        steps * batch, with_index=False, image_size=VIT["image_size"], num_labels=VIT["num_labels"]
+    )
     total = steps * members
     params = sum(p.numel() for p in make_model().parameters())
     print(f"ViT {params / 1e6:.2f}M params, batch {batch}, {members} members x {steps} steps = {total} steps")

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tests._tiny import tiny_resnet, tiny_vit_config
+
 ROOT = Path(__file__).resolve().parents[1]
 CLASS_NAMES = ["red", "green", "blue"]
 # One colour per class, so a 2-layer ViT separates the classes after a few steps.
@@ -31,23 +33,14 @@ def save_tiny_vit(
     path: str | os.PathLike, num_labels: int | None = 3, label_names=None, seed: int = 0
 ) -> Path:
     """A 2-layer ViT (32px, patch 8, hidden 32) + processor; `num_labels=None` saves the bare backbone."""
-    from transformers import ViTConfig, ViTForImageClassification, ViTModel
+    from transformers import ViTForImageClassification, ViTModel
 
     torch.manual_seed(seed)
     kwargs = {}
     if num_labels is not None:
         names = label_names or [f"LABEL_{i}" for i in range(num_labels)]
         kwargs = {"id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}}
-    config = ViTConfig(
-        image_size=32,
-        patch_size=8,
-        num_channels=3,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        **kwargs,
-    )
+    config = tiny_vit_config(image_size=32, patch_size=8, num_labels=None, **kwargs)
     model = ViTForImageClassification(config) if num_labels is not None else ViTModel(config)
     model.save_pretrained(path)
     tiny_processor().save_pretrained(path)
@@ -56,18 +49,7 @@ def save_tiny_vit(
 
 def save_tiny_resnet(path: str | os.PathLike, num_labels: int = 3, seed: int = 0) -> Path:
     """An HF ResNet with BatchNorm (2 stages, 8/16 channels) + a processor that resizes to 32x32."""
-    from transformers import ResNetConfig, ResNetForImageClassification
-
-    torch.manual_seed(seed)
-    config = ResNetConfig(
-        num_channels=3,
-        embedding_size=8,
-        hidden_sizes=[8, 16],
-        depths=[1, 1],
-        layer_type="basic",
-        num_labels=num_labels,
-    )
-    ResNetForImageClassification(config).save_pretrained(path)
+    tiny_resnet(seed, layer_type="basic", num_labels=num_labels).save_pretrained(path)
     tiny_processor().save_pretrained(path)
     return Path(path)
 

@@ -12,8 +12,8 @@ from transformers import TrainerCallback
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tests._trainer_utils import RecordingCollator, TinyImages, tiny_vit  # noqa: E402
-from trainers import StarSSEConfig, StarSSETrainer  # noqa: E402
+from tests._trainer_utils import RecordingCollator, TinyImages, starsse_config, tiny_vit  # noqa: E402
+from trainers import StarSSETrainer  # noqa: E402
 
 
 def digest(model: torch.nn.Module) -> str:
@@ -34,22 +34,7 @@ class StartDigest(TrainerCallback):
 
 
 def main(out: str) -> None:
-    args = StarSSEConfig(
-        output_dir=out,
-        num_train_epochs=2,
-        learning_rate=1e-3,
-        per_device_train_batch_size=2,
-        method="starsse",
-        num_members=3,
-        cycle_epochs=1,
-        cycle_learning_rate=5e-4,
-        use_cpu=True,
-        report_to=[],
-        disable_tqdm=True,
-        save_strategy="no",
-        remove_unused_columns=False,
-        seed=0,
-    )
+    args = starsse_config(out, per_device_train_batch_size=2)
     trainer = StarSSETrainer(
         model=tiny_vit(0), args=args, train_dataset=TinyImages(), data_collator=RecordingCollator()
     )

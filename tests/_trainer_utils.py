@@ -5,41 +5,44 @@ from __future__ import annotations
 import os
 
 import torch
-from transformers import TrainerCallback, ViTConfig, ViTForImageClassification
+from transformers import TrainerCallback, ViTForImageClassification
+
+from tests import _tiny
+from tests._tiny import TinyImages  # noqa: F401  (random 16x16 images, 3 labels, items carry `idx`)
+from trainers import StarSSEConfig
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 NUM_SAMPLES = 24
 BATCH = 4
+LR, CYCLE_LR = 1e-3, 5e-4
 
 
 def tiny_vit(seed: int = 0) -> ViTForImageClassification:
-    torch.manual_seed(seed)
-    config = ViTConfig(
-        image_size=16,
-        patch_size=4,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        num_labels=3,
+    """The default tiny ViT in train mode, as the Trainer tests hand it over."""
+    return _tiny.tiny_vit(seed, train=True)
+
+
+def starsse_config(out, **overrides) -> StarSSEConfig:
+    """StarSSE on CPU: 2 epochs, model 1 then cycles of 1 epoch, 3 members, nothing saved but the members."""
+    kwargs = dict(
+        output_dir=str(out),
+        num_train_epochs=2,
+        learning_rate=LR,
+        per_device_train_batch_size=BATCH,
+        method="starsse",
+        num_members=3,
+        cycle_epochs=1,
+        cycle_learning_rate=CYCLE_LR,
+        use_cpu=True,
+        report_to=[],
+        disable_tqdm=True,
+        save_strategy="no",
+        remove_unused_columns=False,
+        seed=0,
     )
-    return ViTForImageClassification(config)
-
-
-class TinyImages(torch.utils.data.Dataset):
-    """Random 16x16 images, 3 labels; each item carries its index so the collator can record data order."""
-
-    def __init__(self, n: int = NUM_SAMPLES, seed: int = 0):
-        g = torch.Generator().manual_seed(seed)
-        self.x = torch.randn(n, 3, 16, 16, generator=g)
-        self.y = torch.randint(0, 3, (n,), generator=g)
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"pixel_values": self.x[i], "labels": self.y[i], "idx": i}
+    kwargs.update(overrides)
+    return StarSSEConfig(**kwargs)
 
 
 class RecordingCollator:

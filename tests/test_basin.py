@@ -10,15 +10,9 @@ import torch
 from torch import nn
 
 from hf_ens.basin import barrier, distances_to, interpolate, interpolation_profile, weight_distance
+from tests._tiny import one_torch_thread, tiny_vit
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models gain nothing from 2 threads; on a busy 2-core box OpenMP spinning made them 30x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+_one_torch_thread = pytest.fixture(autouse=True)(one_torch_thread)
 
 
 def _tiny(fill: float, tracked: int) -> nn.Module:
@@ -93,20 +87,17 @@ def test_weight_distance_of_known_tensors():
 
 
 def _tiny_vit(seed: int):
-    from transformers import ViTConfig, ViTForImageClassification
-
-    torch.manual_seed(seed)
-    config = ViTConfig(
+    """A 1-layer ViT for 8x8 grey digits (sklearn), in train mode."""
+    return tiny_vit(
+        seed,
+        train=True,
         image_size=8,
-        patch_size=4,
         num_channels=1,
         hidden_size=16,
         num_hidden_layers=1,
-        num_attention_heads=2,
         intermediate_size=32,
         num_labels=10,
     )
-    return ViTForImageClassification(config)
 
 
 @pytest.fixture(scope="module")

@@ -10,51 +10,18 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import (
     AutoModelForImageClassification,
-    BertConfig,
-    BertForSequenceClassification,
-    ResNetConfig,
-    ResNetForImageClassification,
     Trainer,
     TrainingArguments,
-    ViTConfig,
-    ViTForImageClassification,
     ViTImageProcessor,
     pipeline,
 )
 
 from hf_ens import EnsembleLoadError, EnsembleModel, uniform_soup
 from hf_ens.metrics import compute_metrics, ensemble_log_probs
+from tests._tiny import tiny_bert, tiny_resnet, tiny_vit
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-def tiny_vit(seed: int, num_labels: int = 3) -> ViTForImageClassification:
-    torch.manual_seed(seed)
-    cfg = ViTConfig(
-        image_size=16,
-        patch_size=4,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        num_labels=num_labels,
-    )
-    return ViTForImageClassification(cfg).eval()
-
-
-def tiny_bert(seed: int) -> BertForSequenceClassification:
-    torch.manual_seed(seed)
-    cfg = BertConfig(
-        vocab_size=50,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=32,
-        num_labels=2,
-    )
-    return BertForSequenceClassification(cfg).eval()
 
 
 @pytest.fixture
@@ -279,8 +246,7 @@ def test_predict_collects_member_logits(vits):
 
 
 def test_soup_of_batchnorm_ensemble_warns(tmp_path):
-    cfg = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3)
-    members = [ResNetForImageClassification(cfg).eval() for _ in range(2)]
+    members = [tiny_resnet(s) for s in range(2)]
     with pytest.warns(UserWarning, match="BatchNorm"):
         EnsembleModel.from_members(members).soup()
 

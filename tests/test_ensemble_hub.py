@@ -3,14 +3,10 @@
 import pytest
 import torch
 from huggingface_hub import HfApi
-from transformers import (
-    AutoModelForImageClassification,
-    ViTConfig,
-    ViTForImageClassification,
-    ViTImageProcessor,
-)
+from transformers import AutoModelForImageClassification, ViTForImageClassification, ViTImageProcessor
 
 from hf_ens import EnsembleLoadError, EnsembleModel, HubPushError
+from tests._tiny import random_images, tiny_vit_config
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 REPO = "test-user/tiny-vit-starsse"
@@ -19,15 +15,7 @@ REPO = "test-user/tiny-vit-starsse"
 def trained_members(k: int = 3, steps: int = 3) -> list[ViTForImageClassification]:
     """K tiny ViTs, each fine-tuned a few SGD steps from one shared initialisation (like StarSSE branches)."""
     torch.manual_seed(0)
-    cfg = ViTConfig(
-        image_size=16,
-        patch_size=4,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        num_labels=3,
-    )
+    cfg = tiny_vit_config()
     base = ViTForImageClassification(cfg)
     members = []
     for seed in range(k):
@@ -37,7 +25,7 @@ def trained_members(k: int = 3, steps: int = 3) -> list[ViTForImageClassificatio
         g = torch.Generator().manual_seed(seed)
         model.train()
         for _ in range(steps):
-            x, y = torch.randn(8, 3, 16, 16, generator=g), torch.randint(0, 3, (8,), generator=g)
+            x, y = random_images(8, generator=g)
             model(pixel_values=x, labels=y).loss.backward()
             opt.step()
             opt.zero_grad()

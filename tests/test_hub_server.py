@@ -31,22 +31,11 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import get_session
 from safetensors.torch import save_file
 
+from tests._tiny import tiny_vit
+
 
 def _tiny_vit(seed: int = 0):
-    from transformers import ViTConfig, ViTForImageClassification
-
-    torch.manual_seed(seed)
-    config = ViTConfig(
-        image_size=16,
-        patch_size=8,
-        num_channels=3,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        num_labels=3,
-    )
-    return ViTForImageClassification(config).eval()
+    return tiny_vit(seed, patch_size=8)
 
 
 def _assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:

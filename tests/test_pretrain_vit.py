@@ -13,15 +13,9 @@ import torch
 
 from recipes._cli import ConfigError, parse_config_and_args
 from recipes.pretrain_vit import PretrainArguments, ensure_pretrained_checkpoint, main
+from tests._tiny import one_torch_thread
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models gain nothing from 2 threads; on a busy 2-core box OpenMP spinning made them 30x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+_one_torch_thread = pytest.fixture(autouse=True)(one_torch_thread)
 
 
 _DATA_DIR = os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist")

@@ -5,37 +5,10 @@ import warnings
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
-from transformers import (
-    BertConfig,
-    BertForMaskedLM,
-    ResNetConfig,
-    ResNetForImageClassification,
-    ViTConfig,
-    ViTForImageClassification,
-)
+from transformers import BertForMaskedLM, ViTForImageClassification
 
 from hf_ens import greedy_soup, make_accuracy_eval_fn, recompute_batchnorm, uniform_soup
-
-
-def tiny_vit(seed: int) -> ViTForImageClassification:
-    torch.manual_seed(seed)
-    cfg = ViTConfig(
-        image_size=16,
-        patch_size=4,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        num_labels=3,
-    )
-    return ViTForImageClassification(cfg).eval()
-
-
-def tiny_resnet(seed: int) -> ResNetForImageClassification:
-    torch.manual_seed(seed)
-    return ResNetForImageClassification(
-        ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3)
-    ).eval()
+from tests._tiny import random_images, tiny_bert_config, tiny_resnet, tiny_vit
 
 
 def test_uniform_soup_is_the_mean_of_every_weight():
@@ -83,9 +56,7 @@ def test_integer_buffers_copied_from_member_zero_and_bn_warning():
 
 
 def test_tied_weights_stay_tied_and_averaged_once():
-    cfg = BertConfig(
-        vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
-    )
+    cfg = tiny_bert_config(vocab_size=40)
     members = []
     for s in range(2):
         torch.manual_seed(s)
@@ -106,10 +77,8 @@ def test_soup_rejects_mismatched_members():
 
 
 def _resnet_loader(n_batches: int = 3) -> DataLoader:
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(n_batches * 4, 3, 16, 16, generator=g) * 2 + 1
-    y = torch.randint(0, 3, (n_batches * 4,), generator=g)
-    return DataLoader(TensorDataset(x, y), batch_size=4)
+    x, y = random_images(n_batches * 4)
+    return DataLoader(TensorDataset(x * 2 + 1, y), batch_size=4)
 
 
 def test_recompute_batchnorm_gives_the_exact_average_of_batch_statistics():

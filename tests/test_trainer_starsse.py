@@ -11,57 +11,33 @@ import safetensors.torch
 import torch
 from transformers import HfArgumentParser, Trainer
 
+from tests._tiny import one_torch_thread
 from tests._trainer_utils import (
     BATCH,
+    CYCLE_LR,
+    LR,
     Recorder,
     RecordingCollator,
     TinyImages,
     load_member,
     max_diff,
+    starsse_config,
     tiny_vit,
     weights,
 )
 from trainers import StarSSEConfig, StarSSETrainer
 
-LR, CYCLE_LR = 1e-3, 5e-4
 STEPS_PER_EPOCH = 6  # 24 samples / batch 4
 
 
-def config(out, **overrides) -> StarSSEConfig:
-    kwargs = dict(
-        output_dir=str(out),
-        num_train_epochs=2,
-        learning_rate=LR,
-        per_device_train_batch_size=BATCH,
-        method="starsse",
-        num_members=3,
-        cycle_epochs=1,
-        cycle_learning_rate=CYCLE_LR,
-        use_cpu=True,
-        report_to=[],
-        disable_tqdm=True,
-        save_strategy="no",
-        remove_unused_columns=False,
-        seed=0,
-    )
-    kwargs.update(overrides)
-    return StarSSEConfig(**kwargs)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run far faster on one thread on a busy 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+_one_thread = pytest.fixture(autouse=True)(one_torch_thread)
 
 
 def make_trainer(out, model_seed=0, snapshot_steps=(), processing_class=None, **overrides):
     collator = RecordingCollator()
     trainer = StarSSETrainer(
         model=tiny_vit(model_seed),
-        args=config(out, **overrides),
+        args=starsse_config(out, **overrides),
         train_dataset=TinyImages(),
         data_collator=collator,
         processing_class=processing_class,
@@ -227,7 +203,7 @@ def test_checkpoint_restore_is_exact_and_partial_load_raises(tmp_path):
     assert max_diff(weights(ours.model), rec.end[14]) == 0.0
 
     # The plain transformers Trainer (5.24, upstream #48805) silently keeps wrong ViT weights here.
-    plain = Trainer(model=tiny_vit(7), args=config(tmp_path / "b"), train_dataset=TinyImages())
+    plain = Trainer(model=tiny_vit(7), args=starsse_config(tmp_path / "b"), train_dataset=TinyImages())
     Trainer._load_from_checkpoint(plain, checkpoint)
     plain_error = max_diff(weights(plain.model), rec.end[14])
     print(f"plain Trainer resume error: {plain_error:.3g}")
@@ -287,7 +263,7 @@ def test_skipped_fp16_steps_keep_boundaries_exact(tmp_path):
 )
 def test_bad_config_values(tmp_path, overrides, match):
     with pytest.raises(ValueError, match=match):
-        config(tmp_path, **overrides)
+        starsse_config(tmp_path, **overrides)
 
 
 def test_method_choices_reach_argparse():
