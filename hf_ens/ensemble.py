@@ -34,6 +34,8 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
+from .evaluation import _predict
+
 __all__ = ["EnsembleModel", "EnsembleOutput", "EnsembleLoadError", "HubPushError", "ENSEMBLE_CONFIG_NAME"]
 
 ENSEMBLE_CONFIG_NAME = "ensemble_config.json"
@@ -305,25 +307,15 @@ class EnsembleModel(PreTrainedModel):
             return tuple(x for x in (loss, logits, member_logits) if x is not None)
         return EnsembleOutput(loss=loss, logits=logits, member_logits=member_logits)
 
-    @torch.no_grad()
     def predict(self, dataloader: Iterable) -> tuple[torch.Tensor, torch.Tensor]:
         """Member logits [K, N, C] and labels [N] of a labelled loader (for `metrics.ensemble_metrics`)."""
-        from tqdm.auto import tqdm
-
-        from .soups import _split_batch
-
-        was_training, chunks, labels = self.training, [], []
-        self.eval()
-        try:
-            for batch in tqdm(dataloader, desc="ensemble predict", leave=False):
-                inputs, y = _split_batch(batch, self)
-                chunks.append(self(**inputs).member_logits.float().cpu())
-                labels.append(torch.as_tensor(y).cpu())
-        finally:
-            self.train(was_training)
-        if not chunks:
-            raise ValueError("EnsembleModel.predict got an empty dataloader.")
-        return torch.cat(chunks, dim=1), torch.cat(labels)
+        return _predict(
+            self,
+            dataloader,
+            output="member_logits",
+            desc="ensemble predict",
+            empty_error="EnsembleModel.predict got an empty dataloader.",
+        )
 
     def soup(self, bn_dataloader: Iterable | None = None) -> PreTrainedModel:
         """Uniform weight average of the members (`hf_ens.uniform_soup`): one model at 1x inference cost."""

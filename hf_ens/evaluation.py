@@ -1,4 +1,8 @@
-"""Batch inference helpers shared by recipes, benchmarks and basin analysis."""
+"""Batch inference helpers shared by recipes, benchmarks and basin analysis.
+
+One way to read a batch (`_split_batch`) and one predict loop (`_predict`) serve `predict_logits`,
+`EnsembleModel.predict`, `evaluate_ensemble`, `make_accuracy_eval_fn` and `recompute_batchnorm`.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,65 @@ import torch
 from tqdm.auto import tqdm
 
 
+def _split_batch(
+    batch, model: torch.nn.Module, label_key: str = "labels"
+) -> tuple[dict, torch.Tensor | None]:
+    """(model inputs on the model's device, labels or None) from a dict batch (HF collators) or a tuple.
+
+    Labels are `label_key`; with the default, a ``label`` column (`datasets`' usual name) counts too. A tuple
+    or a bare tensor feeds the model's ``main_input_name``.
+    """
+    device = next(model.parameters()).device
+    if isinstance(batch, Mapping):
+        label_keys = ("labels", "label") if label_key == "labels" else (label_key,)
+        labels = next((batch[k] for k in label_keys if k in batch), None)
+        inputs = {k: v for k, v in batch.items() if k not in label_keys}
+    elif isinstance(batch, (tuple, list)):
+        inputs, labels = (
+            {getattr(model, "main_input_name", "pixel_values"): batch[0]},
+            batch[1] if len(batch) > 1 else None,
+        )
+    elif isinstance(batch, torch.Tensor):
+        inputs, labels = {getattr(model, "main_input_name", "pixel_values"): batch}, None
+    else:
+        raise TypeError(f"Unsupported batch type {type(batch).__name__}: use dicts (HF collators) or tuples.")
+    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    return inputs, labels
+
+
 @torch.no_grad()
+def _predict(
+    model: torch.nn.Module,
+    batches: Iterable,
+    *,
+    empty_error: str,
+    label_key: str = "labels",
+    desc: str | None = None,
+    output: str = "logits",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(`output` of every batch, fp32 on CPU, concatenated over samples; labels [N]) in eval mode, no grad.
+
+    ``output="member_logits"`` ([K, B, C], an `EnsembleModel`'s) is concatenated along dim 1, anything else
+    along dim 0. The train/eval mode is restored afterwards, so this is safe in the middle of training; a
+    progress bar shows when `desc` is given; `empty_error` is the ValueError's message for no batches.
+    """
+    was_training, chunks, labels = model.training, [], []
+    model.eval()
+    try:
+        for batch in tqdm(batches, desc=desc, disable=desc is None, leave=False):
+            inputs, y = _split_batch(batch, model, label_key)
+            if y is None:
+                keys = "'labels' or 'label'" if label_key == "labels" else repr(label_key)
+                raise ValueError(f"A batch carries no labels ({keys}); evaluation needs labelled batches.")
+            chunks.append(getattr(model(**inputs), output).float().cpu())
+            labels.append(torch.as_tensor(y).cpu())
+    finally:
+        model.train(was_training)
+    if not chunks:
+        raise ValueError(empty_error)
+    return torch.cat(chunks, dim=1 if output == "member_logits" else 0), torch.cat(labels)
+
+
 def predict_logits(
     model: torch.nn.Module,
     batches: Iterable[Mapping[str, torch.Tensor]],
@@ -19,17 +81,10 @@ def predict_logits(
 
     The model's train/eval mode is restored afterwards, so this is safe to call in the middle of training.
     """
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    all_logits, all_labels = [], []
-    try:
-        for batch in tqdm(batches, desc=desc, disable=desc is None, leave=False):
-            inputs = {k: v.to(device) for k, v in batch.items() if k != label_key}
-            all_logits.append(model(**inputs).logits.float().cpu())
-            all_labels.append(batch[label_key].cpu())
-    finally:
-        model.train(was_training)
-    if not all_logits:
-        raise ValueError("predict_logits got no batches: the evaluation set is empty.")
-    return torch.cat(all_logits), torch.cat(all_labels)
+    return _predict(
+        model,
+        batches,
+        label_key=label_key,
+        desc=desc,
+        empty_error="predict_logits got no batches: the evaluation set is empty.",
+    )

@@ -25,6 +25,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from .evaluation import _predict
+
 __all__ = [
     "accuracy",
     "nll",
@@ -174,25 +176,6 @@ def compute_metrics(eval_pred) -> dict[str, float]:
     return classification_metrics(predictions, labels)
 
 
-@torch.no_grad()
-def _predict_logits(model, dataloader) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits [N, C] of any classifier and labels [N] over a labelled loader (eval mode, no grad)."""
-    from .soups import _split_batch
-
-    was_training, chunks, labels = model.training, [], []
-    model.eval()
-    try:
-        for batch in dataloader:
-            inputs, y = _split_batch(batch, model)
-            chunks.append(model(**inputs).logits.float().cpu())
-            labels.append(torch.as_tensor(y).cpu())
-    finally:
-        model.train(was_training)
-    if not chunks:
-        raise ValueError("evaluate_ensemble got an empty dataloader.")
-    return torch.cat(chunks), torch.cat(labels)
-
-
 def evaluate_ensemble(ensemble, dataloader, soup=None) -> dict[str, float]:
     """`ensemble_metrics` of an `EnsembleModel` (and optionally its soup) on a labelled loader.
 
@@ -202,7 +185,9 @@ def evaluate_ensemble(ensemble, dataloader, soup=None) -> dict[str, float]:
     member_logits, labels = ensemble.predict(dataloader)
     soup_logits = None
     if soup is not None:
-        soup_logits, soup_labels = _predict_logits(soup, dataloader)
+        soup_logits, soup_labels = _predict(
+            soup, dataloader, empty_error="evaluate_ensemble got an empty dataloader."
+        )
         if not torch.equal(soup_labels, labels):
             raise ValueError("The dataloader yielded different labels on a second pass; do not shuffle it.")
     return ensemble_metrics(member_logits, labels, soup_logits=soup_logits)

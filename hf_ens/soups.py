@@ -12,13 +12,15 @@ import copy
 import math
 import os
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
+
+from .evaluation import _predict, _split_batch
 
 __all__ = ["uniform_soup", "greedy_soup", "recompute_batchnorm", "make_accuracy_eval_fn", "has_batchnorm"]
 
@@ -147,25 +149,6 @@ def greedy_soup(
     return uniform_soup([members[j] for j in chosen], bn_dataloader), chosen
 
 
-def _split_batch(batch, model: nn.Module) -> tuple[dict, torch.Tensor | None]:
-    """(model inputs, labels) from a dict batch (HF collators) or a (inputs, labels) tuple batch."""
-    device = next(model.parameters()).device
-    if isinstance(batch, Mapping):
-        labels = batch.get("labels", batch.get("label"))
-        inputs = {k: v for k, v in batch.items() if k not in ("labels", "label")}
-    elif isinstance(batch, (tuple, list)):
-        inputs, labels = (
-            {getattr(model, "main_input_name", "pixel_values"): batch[0]},
-            batch[1] if len(batch) > 1 else None,
-        )
-    elif isinstance(batch, torch.Tensor):
-        inputs, labels = {getattr(model, "main_input_name", "pixel_values"): batch}, None
-    else:
-        raise TypeError(f"Unsupported batch type {type(batch).__name__}: use dicts (HF collators) or tuples.")
-    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-    return inputs, labels
-
-
 @torch.no_grad()
 def recompute_batchnorm(model: nn.Module, dataloader: Iterable, max_batches: int | None = None) -> nn.Module:
     """Re-estimate BatchNorm running statistics of `model` (e.g. a soup) on training batches, in place.
@@ -216,25 +199,12 @@ def make_accuracy_eval_fn(dataloader: Iterable) -> Callable[[nn.Module], float]:
     except TypeError:
         pass
 
-    @torch.no_grad()
+    empty = "The held-out dataloader yielded no samples; greedy_soup needs a non-empty split."
+
     def eval_fn(model: nn.Module) -> float:
-        was_training = model.training
-        model.eval()
-        correct = total = 0
-        try:
-            for batch in dataloader:
-                inputs, labels = _split_batch(batch, model)
-                if labels is None:
-                    raise ValueError("The held-out batches carry no labels ('labels' or 'label').")
-                logits = model(**inputs).logits
-                correct += (logits.argmax(-1).cpu() == torch.as_tensor(labels).cpu()).sum().item()
-                total += len(labels)
-        finally:
-            model.train(was_training)
-        if total == 0:
-            raise ValueError(
-                "The held-out dataloader yielded no samples; greedy_soup needs a non-empty split."
-            )
-        return correct / total
+        logits, labels = _predict(model, dataloader, empty_error=empty)
+        if len(labels) == 0:
+            raise ValueError(empty)
+        return (logits.argmax(-1) == labels).sum().item() / len(labels)
 
     return eval_fn
