@@ -13,6 +13,8 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 import hf_ens
 
+from .metrics import METRICS
+
 __all__ = ["render_model_card", "template_path"]
 
 METHOD_NAMES = {
@@ -43,6 +45,8 @@ HYPERPARAMETERS = (
     "seed",
 )
 _NOT_HYPERPARAMETERS = {"base_model", "dataset", "dataset_split", "eval_split", "license", "architecture"}
+# (metric-key prefix, name in the card) of the models whose results go into the model-index and the table.
+_RESULTS = (("ensemble", "ensemble"), ("soup", "uniform soup"), ("greedy_soup", "greedy soup"))
 _AUTO_CLASSES = {
     "ForImageClassification": ("AutoModelForImageClassification", "image-classification"),
     "ForSequenceClassification": ("AutoModelForSequenceClassification", "text-classification"),
@@ -95,12 +99,8 @@ def render_model_card(
 
     eval_results = []
     if dataset:
-        for prefix, label in (
-            ("ensemble", "ensemble"),
-            ("soup", "uniform soup"),
-            ("greedy_soup", "greedy soup"),
-        ):
-            for metric in ("accuracy", "nll", "ece", "brier"):
+        for prefix, label in _RESULTS:
+            for metric in METRICS:
                 if f"{prefix}/{metric}" in metrics:
                     eval_results.append(
                         EvalResult(
@@ -124,17 +124,9 @@ def render_model_card(
         license=metadata.get("license"),
     )
     rows = []
-    for prefix, label in (
-        ("ensemble", "ensemble"),
-        ("soup", "uniform soup"),
-        ("greedy_soup", "greedy soup"),
-        ("member_mean", "mean member"),
-    ):
-        if any(f"{prefix}/{m}" in metrics for m in ("accuracy", "nll", "ece", "brier")):
-            row = {
-                m: _fmt(metrics[f"{prefix}/{m}"]) if f"{prefix}/{m}" in metrics else "-"
-                for m in ("accuracy", "nll", "ece", "brier")
-            }
+    for prefix, label in (*_RESULTS, ("member_mean", "mean member")):
+        if any(f"{prefix}/{m}" in metrics for m in METRICS):
+            row = {m: _fmt(metrics[f"{prefix}/{m}"]) if f"{prefix}/{m}" in metrics else "-" for m in METRICS}
             rows.append({"name": label, **row})
     diversity = [(k.split("/", 1)[1], _fmt(v)) for k, v in metrics.items() if k.startswith("diversity/")]
     listed = [k for k in HYPERPARAMETERS if k in metadata]

@@ -109,11 +109,16 @@ def classification_metrics(logits, labels, prefix: str = "") -> dict[str, float]
     }
 
 
-def ensemble_log_probs(member_logits) -> torch.Tensor:
-    """log(mean_k softmax(z_k)) from member logits [K, N, C], computed stably as logsumexp - log K."""
+def _member_logits(member_logits) -> torch.Tensor:
     z = _to_tensor(member_logits)
     if z.ndim != 3:
         raise ValueError(f"member_logits must have shape [K, N, C]; got {tuple(z.shape)}.")
+    return z
+
+
+def ensemble_log_probs(member_logits) -> torch.Tensor:
+    """log(mean_k softmax(z_k)) from member logits [K, N, C], computed stably as logsumexp - log K."""
+    z = _member_logits(member_logits)
     return torch.logsumexp(torch.log_softmax(z, -1), dim=0) - math.log(z.shape[0])
 
 
@@ -139,9 +144,7 @@ def ensemble_metrics(member_logits, labels, soup_logits=None) -> dict[str, float
     Keys: ``member_{k}/{metric}``, ``member_mean/{metric}``, ``ensemble/{metric}``, ``soup/{metric}``,
     ``diversity/disagreement``, ``diversity/kl_to_ensemble`` with metric in accuracy, nll, ece, brier.
     """
-    z = _to_tensor(member_logits)
-    if z.ndim != 3:
-        raise ValueError(f"member_logits must have shape [K, N, C]; got {tuple(z.shape)}.")
+    z = _member_logits(member_logits)
     out: dict[str, float] = {}
     for k in range(z.shape[0]):
         out.update(classification_metrics(z[k], labels, prefix=f"member_{k}/"))
