@@ -108,24 +108,11 @@ def test_bad_inputs_raise_clear_errors():
 
 
 def test_evaluate_ensemble_with_soup_matches_manual_metrics():
-    from transformers import ViTConfig, ViTForImageClassification
-
     from hf_ens import EnsembleModel, uniform_soup
     from hf_ens.metrics import evaluate_ensemble
+    from tests._tiny import tiny_vit
 
-    cfg = ViTConfig(
-        image_size=16,
-        patch_size=4,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        num_labels=3,
-    )
-    members = []
-    for seed in range(2):
-        torch.manual_seed(seed)
-        members.append(ViTForImageClassification(cfg).eval())
+    members = [tiny_vit(seed, num_hidden_layers=1) for seed in range(2)]
     x, y = torch.randn(6, 3, 16, 16), torch.tensor([0, 1, 2, 0, 1, 2])
     batches = [{"pixel_values": x[:4], "labels": y[:4]}, {"pixel_values": x[4:], "labels": y[4:]}]
     soup = uniform_soup(members)
