@@ -44,17 +44,18 @@ def premise_table(summary: dict) -> str:
 
 def methods_table(summary: dict) -> str:
     header = (
-        "| run | mean member acc % | ensemble acc % | soup acc % | greedy soup acc % | member NLL |"
-        " ensemble NLL | member ECE % | ensemble ECE % | disagreement % | dist. to model 1 | midpoint acc % |"
+        "| run | model 1 train acc % | mean member acc % | ensemble acc % | soup acc % | greedy soup acc % |"
+        " member NLL | ensemble NLL | member ECE % | ensemble ECE % | disagreement % | dist. to model 1 | midpoint acc % |"
     )
-    lines = [header, "|" + "---|" * 12]
+    lines = [header, "|" + "---|" * 13]
     names = [k for k in summary if not k.startswith("single/")]
     order = {"local_de": 0, "starsse": 1, "sse": 2}
     names.sort(key=lambda k: (order.get(k.split("/")[0], 9), float(k.split("/x")[1])))
     for name in names:
         s = summary[name]
         cols = [
-            ("member_mean/accuracy", 100), ("ensemble/accuracy", 100), ("soup/accuracy", 100),
+            ("model1/train_accuracy", 100), ("member_mean/accuracy", 100), ("ensemble/accuracy", 100),
+            ("soup/accuracy", 100),
             ("greedy_soup/accuracy", 100), ("member_mean/nll", 1), ("ensemble/nll", 1),
             ("member_mean/ece", 100), ("ensemble/ece", 100), ("diversity/disagreement", 100),
             ("basin/mean_distance_to_model1", 1), ("basin/midpoint_accuracy", 100),

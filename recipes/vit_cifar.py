@@ -372,7 +372,11 @@ def print_summary(metrics: dict) -> str:
 
 def run(script_args: ScriptArguments, training_args: StarSSEConfig) -> dict | None:
     """The whole job. Returns the metrics dict on the main process, None on the others."""
-    from transformers import AutoImageProcessor
+    from transformers import AutoImageProcessor, set_seed
+
+    # Seed before the model is built: a new (or re-drawn) head is drawn from the global RNG, and the Trainer
+    # only seeds itself later. Without this, two runs of one config start from different model-1 heads.
+    set_seed(training_args.seed)
 
     push, hub_model_id = training_args.push_to_hub, training_args.hub_model_id
     if push and not hub_model_id:
