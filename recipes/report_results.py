@@ -45,7 +45,8 @@ def premise_table(summary: dict) -> str:
 def methods_table(summary: dict) -> str:
     header = (
         "| run | model 1 train acc % | mean member acc % | ensemble acc % | soup acc % | greedy soup acc % |"
-        " member NLL | ensemble NLL | member ECE % | ensemble ECE % | disagreement % | dist. to model 1 | midpoint acc % |"
+        " member NLL | ensemble NLL | member ECE % | ensemble ECE % | disagreement % | dist. to model 1 |"
+        " midpoint acc % |"
     )
     lines = [header, "|" + "---|" * 13]
     names = [k for k in summary if not k.startswith("single/")]
