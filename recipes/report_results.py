@@ -95,28 +95,27 @@ def write_figures(records: list[dict], summary: dict, out: Path) -> list[str]:
     files.append("accuracy_vs_k.png")
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    for method in ("starsse", "sse"):
+    curves = (("ensemble/accuracy", "-o", "ensemble"), ("soup/accuracy", "--s", "uniform soup"),
+              ("basin/midpoint_accuracy", ":^", "midpoint model 1 / member 2"))  # fmt: skip
+    for method, color in (("starsse", "tab:blue"), ("sse", "tab:orange")):
         names = sorted(
             (k for k in summary if k.startswith(f"{method}/x")), key=lambda k: float(k.split("/x")[1])
         )
         if not names:
             continue
         mults = [float(k.split("/x")[1]) for k in names]
-        for key, style in (
-            ("ensemble/accuracy", "-o"),
-            ("soup/accuracy", "--s"),
-            ("basin/midpoint_accuracy", ":^"),
-        ):
+        for key, style, label in curves:
             vals = [100 * summary[k][key][0] for k in names if key in summary[k]]
             if len(vals) == len(mults):
-                axes[0].plot(mults, vals, style, label=f"{method} {key.split('/')[0]}")
-        dist = [
-            summary[k]["basin/mean_distance_to_model1"][0]
-            for k in names
-            if "basin/mean_distance_to_model1" in summary[k]
-        ]
+                axes[0].plot(mults, vals, style, color=color, label=f"{method} {label}")
+        key = "basin/mean_distance_to_model1"
+        dist = [summary[k][key][0] for k in names if key in summary[k]]
         if len(dist) == len(mults):
-            axes[1].plot(mults, dist, "-o", label=method)
+            axes[1].plot(mults, dist, "-o", color=color, label=method)
+    singles = [k for k in summary if k.startswith("single/pretrained/")]
+    if singles:
+        _, best = _best_single(summary, "pretrained")
+        axes[0].axhline(100 * best["ensemble/accuracy"][0], color="gray", lw=1, label="single model")
     for ax in axes:
         ax.set_xscale("log", base=2)
         ax.set_xlabel("cycle LR / fine-tune LR")
