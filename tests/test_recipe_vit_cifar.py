@@ -16,7 +16,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests._recipe_utils import ROOT, save_tiny_resnet, save_tiny_vit, tiny_cifar, tiny_run_args
+from tests._recipe_utils import (
+    ROOT,
+    save_tiny_resnet,
+    save_tiny_vit,
+    tiny_cifar,
+    tiny_processor,
+    tiny_run_args,
+)
 
 sys.path.insert(0, str(ROOT / "recipes"))
 
@@ -161,6 +168,38 @@ def test_resnet_soups_get_batchnorm_recomputed(tmp_path, local_data):
         torch.testing.assert_close(saved[k], expected[k], rtol=1e-4, atol=1e-5, msg=k)
     greedy = AutoModelForImageClassification.from_pretrained(out / "greedy_soup").state_dict()
     assert all(torch.isfinite(greedy[k]).all() for k in bn_keys)
+
+
+def test_swin_checkpoint_runs_through_the_recipe(tmp_path, local_data):
+    """Swin (windowed attention, patch merging) is a third AutoModelForImageClassification family."""
+    from transformers import AutoModelForImageClassification, SwinConfig, SwinForImageClassification
+
+    from hf_ens import EnsembleModel
+
+    torch.manual_seed(0)
+    config = SwinConfig(
+        image_size=32,
+        patch_size=4,
+        embed_dim=16,
+        depths=[1, 1],
+        num_heads=[2, 2],
+        window_size=4,
+        num_labels=3,
+    )
+    ckpt = tmp_path / "tiny-swin"
+    SwinForImageClassification(config).save_pretrained(ckpt)
+    tiny_processor().save_pretrained(ckpt)
+    out = tmp_path / "run"
+    vit_cifar.main(tiny_run_args(out, ckpt, local_data, "--num_members", "2"))
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["ensemble/accuracy"] > 1 / 3 + 0.1  # learnt something on 3 colour-coded classes
+    ens = EnsembleModel.from_pretrained(out / "ensemble_repo")
+    assert ens.num_members == 2 and type(ens.members[0]).__name__ == "SwinForImageClassification"
+    root = AutoModelForImageClassification.from_pretrained(out / "ensemble_repo")
+    soup = AutoModelForImageClassification.from_pretrained(out / "uniform_soup")
+    for key, value in soup.state_dict().items():
+        torch.testing.assert_close(root.state_dict()[key], value, msg=key)
 
 
 # -------------------------------------------------------------------------------------- two processes
