@@ -65,6 +65,58 @@ def methods_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def _by_seed(records: list[dict], name: str) -> dict[int, dict]:
+    prefix = "local_de" if name == "local_de/x1" else name  # Local DE runs have no cycle-LR multiplier
+    return {r["seed"]: r["metrics"] for r in records if r["key"].startswith(prefix + "/seed=")}
+
+
+def _paired(records: list[dict], a: str, b: str, metric_a: str, metric_b: str | None = None) -> tuple:
+    """Mean and 95% interval over seeds of (a's metric_a - b's metric_b), run by run of the same seed."""
+    from compare_methods import _ci95
+
+    ra, rb = _by_seed(records, a), _by_seed(records, b)
+    diffs = [ra[s][metric_a] - rb[s][metric_b or metric_a] for s in sorted(ra) if s in rb]
+    wins = sum(d > 0 for d in diffs)
+    return (*_ci95(diffs), wins, len(diffs)) if diffs else None
+
+
+def paired_table(records: list[dict], summary: dict) -> str:
+    """The comparisons the claims rest on, paired by seed (the same model 1 within a seed)."""
+    best = _best_single(summary, "pretrained")[0]
+    rows = [
+        ("(b) ensemble - mean member", m, m, f"ensemble/{x}", f"member_mean/{x}", x)
+        for m in ("local_de/x1", "starsse/x1", "sse/x1")
+        for x in ("accuracy", "nll", "ece")
+    ]
+    rows += [
+        ("(c) StarSSE - SSE", f"starsse/x{k}", f"sse/x{k}", f"ensemble/{x}", None, x)
+        for k in (1, 4, 16)
+        for x in ("accuracy", "nll")
+    ]
+    rows += [
+        ("(c) Local DE - StarSSE", "local_de/x1", f"starsse/x{k}", f"ensemble/{x}", None, x)
+        for k in (1, 4)
+        for x in ("accuracy", "nll")
+    ]
+    rows += [
+        ("(e) uniform soup - single model", m, best, "soup/accuracy", "ensemble/accuracy", "accuracy")
+        for m in ("starsse/x1", "sse/x1", "local_de/x1", "starsse/x4", "sse/x4")
+    ]
+    rows += [("P2 Local DE soup - mean member", "local_de/x1", "local_de/x1", "soup/accuracy",
+              "member_mean/accuracy", "accuracy")]  # fmt: skip
+    lines = ["| claim | a | b | metric | a - b | a > b in |", "|---|---|---|---|---|---|"]
+    for claim, a, b, ma, mb, name in rows:
+        cell = _paired(records, a, b, ma, mb)
+        if cell is None:
+            continue
+        mean, half, wins, n = cell
+        scale = 100 if name in ("accuracy", "ece") else 1
+        unit = " pts" if scale == 100 else ""
+        diff = f"{mean * scale:+.2f} ± {half * scale:.2f}{unit}"
+        lines.append(f"| {claim} | {a} | {b} | {name} | {diff} | {wins}/{n} seeds |")
+    return "\n".join(lines)
+
+
 def _curves(records: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
     by_method: dict[str, list[list[float]]] = {}
     for rec in records:
@@ -142,6 +194,9 @@ def write_report(records: list[dict], summary: dict, out: Path) -> None:
         "",
         "## Methods (K members each, equal training budget)",
         methods_table(summary),
+        "",
+        "## Paired differences (same seed, so the same model 1 and data; mean ± 95% t-interval)",
+        paired_table(records, summary),
     ]
     (out / "tables.md").write_text("\n".join(text) + "\n")
     print("\n".join(text))
