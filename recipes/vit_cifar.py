@@ -126,8 +126,6 @@ def load_splits(args: ScriptArguments, seed: int):
     train, test = raw[args.train_split], raw[args.test_split]
     image_col, label_col = _check_columns(train, args)
     _check_columns(test, args)
-    if args.dataset_name == OFFLINE_DATASET:  # the offline loader names its columns image/label
-        image_col, label_col = "image", "label"
     if not isinstance(train.features[image_col], datasets.Image):
         raise ValueError(
             f"Column {image_col!r} is {type(train.features[image_col]).__name__}, not a datasets.Image; "
@@ -145,11 +143,9 @@ def load_splits(args: ScriptArguments, seed: int):
             f"The {args.test_split!r} split's classes {test_feature.names} differ from the "
             f"{args.train_split!r} split's {label_feature.names}."
         )
-    train = train.select_columns([image_col, label_col]).rename_columns(
-        {image_col: "image", label_col: "label"}
-    )
-    test = test.select_columns([image_col, label_col]).rename_columns(
-        {image_col: "image", label_col: "label"}
+    train, test = (
+        ds.select_columns([image_col, label_col]).rename_columns({image_col: "image", label_col: "label"})
+        for ds in (train, test)
     )
     if args.max_train_samples is not None and args.dataset_name != OFFLINE_DATASET:
         train = train.shuffle(seed=seed).select(range(min(args.max_train_samples, len(train))))
