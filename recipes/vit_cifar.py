@@ -370,10 +370,6 @@ def run(script_args: ScriptArguments, training_args: StarSSEConfig) -> dict | No
     """The whole job. Returns the metrics dict on the main process, None on the others."""
     from transformers import AutoImageProcessor, set_seed
 
-    # Seed before the model is built: a new (or re-drawn) head is drawn from the global RNG, and the Trainer
-    # only seeds itself later. Without this, two runs of one config start from different model-1 heads.
-    set_seed(training_args.seed)
-
     push, hub_model_id = training_args.push_to_hub, training_args.hub_model_id
     if push and not hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id user/name.")
@@ -393,6 +389,10 @@ def run(script_args: ScriptArguments, training_args: StarSSEConfig) -> dict | No
     train, held_out, test, label_names = load_splits(script_args, training_args.seed)
     checkpoint = resolve_checkpoint(script_args)
     processor = AutoImageProcessor.from_pretrained(checkpoint)
+    # Seed right before the model is built: a new (or re-drawn) head is drawn from the global RNG, and the
+    # Trainer only seeds itself later. Seeding here (not earlier) also makes a run that had to pre-train its
+    # checkpoint first draw the same head as one that found it cached.
+    set_seed(training_args.seed)
     model = load_model(checkpoint, label_names, script_args)
     train_eval = attach_transforms(train, processor, augment=False)
     train = attach_transforms(train, processor, augment=script_args.augment)
