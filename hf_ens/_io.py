@@ -1,0 +1,179 @@
+"""One way to write files and directories so that a crash leaves the old or the new content, never a mix.
+
+Everything the project writes (members, soups, ensemble repos, checkpoints' side files, plots, metrics, the
+pre-training cache) goes through `atomic_directory` or `atomic_file`:
+
+- the new content is built in a hidden sibling (``.NAME.tmp-XXXX``) that gets the modes a plain
+  ``save_pretrained`` would get under the user's umask (``tempfile`` alone would make it private);
+- it replaces the target in ONE step: a new target is one ``rename``; an existing directory is swapped with
+  ``renameat2(RENAME_EXCHANGE)`` (Linux), so a reader sees the complete old or the complete new directory.
+  Where the kernel lacks that call, the old directory is first renamed aside (``.NAME.old-XXXX``) and
+  `recover` puts it back if a crash hits between the two renames;
+- files in an existing directory that the writer does not own (``keep``) are carried over by hard link, so
+  a user's ``notes.txt`` beside a saved ensemble survives;
+- leftovers of a killed writer (``.NAME.tmp-*``, ``.NAME.old-*``) are removed by the next writer of NAME.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+__all__ = ["atomic_directory", "atomic_file", "recover", "remove_leftovers", "exchange_paths"]
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+_libc = None
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _tmp_prefix(name: str) -> str:
+    return f".{name}.tmp-"
+
+
+def _old_prefix(name: str) -> str:
+    return f".{name}.old-"
+
+
+def _hidden_name(name: str) -> str:
+    """A prefix short enough that ``.NAME.tmp-XXXXXXXX`` fits in 255 bytes, even for long names."""
+    return name if len(name.encode()) <= 200 else name.encode()[:200].decode(errors="ignore")
+
+
+def exchange_paths(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Atomically swap two existing paths (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    global _libc
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            _libc.renameat2  # noqa: B018 - raises AttributeError where glibc < 2.28 or not Linux
+        except (OSError, AttributeError):
+            _libc = False
+    if not _libc:
+        return False
+    res = _libc.renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    if res == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):  # kernel or file system without the flag
+        return False
+    raise OSError(err, os.strerror(err), f"{a} <-> {b}")
+
+
+def recover(target: str | os.PathLike) -> None:
+    """Undo a replacement that was cut between its two renames (only possible without RENAME_EXCHANGE)."""
+    target = Path(target)
+    if target.exists():
+        return
+    olds = [p for p in target.parent.glob(_old_prefix(_hidden_name(target.name)) + "*") if any(p.iterdir())]
+    olds.sort(key=os.path.getmtime)
+    if olds:  # an empty one is a placeholder that was never filled
+        os.rename(olds[-1], target)
+
+
+def remove_leftovers(target: str | os.PathLike) -> list[Path]:
+    """Delete what a killed writer of `target` left beside it; returns what was removed."""
+    target = Path(target)
+    recover(target)
+    name = _hidden_name(target.name)
+    removed = []
+    if target.parent.is_dir():
+        for prefix in (_tmp_prefix(name), _old_prefix(name)):
+            for p in target.parent.glob(prefix + "*"):
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed
+
+
+def _link_copy(src: Path, dst: Path) -> None:
+    """Carry an entry over without copying bytes where the file system allows hard links."""
+
+    def link_or_copy(s: str, d: str) -> None:
+        try:
+            os.link(s, d)
+        except OSError:
+            shutil.copy2(s, d)
+
+    if src.is_dir() and not src.is_symlink():
+        shutil.copytree(src, dst, symlinks=True, copy_function=link_or_copy)
+    else:
+        link_or_copy(str(src), str(dst))
+
+
+def _install(tmp: Path, target: Path) -> None:
+    try:
+        os.rename(tmp, target)  # a new target: one rename
+        return
+    except OSError as e:
+        if e.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR, errno.ENOTDIR):
+            raise
+    if exchange_paths(tmp, target):  # tmp now holds the old content
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    # No RENAME_EXCHANGE: move the old directory aside (rename onto an empty placeholder is atomic), then
+    # the new one in. A crash between the two leaves only the .old- sibling, which `recover` renames back.
+    old = tempfile.mkdtemp(prefix=_old_prefix(_hidden_name(target.name)), dir=target.parent)
+    os.rename(target, old)
+    os.rename(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def atomic_directory(target: str | os.PathLike, keep: Callable[[str], bool] | None = None) -> Iterator[Path]:
+    """Yield an empty directory to fill; on a normal exit it replaces `target` in one step.
+
+    `keep(name)` -> True for entries of an existing `target` that the writer does not own: those the new
+    content lacks are carried over (hard links). Without `keep` the whole old directory is replaced. On an
+    exception nothing changes and the temporary directory is removed.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(target)
+    tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(_hidden_name(target.name)), dir=target.parent))
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())
+        yield tmp
+        if keep is not None and target.is_dir():
+            for entry in target.iterdir():
+                if keep(entry.name) and not (tmp / entry.name).exists():
+                    _link_copy(entry, tmp / entry.name)
+        _install(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike, mode: str = "w", **open_kwargs) -> Iterator:
+    """Open a temporary sibling of `path` for writing; on a normal exit it replaces `path` (flushed to disk).
+
+    The file gets the modes of an ordinary ``open(path, "w")`` under the user's umask.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(_hidden_name(path.name)), dir=path.parent)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())
+        with os.fdopen(fd, mode, **open_kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
