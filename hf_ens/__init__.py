@@ -4,6 +4,7 @@ The library layer: it never imports `trainers`.
 """
 
 from .basin import barrier, distances_to, interpolate, interpolation_profile, plot_profile, weight_distance
+from .checks import NonFiniteError, assert_finite, nonfinite_tensors
 from .ensemble import EnsembleLoadError, EnsembleModel, EnsembleOutput, HubPushError
 from .soups import greedy_soup, make_accuracy_eval_fn, recompute_batchnorm, uniform_soup
 
@@ -14,6 +15,9 @@ __all__ = [
     "EnsembleOutput",
     "EnsembleLoadError",
     "HubPushError",
+    "NonFiniteError",
+    "assert_finite",
+    "nonfinite_tensors",
     "uniform_soup",
     "greedy_soup",
     "recompute_batchnorm",

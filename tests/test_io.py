@@ -116,3 +116,18 @@ def test_long_names(tmp_path):
     with atomic_directory(target) as tmp:
         (tmp / "f").write_text("2")
     assert (target / "f").read_text() == "2"
+
+
+def test_assert_finite_names_the_tensors():
+    import torch
+
+    from hf_ens import NonFiniteError, assert_finite, nonfinite_tensors
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    assert_finite(model, "member 0")
+    with torch.no_grad():
+        model[0].bias[1] = float("inf")
+    model[1].running_var[0] = float("nan")
+    assert nonfinite_tensors(model) == ["0.bias", "1.running_var"]
+    with pytest.raises(NonFiniteError, match=r"member 2 .* 2 tensor\(s\): 0.bias, 1.running_var"):
+        assert_finite(model.state_dict(), "member 2")
