@@ -13,6 +13,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 import hf_ens
 
+from .hub import is_hub_id, public_metadata
 from .metrics import METRICS
 
 __all__ = ["render_model_card", "template_path"]
@@ -62,6 +63,16 @@ def template_path(name: str = "ensemble_card.md") -> Path:
     raise FileNotFoundError(f"Model card template {name!r} not found next to {package_dir}.")
 
 
+def describe_source(value: str, kind: str) -> str:
+    """Prose for a base model or dataset that is not a Hub id (``local:name``, a path, ``offline:name``)."""
+    scheme, _, name = str(value).partition(":")
+    if scheme == "local" and name:
+        return f"a local {kind} (`{name}`)"
+    if scheme == "offline" and name:
+        return f"an offline copy of `{name}` (not from the Hub)"
+    return f"`{value}` (not a Hub id)"
+
+
 def _fmt(value) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
@@ -74,6 +85,9 @@ def render_model_card(
 ) -> ModelCard:
     """Render the ensemble card.
 
+    Only real Hub ids (`hf_ens.hub.is_hub_id`) go into ``base_model``, ``datasets``, the model-index and
+    links; a local checkpoint or an offline dataset is described in prose, and no local path is printed.
+
     Args:
         metadata: the ensemble's metadata (method, num_members, learning rates, cycle settings, base_model,
             dataset, dataset_split, ...).
@@ -82,7 +96,7 @@ def render_model_card(
         ensemble_config: the saved ``ensemble_config.json`` content (for the architecture name).
     """
     metadata, metrics, ensemble_config = (
-        dict(metadata or {}),
+        public_metadata(dict(metadata or {})),
         dict(metrics or {}),
         dict(ensemble_config or {}),
     )
@@ -94,19 +108,25 @@ def render_model_card(
         ("AutoModel", "image-classification"),
     )
     base_model = metadata.get("base_model")
+    base_model_text = (
+        None if not base_model or is_hub_id(base_model) else describe_source(base_model, "checkpoint")
+    )
+    hub_base_model = base_model if base_model and base_model_text is None else None
     dataset, split = metadata.get("dataset"), metadata.get("dataset_split") or metadata.get("eval_split")
+    hub_dataset = dataset if dataset and is_hub_id(dataset) else None
+    dataset_text = f"`{dataset}`" if hub_dataset else describe_source(dataset, "dataset") if dataset else None
     name = repo_id or f"{method}-ensemble"
 
     eval_results = []
-    if dataset:
+    if hub_dataset:  # a model-index names a Hub dataset; other data are described in the card's text
         for prefix, label in _RESULTS:
             for metric in METRICS:
                 if f"{prefix}/{metric}" in metrics:
                     eval_results.append(
                         EvalResult(
                             task_type=task,
-                            dataset_type=str(dataset),
-                            dataset_name=str(dataset),
+                            dataset_type=hub_dataset,
+                            dataset_name=hub_dataset,
                             dataset_split=split,
                             metric_type=metric,
                             metric_name=f"{label} {metric}",
@@ -117,8 +137,8 @@ def render_model_card(
         library_name="transformers",
         pipeline_tag=task,
         tags=["hf-ens", "ensemble", "model-soup", method.replace("_", "-"), task],
-        base_model=base_model,
-        datasets=[dataset] if dataset else None,
+        base_model=hub_base_model,
+        datasets=[hub_dataset] if hub_dataset else None,
         model_name=name,
         eval_results=eval_results or None,
         license=metadata.get("license"),
@@ -136,20 +156,23 @@ def render_model_card(
         for k in listed
         if isinstance(metadata[k], (str, int, float, bool))
     ]
-    hyperparameters += [("base_model", base_model)] if base_model else []
+    hyperparameters += (
+        [("base_model", f"`{base_model}`" if hub_base_model else base_model_text)] if base_model else []
+    )
     return ModelCard.from_template(
         card_data,
         template_path=str(template_path()),
         title=f"{name}: {num_members}-member {METHOD_NAMES.get(method, method)} ensemble and soup",
         num_members=max(num_members, 1),
         architecture=architecture,
-        base_model=base_model,
+        base_model=hub_base_model,
+        base_model_text=base_model_text,
         method_name=METHOD_NAMES.get(method, method),
         method_description=METHOD_DESCRIPTIONS.get(method, ""),
         hyperparameters=hyperparameters,
         metrics_rows=rows,
         diversity=diversity,
-        dataset=dataset,
+        dataset=dataset_text,
         dataset_split=split,
         repo_id=repo_id or "path/to/ensemble",
         auto_class=auto_class,

@@ -20,11 +20,9 @@ import copy
 import json
 import math
 import os
-import shutil
 import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
@@ -34,31 +32,17 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
+from . import hub
+from ._io import atomic_directory
+from .checks import assert_finite
 from .evaluation import _predict
+from .hub import ENSEMBLE_CONFIG_NAME, HubPushError
+from .members import SUPPORTED_SUFFIXES, EnsembleLoadError, load_member, load_processor, refuse_remote_code
 
 __all__ = ["EnsembleModel", "EnsembleOutput", "EnsembleLoadError", "HubPushError", "ENSEMBLE_CONFIG_NAME"]
 
-ENSEMBLE_CONFIG_NAME = "ensemble_config.json"
 FORMAT_VERSION = 1
-_SUPPORTED_SUFFIXES = ("ForImageClassification", "ForSequenceClassification")
-# Files fetched from the Hub for an ensemble: configs, processors and the members; not the root soup weights.
-_HUB_ALLOW_PATTERNS = ["*.json", "*.txt", "*.model", "*.jinja", "README.md", "member_*/*"]
-# Files of an earlier ensemble push that the new commit deletes unless it uploads them again.
-_STALE_PATTERNS = [
-    "member_*",
-    "member_*/*",
-    "model*.safetensors",
-    "model.safetensors.index.json",
-    ENSEMBLE_CONFIG_NAME,
-]
-
-
-class EnsembleLoadError(OSError):
-    """A saved ensemble is incomplete, corrupted or inconsistent with its ``ensemble_config.json``."""
-
-
-class HubPushError(RuntimeError):
-    """`EnsembleModel.push_to_hub` failed before its single commit was made."""
+_load_member = load_member  # the name `hf_ens.soups` imports
 
 
 @dataclass
@@ -76,55 +60,9 @@ class EnsembleOutput(ModelOutput):
     member_logits: torch.Tensor | None = None
 
 
-def _member_class(config) -> type[PreTrainedModel]:
-    """The transformers class named in a member config (no remote code: only classes transformers ships)."""
-    names = [a for a in (getattr(config, "architectures", None) or []) if a.endswith(_SUPPORTED_SUFFIXES)]
-    cls = getattr(transformers, names[0], None) if names else None
-    if cls is None or not (isinstance(cls, type) and issubclass(cls, PreTrainedModel)):
-        raise EnsembleLoadError(
-            f"Member config names architectures={getattr(config, 'architectures', None)}; hf-ens loads only "
-            f"transformers' own *{_SUPPORTED_SUFFIXES[0]} / *{_SUPPORTED_SUFFIXES[1]} classes"
-            " (no remote code)."
-        )
-    return cls
-
-
-def _load_member(path: str | os.PathLike, dtype: torch.dtype | str | None = None) -> PreTrainedModel:
-    """Load one member directory strictly: safetensors only, every weight present, nothing unexpected."""
-    path = Path(path)
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise EnsembleLoadError(f"Missing member file {config_file}.")
-    weights = [path / "model.safetensors", path / "model.safetensors.index.json"]
-    if not any(w.is_file() for w in weights):
-        raise EnsembleLoadError(f"Missing member file {weights[0]} (hf-ens loads safetensors weights only).")
-    try:
-        config = transformers.AutoConfig.from_pretrained(path)
-    except Exception as e:
-        raise EnsembleLoadError(f"Could not read member file {config_file}: {type(e).__name__}: {e}") from e
-    try:
-        model, info = _member_class(config).from_pretrained(
-            path, config=config, use_safetensors=True, output_loading_info=True, dtype=dtype
-        )
-    except EnsembleLoadError:
-        raise
-    except Exception as e:  # corrupted JSON / safetensors header, truncated file, ...
-        bad = next((w for w in weights if w.is_file()), path)
-        raise EnsembleLoadError(f"Could not load member {path} (file {bad}): {type(e).__name__}: {e}") from e
-    problems = {
-        k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")
-    }
-    if problems:
-        detail = "; ".join(f"{k}: {sorted(map(str, v))[:8]}" for k, v in problems.items())
-        raise EnsembleLoadError(
-            f"Member weights in {weights[0]} do not match {type(model).__name__}: {detail}."
-        )
-    return model
-
-
 def _check_compatible(members: Sequence[PreTrainedModel]) -> None:
     ref = members[0]
-    if not type(ref).__name__.endswith(_SUPPORTED_SUFFIXES):
+    if not type(ref).__name__.endswith(SUPPORTED_SUFFIXES):
         raise ValueError(
             f"EnsembleModel supports *ForImageClassification and *ForSequenceClassification members; got "
             f"{type(ref).__name__}."
@@ -140,31 +78,12 @@ def _check_compatible(members: Sequence[PreTrainedModel]) -> None:
                 f"All members must share one label set: member 0 has id2label={dict(ref.config.id2label)}, "
                 f"member {i} has {dict(m.config.id2label)}."
             )
+    from .soups import _check_members  # the weight names/shapes check soups need too
 
-
-def _install_dir(tmp: Path, target: Path) -> None:
-    """Move the finished directory `tmp` to `target` once it is complete.
-
-    A new `target` is one rename (atomic). Into an existing directory (e.g. a Trainer ``output_dir``) each
-    entry is renamed into place, so files that are not part of the ensemble survive; members and soup shards
-    of an earlier, larger ensemble are removed.
-    """
-    if not target.exists():
-        os.replace(tmp, target)
-        return
-    new = {p.name for p in tmp.iterdir()}
-    stale = [
-        p for p in target.iterdir() if p.name not in new and any(fnmatch(p.name, s) for s in _STALE_PATTERNS)
-    ]
-    trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
     try:
-        for entry in [target / name for name in new if (target / name).exists()] + stale:
-            os.replace(entry, trash / entry.name)
-        for name in new:
-            os.replace(tmp / name, target / name)
-    finally:
-        shutil.rmtree(trash, ignore_errors=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+        _check_members(members)
+    except ValueError as e:  # same class, other depth or width: averaging or ensembling them is a mistake
+        raise ValueError(f"All members must have the same depth and width: {e}") from None
 
 
 class EnsembleModel(PreTrainedModel):
@@ -222,9 +141,9 @@ class EnsembleModel(PreTrainedModel):
         models = []
         for m in members:
             if isinstance(m, (str, os.PathLike)):
-                models.append(_load_member(m))
+                models.append(load_member(m))
                 if processor is None:
-                    processor = _load_processor(Path(m))
+                    processor = load_processor(m)
             else:
                 models.append(m)
         return cls(models, processor=processor, metadata=metadata)
@@ -239,16 +158,19 @@ class EnsembleModel(PreTrainedModel):
     ):
         """Load a saved ensemble from a local directory or a Hub repo id (optionally at a `revision`).
 
-        Hub repos are fetched with `huggingface_hub.snapshot_download` (members, configs and processor; not
-        the root soup weights), then loaded like a local directory. `dtype` is the members' dtype (e.g.
-        ``torch.bfloat16``; default: as saved); `hub_kwargs` (token, cache_dir, local_files_only, ...) go to
-        `snapshot_download`.
+        Hub repos are fetched with `huggingface_hub.snapshot_download` (members, configs and processor; never
+        ``.py`` files, not the root soup weights), then loaded like a local directory. No repo code ever runs:
+        a config with an ``auto_map`` is refused before transformers sees it. Every file is checked against
+        the SHA-256 recorded in ``ensemble_config.json`` (repos saved before digests were recorded load
+        unverified). Non-finite member weights give a warning (see `hf_ens.members.load_member`). `dtype` is
+        the members' dtype (e.g. ``torch.bfloat16``; default: as saved); `hub_kwargs` (token, cache_dir,
+        local_files_only, ...) go to `snapshot_download`.
         """
         path = Path(repo_id_or_dir)
         if not path.is_dir():
             if path.exists():
                 raise EnsembleLoadError(f"{path} is a file, not an ensemble directory.")
-            path = _download(str(repo_id_or_dir), revision, **hub_kwargs)
+            path = hub.download(str(repo_id_or_dir), revision, **hub_kwargs)
         elif revision is not None:
             raise ValueError(f"revision={revision!r} applies to Hub repos; {path} is a local directory.")
         cfg_file = path / ENSEMBLE_CONFIG_NAME
@@ -268,8 +190,11 @@ class EnsembleModel(PreTrainedModel):
             raise EnsembleLoadError(
                 f"{cfg_file} lists {len(member_names)} members {member_names} but {path} holds {found}."
             )
-        members = [_load_member(path / name, dtype=dtype) for name in member_names]
-        processor = _load_processor(path)
+        for folder in (path, *(path / name for name in member_names)):
+            refuse_remote_code(folder)  # before anything else reads them
+        hub.verify_digests(path, ens_cfg.get("files"))
+        members = [load_member(path / name, dtype=dtype) for name in member_names]
+        processor = load_processor(path)
         return cls(members, processor=processor, metadata=ens_cfg.get("metadata", {}))
 
     # --- inference --------------------------------------------------------------------------------------
@@ -325,6 +250,11 @@ class EnsembleModel(PreTrainedModel):
 
     # --- persistence ------------------------------------------------------------------------------------
     def ensemble_config(self) -> dict:
+        """The content of ``ensemble_config.json`` (without the file digests, which `save_pretrained` adds).
+
+        Local paths in the metadata (e.g. a locally pre-trained base model) are stored as ``local:<name>``: a
+        saved or pushed repo never carries the machine's directory names.
+        """
         return {
             "hf_ens_format_version": FORMAT_VERSION,
             "members": [f"member_{k:02d}" for k in range(self.num_members)],
@@ -332,7 +262,7 @@ class EnsembleModel(PreTrainedModel):
             "architecture": type(self.members[0]).__name__,
             "model_type": getattr(self.config, "model_type", None),
             "root_weights": "uniform_soup",
-            "metadata": self.metadata,
+            "metadata": hub.public_metadata(self.metadata),
         }
 
     def save_pretrained(
@@ -345,36 +275,40 @@ class EnsembleModel(PreTrainedModel):
     ) -> Path:
         """Write the ensemble repo layout (members, root soup, processor, ensemble_config.json, README.md).
 
-        Written into a temporary sibling directory and renamed into place, so an interrupted save never leaves
-        a half-written ensemble. `soup` replaces the uniform soup at the root (e.g. one with recomputed
-        BatchNorm statistics); `metrics` (`hf_ens.metrics.ensemble_metrics`) and `repo_id` go into the card.
-        Other kwargs (e.g. ``max_shard_size``) go to each model's ``save_pretrained``.
+        The repo is built complete in a hidden sibling and swapped in with ONE rename
+        (`hf_ens._io.atomic_directory`): a crash at any point leaves the complete old or the complete new
+        ensemble, so members, soup config and soup weights always change together. In an existing directory
+        only the ensemble's own entries (``member_XX/``, ``model.safetensors`` and its shards,
+        ``ensemble_config.json``, the configs, processor files and card it writes) are replaced; anything else
+        (``training_args.bin``, ``model-best.safetensors``, ``notes.txt``) survives. Modes follow the umask.
+
+        Refuses (`hf_ens.NonFiniteError`) a member or soup with NaN/Inf weights. `soup` replaces the uniform
+        soup at the root (e.g. one with recomputed BatchNorm statistics); `metrics`
+        (`hf_ens.metrics.ensemble_metrics`) and `repo_id` go into the card. Other kwargs (e.g.
+        ``max_shard_size``) go to each model's ``save_pretrained``.
         """
         from .cards import render_model_card
 
         for k in ("safe_serialization", "state_dict", "push_to_hub", "is_main_process"):
             kwargs.pop(k, None)
+        for k, member in enumerate(self.members):
+            assert_finite(member, f"member {k} (member_{k:02d})")
+        soup = soup if soup is not None else self.soup()
+        assert_finite(soup, "the soup (root weights)")
         target = Path(save_directory)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        try:
+        with atomic_directory(target, keep=lambda name: not hub.owned(name)) as tmp:
             for k, member in enumerate(self.members):
                 member.save_pretrained(tmp / f"member_{k:02d}", **kwargs)
                 if self.processor is not None:
                     self.processor.save_pretrained(tmp / f"member_{k:02d}")
-            (soup if soup is not None else self.soup()).save_pretrained(tmp, **kwargs)
+            soup.save_pretrained(tmp, **kwargs)
             if self.processor is not None:
                 self.processor.save_pretrained(tmp)
-            (tmp / ENSEMBLE_CONFIG_NAME).write_text(
-                json.dumps(self.ensemble_config(), indent=2, default=str) + "\n"
-            )
-            render_model_card(self.metadata, metrics, repo_id, ensemble_config=self.ensemble_config()).save(
+            ens_cfg = {**self.ensemble_config(), "files": hub.file_digests(tmp)}
+            (tmp / ENSEMBLE_CONFIG_NAME).write_text(json.dumps(ens_cfg, indent=2, default=str) + "\n")
+            render_model_card(self.metadata, metrics, repo_id, ensemble_config=ens_cfg).save(
                 tmp / "README.md"
             )
-            _install_dir(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return target
 
     def push_to_hub(
@@ -391,76 +325,21 @@ class EnsembleModel(PreTrainedModel):
     ):
         """Push the whole ensemble repo to the Hub in ONE commit; returns the `CommitInfo`.
 
-        The repo is first saved to a temporary directory and uploaded with `HfApi.upload_folder`, so the Hub
-        never sees a partial ensemble; stale members or soup shards of an earlier push are deleted in that
-        same commit. On failure raises `HubPushError` (no commit was made; local files are
-        untouched).
+        The repo is first saved to a temporary directory (`save_pretrained`: refuses non-finite weights) and
+        uploaded with `HfApi.upload_folder`, so the Hub never sees a partial ensemble; stale members or soup
+        shards of an earlier push are deleted in that same commit. On failure raises `HubPushError` (no
+        commit was made; local files are untouched).
         """
-        from huggingface_hub import HfApi
-
-        api = HfApi(token=token)
         with tempfile.TemporaryDirectory(prefix="hf-ens-push-") as tmp:
             folder = self.save_pretrained(
                 Path(tmp) / "repo", soup=soup, metrics=metrics, repo_id=repo_id, **kwargs
             )
-            try:
-                api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-                return api.upload_folder(
-                    repo_id=repo_id,
-                    folder_path=folder,
-                    commit_message=commit_message or f"Upload hf-ens ensemble of {self.num_members} members",
-                    revision=revision,
-                    create_pr=create_pr,
-                    # a repo that held a larger ensemble or a sharded soup must not keep stale parts
-                    delete_patterns=_STALE_PATTERNS,
-                )
-            except Exception as e:
-                raise HubPushError(
-                    f"Pushing the ensemble to {repo_id!r} failed ({type(e).__name__}: {e}). Nothing was "
-                    "committed (the upload is a single commit) and the local model and directories are "
-                    "intact; retry the push."
-                ) from e
-
-
-def _download(repo_id: str, revision: str | None, **hub_kwargs) -> Path:
-    """Fetch an ensemble repo (not its root soup weights) into the HF cache; errors name the failing file."""
-    from huggingface_hub import HfApi, hf_hub_download, snapshot_download
-
-    try:
-        return Path(
-            snapshot_download(repo_id, revision=revision, allow_patterns=_HUB_ALLOW_PATTERNS, **hub_kwargs)
-        )
-    except Exception as e:
-        error = e
-    # Find out which file failed, so the error names it (snapshot_download's message often does not).
-    try:
-        info = HfApi(token=hub_kwargs.get("token")).model_info(
-            repo_id, revision=revision, files_metadata=False
-        )
-    except Exception as e:
-        raise EnsembleLoadError(f"Could not fetch ensemble {repo_id!r} (revision={revision}): {error}") from e
-    wanted = [
-        s.rfilename for s in info.siblings or [] if any(fnmatch(s.rfilename, p) for p in _HUB_ALLOW_PATTERNS)
-    ]
-    for filename in wanted:
-        try:
-            hf_hub_download(repo_id, filename, revision=info.sha, force_download=True, **hub_kwargs)
-        except Exception as e:
-            raise EnsembleLoadError(
-                f"Could not download {filename} of ensemble {repo_id!r} (revision={revision}): "
-                f"{type(e).__name__}: {e}"
-            ) from e
-    raise EnsembleLoadError(f"Could not fetch ensemble {repo_id!r} (revision={revision}): {error}") from error
-
-
-def _load_processor(path: Path):
-    """The processor saved in `path` (image processor, tokenizer or processor), or None if there is none."""
-    names = ("preprocessor_config.json", "processor_config.json", "tokenizer_config.json")
-    if not any((path / n).is_file() for n in names):
-        return None
-    try:
-        return transformers.AutoProcessor.from_pretrained(path)
-    except Exception as e:
-        raise EnsembleLoadError(
-            f"Could not load the processor saved in {path}: {type(e).__name__}: {e}"
-        ) from e
+            return hub.upload(
+                folder,
+                repo_id,
+                token=token,
+                private=private,
+                commit_message=commit_message or f"Upload hf-ens ensemble of {self.num_members} members",
+                revision=revision,
+                create_pr=create_pr,
+            )

@@ -7,9 +7,10 @@ display nor changes the backend of a notebook that imports it. Files are written
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+from ._io import atomic_file
 
 
 def new_figure(ncols: int = 1, width: float = 4.5, height: float = 3.4):
@@ -22,18 +23,10 @@ def new_figure(ncols: int = 1, width: float = 4.5, height: float = 3.4):
 
 
 def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
-    """Write `fig` as PNG to `path` atomically (temporary file in the same folder, then rename)."""
+    """Write `fig` as PNG to `path` atomically (`hf_ens._io.atomic_file`: ordinary modes, old or new file)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".png", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=dpi)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=dpi)
     return path
 
 

@@ -133,16 +133,17 @@ def test_save_load_roundtrip_and_layout(vits, processor, tmp_path):
         EnsembleModel.from_pretrained(target, revision="v1")
 
 
-def test_failed_save_leaves_previous_directory_intact(vits, tmp_path):
+def test_failed_save_leaves_previous_directory_intact(vits, tmp_path, monkeypatch):
     target = EnsembleModel.from_members(vits).save_pretrained(tmp_path / "ens")
     before = {p: p.read_bytes() for p in target.rglob("*") if p.is_file()}
+    soup = uniform_soup(vits[:2])
 
-    class BrokenSoup:
-        def save_pretrained(self, *args, **kwargs):
-            raise OSError("disk full")
+    def disk_full(*args, **kwargs):
+        raise OSError("disk full")
 
+    monkeypatch.setattr(soup, "save_pretrained", disk_full)
     with pytest.raises(OSError, match="disk full"):
-        EnsembleModel.from_members(vits[:2]).save_pretrained(target, soup=BrokenSoup())
+        EnsembleModel.from_members(vits[:2]).save_pretrained(target, soup=soup)
     assert {p: p.read_bytes() for p in target.rglob("*") if p.is_file()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["ens"]
 
@@ -165,7 +166,15 @@ def test_corrupted_member_file_names_the_file(saved):
         EnsembleModel.from_pretrained(saved)
 
 
+def _drop_digests(saved):
+    """Make `saved` look like a repo written before file digests were recorded (loads unverified)."""
+    cfg = json.loads((saved / "ensemble_config.json").read_text())
+    del cfg["files"]
+    (saved / "ensemble_config.json").write_text(json.dumps(cfg))
+
+
 def test_missing_and_unexpected_weights_are_errors(saved):
+    _drop_digests(saved)  # the strict member check itself, behind the digest check
     path = saved / "member_00" / "model.safetensors"
     state = load_file(path)
     dropped = next(k for k in state if k.endswith("classifier.weight"))
