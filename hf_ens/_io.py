@@ -21,6 +21,7 @@ import ctypes.util
 import errno
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -133,6 +134,18 @@ def _install(tmp: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _umask_modes(root: Path) -> None:
+    """Give the files written into `root` the umask's modes: some writers (safetensors >= 0.8 writes through a
+    private temporary file) leave them ``-rw-------`` where a plain ``open`` under umask 022 gives 644."""
+    mask = _umask()
+    for path in root.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            mode = path.stat().st_mode
+            wanted = (0o666 | (mode & 0o111)) & ~mask
+            if stat.S_IMODE(mode) != wanted:
+                os.chmod(path, wanted)
+
+
 @contextmanager
 def atomic_directory(target: str | os.PathLike, keep: Callable[[str], bool] | None = None) -> Iterator[Path]:
     """Yield an empty directory to fill; on a normal exit it replaces `target` in one step.
@@ -148,6 +161,7 @@ def atomic_directory(target: str | os.PathLike, keep: Callable[[str], bool] | No
     try:
         os.chmod(tmp, 0o777 & ~_umask())
         yield tmp
+        _umask_modes(tmp)
         if keep is not None and target.is_dir():
             for entry in target.iterdir():
                 if keep(entry.name) and not (tmp / entry.name).exists():
