@@ -84,3 +84,35 @@ def test_card_without_metrics_or_dataset():
     card = render_model_card({"method": "local_de", "num_members": 2}, None, None)
     assert "model-index" not in card.data.to_dict()
     assert "## Evaluation" not in card.text and "Local DE" in card.text
+
+
+def test_local_and_offline_sources_are_described_not_linked(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out" / "pretrained").mkdir(parents=True)
+    for base_model, name in [
+        ("~/.cache/hf_ens/pretrained/vit-fmnist-0123abcd", "vit-fmnist-0123abcd"),
+        (str(tmp_path / "ckpt" / "vit-small"), "vit-small"),
+        ("out/pretrained", "pretrained"),  # relative, but it exists here: a local checkpoint
+        ("local:vit-fmnist-0123abcd", "vit-fmnist-0123abcd"),  # as ensemble_config.json stores it
+    ]:
+        card = render_model_card(
+            {**METADATA, "base_model": base_model, "dataset": "offline:fashion_mnist"}, METRICS, "user/x"
+        )
+        data = ModelCard(str(card)).data.to_dict()
+        assert "base_model" not in data and "datasets" not in data and "model-index" not in data
+        assert f"start from\na local checkpoint (`{name}`)" in card.text
+        assert f"| base_model | a local checkpoint (`{name}`) |" in card.text
+        assert (
+            "## Evaluation on an offline copy of `fashion_mnist` (not from the Hub) (test split)" in card.text
+        )
+        assert "huggingface.co/~" not in card.text and "huggingface.co/local" not in card.text
+        assert str(tmp_path) not in str(card) and "/.cache" not in str(card) and "~" not in str(card)
+
+
+def test_hub_ids_are_linked():
+    card = render_model_card(METADATA, METRICS, "user/x")
+    assert (
+        "[`google/vit-base-patch16-224-in21k`](https://huggingface.co/google/vit-base-patch16-224-in21k)"
+        in (card.text)
+    )
+    assert "## Evaluation on `cifar10` (test split)" in card.text

@@ -1,12 +1,17 @@
 """Ensembles through the local test Hub: one-commit push, load back, revision pinning, failures."""
 
+import copy
+import os
+import tempfile
+
 import pytest
 import torch
-from huggingface_hub import HfApi
+from huggingface_hub import HfApi, ModelCard
 from transformers import AutoModelForImageClassification, ViTForImageClassification, ViTImageProcessor
 
-from hf_ens import EnsembleLoadError, EnsembleModel, HubPushError
+from hf_ens import EnsembleLoadError, EnsembleModel, HubPushError, NonFiniteError
 from tests._tiny import random_images, tiny_vit_config
+from tests.test_ensemble_safety import _rehash, closed_stdin, make_hostile  # noqa: F401 - closed_stdin: fixture
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 REPO = "test-user/tiny-vit-starsse"
@@ -112,3 +117,73 @@ def test_corrupted_member_file_on_hub_names_the_file(pushed, hub):
     hub.corrupt_file(REPO, "member_02/model.safetensors")
     with pytest.raises(EnsembleLoadError, match=r"member_02[/\\]model\.safetensors"):
         EnsembleModel.from_pretrained(REPO)
+
+
+@pytest.mark.usefixtures("closed_stdin")
+def test_hub_repo_with_auto_map_is_refused_and_no_py_is_downloaded(hub, members, tmp_path):
+    saved = EnsembleModel.from_members(members[:2]).save_pretrained(tmp_path / "hostile")
+    marker = tmp_path / "marker"
+    make_hostile(saved / "member_01", "config.json", marker)
+    _rehash(saved)
+    api = HfApi()
+    api.create_repo("test-user/hostile")
+    api.upload_folder(repo_id="test-user/hostile", folder_path=saved)
+    assert "member_01/hostile.py" in api.list_repo_files("test-user/hostile")
+    with pytest.raises(EnsembleLoadError, match=r"member_01[/\\]config\.json.*auto_map"):
+        EnsembleModel.from_pretrained("test-user/hostile")
+    assert not marker.exists()
+    assert not list((tmp_path / "hf_home").rglob("*.py"))  # the code never reached this machine
+
+
+def test_same_size_byte_flip_on_hub_names_the_file(pushed, hub):
+    original = hub.read_file(REPO, "member_02/model.safetensors")
+    flipped = original[:-1] + bytes([original[-1] ^ 1])
+    hub.corrupt_file(REPO, "member_02/model.safetensors", data=flipped)
+    with pytest.raises(EnsembleLoadError, match=r"member_02[/\\]model\.safetensors.*SHA-256"):
+        EnsembleModel.from_pretrained(REPO)
+
+
+def test_missing_repo_and_missing_revision_are_told_apart(pushed):
+    with pytest.raises(EnsembleLoadError, match="Repository 'test-user/no-such-repo' not found"):
+        EnsembleModel.from_pretrained("test-user/no-such-repo")
+    with pytest.raises(EnsembleLoadError, match=f"Revision 'v9' not found in '{REPO}'"):
+        EnsembleModel.from_pretrained(REPO, revision="v9")
+
+
+def test_nonfinite_member_is_refused_before_anything_is_pushed(hub, members):
+    broken = copy.deepcopy(members)
+    with torch.no_grad():
+        broken[2].classifier.weight[1, 1] = float("inf")
+    with pytest.raises(NonFiniteError, match=r"member 2 \(member_02\)"):
+        EnsembleModel.from_members(broken).push_to_hub(REPO)
+    assert not HfApi().repo_exists(REPO)
+
+
+def test_pushed_files_hold_no_local_path(hub, members, tmp_path):
+    base = tmp_path / "cache" / "hf_ens" / "pretrained" / "vit-fmnist-0123abcd"
+    base.mkdir(parents=True)
+    metadata = {"method": "starsse", "base_model": str(base), "dataset": "offline:fashion_mnist"}
+    processor = ViTImageProcessor(size={"height": 16, "width": 16})
+    loaded = [AutoModelForImageClassification.from_pretrained(p) for p in _saved_members(members, base)]
+    ens = EnsembleModel.from_members(loaded, processor=processor, metadata=metadata)
+    ens.push_to_hub(REPO, metrics={"ensemble/accuracy": 0.5})
+    forbidden = {str(tmp_path), str(base), os.path.expanduser("~"), tempfile.gettempdir()}
+    files = HfApi().list_repo_files(REPO)
+    assert "README.md" in files and "member_00/config.json" in files
+    for name in files:
+        data = hub.read_file(REPO, name)
+        for path in forbidden:
+            assert path.encode() not in data, f"{name} holds {path}"
+    card = ModelCard(hub.read_file(REPO, "README.md").decode())
+    assert card.data.base_model is None and card.data.datasets is None
+    assert "a local checkpoint (`vit-fmnist-0123abcd`)" in card.text
+    assert "offline copy of `fashion_mnist`" in card.text and "huggingface.co/local" not in card.text
+
+
+def _saved_members(members, base):
+    """Member directories under `base` (so each loaded config remembers an absolute local path)."""
+    paths = []
+    for k, m in enumerate(members):
+        m.save_pretrained(base / f"m{k}")
+        paths.append(base / f"m{k}")
+    return paths

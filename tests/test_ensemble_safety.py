@@ -59,7 +59,7 @@ def make_hostile(folder, json_name: str, marker) -> None:
         "AutoModelForImageClassification": "hostile.HostileModel",
         "AutoImageProcessor": "hostile.HostileProcessor",
     }
-    if json_name == "config.json":  # a model type transformers does not ship: only the repo's code could load it
+    if json_name == "config.json":  # a model type transformers lacks: only the repo's code could load it
         cfg["model_type"] = "hostile-vit"
     (folder / json_name).write_text(json.dumps(cfg))
 
@@ -120,6 +120,18 @@ def test_save_into_existing_dir_keeps_user_files_and_gets_ordinary_modes(tmp_pat
         os.umask(old_umask)
 
 
+def _counted(fn, calls: dict, fail_at: int):
+    """`fn` as one more step of `tests.test_io._inject`'s count (writing a model, replacing a file)."""
+
+    def step(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == fail_at:
+            raise Crash(f"step {fail_at}: {fn.__name__}")
+        return fn(*a, **k)
+
+    return step
+
+
 @pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "two-renames"])
 def test_failure_at_every_step_of_a_save_leaves_old_or_new_ensemble(tmp_path, monkeypatch, exchange):
     if not exchange:
@@ -139,15 +151,7 @@ def test_failure_at_every_step_of_a_save_leaves_old_or_new_ensemble(tmp_path, mo
         with monkeypatch.context() as m:
             calls = _inject(m, fail_at)
             for owner, name in [(os, "replace"), (PreTrainedModel, "save_pretrained")]:
-                original = getattr(owner, name)
-
-                def step(*a, _original=original, **k):
-                    calls["n"] += 1
-                    if calls["n"] == fail_at:
-                        raise Crash(f"step {fail_at}")
-                    return _original(*a, **k)
-
-                m.setattr(owner, name, step)
+                m.setattr(owner, name, _counted(getattr(owner, name), calls, fail_at))
             try:
                 new.save_pretrained(target)
                 crashed = False

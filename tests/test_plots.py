@@ -69,3 +69,27 @@ def test_bad_input_fails_before_writing(tmp_path, call, match):
     with pytest.raises(ValueError, match=match):
         call(path)
     assert not path.exists()
+
+
+def test_png_gets_umask_modes_and_a_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
+    import os
+    import stat
+
+    from matplotlib.figure import Figure
+
+    old_umask = os.umask(0o022)
+    try:
+        path = plot_lr_schedule([0, 1, 2], [1e-3, 5e-4, 0.0], [2], tmp_path / "lr.png")
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    finally:
+        os.umask(old_umask)
+    before = path.read_bytes()
+
+    def disk_full(self, *args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Figure, "savefig", disk_full)
+    with pytest.raises(OSError, match="disk full"):
+        plot_lr_schedule([0, 1], [1e-3, 0.0], [], path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lr.png"]
