@@ -8,7 +8,7 @@ On disk and on the Hub an ensemble is an ordinary model repo::
     member_00/ ... member_{K-1}/   plain ``save_pretrained`` outputs (+ processor): load one with transformers
     config.json, model.safetensors the uniform soup: ``AutoModelFor...from_pretrained(repo)`` gives the soup
     preprocessor/tokenizer files   the members' processor
-    ensemble_config.json           members, method, cycle hyper-parameters, base model
+    ensemble_config.json           members, method, cycle hyper-parameters, base model, file SHA-256s
     README.md                      model card
 
 Loading is strict (every member weight present, nothing unexpected), safetensors only, no remote code.
