@@ -6,6 +6,7 @@ The library layer: it never imports `trainers`.
 from .basin import barrier, distances_to, interpolate, interpolation_profile, plot_profile, weight_distance
 from .checks import NonFiniteError, assert_finite, nonfinite_tensors
 from .ensemble import EnsembleLoadError, EnsembleModel, EnsembleOutput, HubPushError
+from .evaluate_metrics import EVALUATE_METRICS, load_metric
 from .soups import greedy_soup, make_accuracy_eval_fn, recompute_batchnorm, uniform_soup
 
 __version__ = "0.1.0"
@@ -28,4 +29,6 @@ __all__ = [
     "weight_distance",
     "distances_to",
     "plot_profile",
+    "EVALUATE_METRICS",
+    "load_metric",
 ]
