@@ -122,7 +122,8 @@ def test_modules_load_offline_with_no_network_and_an_empty_cache(tmp_path):
         for name in hf_ens.EVALUATE_METRICS:
             module = hf_ens.load_metric(name, keep_in_memory=True)
             print(name, type(module).__name__)
-        print(hf_ens.load_metric("calibration").compute(predictions=[[2.0, 0.0], [0.0, 1.0]], references=[0, 0]))
+        calibration = hf_ens.load_metric("calibration")
+        print(calibration.compute(predictions=[[2.0, 0.0], [0.0, 1.0]], references=[0, 0]))
         """
     )
     env = {
