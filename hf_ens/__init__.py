@@ -7,7 +7,7 @@ from .basin import barrier, distances_to, interpolate, interpolation_profile, pl
 from .checks import NonFiniteError, assert_finite, nonfinite_tensors
 from .ensemble import EnsembleLoadError, EnsembleModel, EnsembleOutput, HubPushError
 from .evaluate_metrics import EVALUATE_METRICS, load_metric
-from .soups import greedy_soup, make_accuracy_eval_fn, recompute_batchnorm, uniform_soup
+from .soups import greedy_soup, make_accuracy_eval_fn, recompute_batchnorm, uniform_soup, weighted_average
 
 __version__ = "0.1.0"
 
@@ -21,6 +21,7 @@ __all__ = [
     "nonfinite_tensors",
     "uniform_soup",
     "greedy_soup",
+    "weighted_average",
     "recompute_batchnorm",
     "make_accuracy_eval_fn",
     "interpolate",
