@@ -6,7 +6,8 @@ The library layer: it never imports `trainers`.
 from .basin import barrier, distances_to, interpolate, interpolation_profile, plot_profile, weight_distance
 from .checks import NonFiniteError, assert_finite, nonfinite_tensors
 from .ensemble import EnsembleLoadError, EnsembleModel, EnsembleOutput, HubPushError
-from .soups import greedy_soup, make_accuracy_eval_fn, recompute_batchnorm, uniform_soup
+from .evaluate_metrics import EVALUATE_METRICS, load_metric
+from .soups import greedy_soup, make_accuracy_eval_fn, recompute_batchnorm, uniform_soup, weighted_average
 
 __version__ = "0.1.0"
 
@@ -20,6 +21,7 @@ __all__ = [
     "nonfinite_tensors",
     "uniform_soup",
     "greedy_soup",
+    "weighted_average",
     "recompute_batchnorm",
     "make_accuracy_eval_fn",
     "interpolate",
@@ -28,4 +30,6 @@ __all__ = [
     "weight_distance",
     "distances_to",
     "plot_profile",
+    "EVALUATE_METRICS",
+    "load_metric",
 ]

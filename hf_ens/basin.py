@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .soups import weighted_average
+
 EvalResult = Mapping[str, float] | Sequence[float]
 
 
@@ -48,33 +50,22 @@ def _paired_tensors(tensors_a: dict, tensors_b: dict) -> None:
             )
 
 
-def _lerp_state(model_a: nn.Module, model_b: nn.Module, alpha: float) -> dict[str, torch.Tensor]:
-    state_a, state_b = model_a.state_dict(), model_b.state_dict()
-    _paired_tensors(state_a, state_b)
-    out = {}
-    for key, a in state_a.items():
-        if a.is_floating_point() or a.is_complex():
-            b = state_b[key].to(device=a.device)
-            out[key] = torch.lerp(a.float(), b.float(), float(alpha)).to(a.dtype)
-        else:  # integer buffers (e.g. BatchNorm's num_batches_tracked, position ids) come from model_a
-            out[key] = a.clone()
-    return out
-
-
 def interpolate(model_a: nn.Module, model_b: nn.Module, alpha: float) -> nn.Module:
     """A new model with weights `(1 - alpha) * model_a + alpha * model_b` (alpha=0 gives model_a).
 
-    Floating tensors (parameters and buffers) are interpolated in float32 and cast back to model_a's dtype;
-    integer buffers are copied from model_a. Neither input is modified.
+    The soups' averaging (`hf_ens.soups.weighted_average` with weights ``1 - alpha, alpha``): floating tensors
+    (parameters and buffers) are combined in float32 and cast back to model_a's dtype; integer buffers are
+    copied from model_a. Neither input is modified.
     """
-    _check_module("model_a", model_a)
-    _check_module("model_b", model_b)
+    _check_alpha(alpha)
+    return weighted_average(
+        [_check_module("model_a", model_a), _check_module("model_b", model_b)], [1 - alpha, alpha]
+    )
+
+
+def _check_alpha(alpha) -> None:
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
         raise ValueError(f"alpha must be a finite number, got {alpha!r}.")
-    state = _lerp_state(model_a, model_b, alpha)
-    model = copy.deepcopy(model_a)
-    model.load_state_dict(state)
-    return model
 
 
 def _normalise(result) -> dict[str, float]:
@@ -118,10 +109,12 @@ def interpolation_profile(
     alphas = [float(a) for a in alphas]
     if not alphas:
         raise ValueError("alphas is empty.")
-    working = copy.deepcopy(model_a)  # one copy, reloaded per point, instead of one model per point
+    for alpha in alphas:
+        _check_alpha(alpha)
+    working = copy.deepcopy(model_a)  # one copy, overwritten per point, instead of one model per point
     profile: dict[str, list[float]] = {"alphas": alphas}
     for alpha in tqdm(alphas, desc="interpolation profile", unit="point"):
-        working.load_state_dict(_lerp_state(model_a, model_b, alpha))
+        weighted_average([model_a, model_b], [1 - alpha, alpha], into=working)
         working.eval()
         for key, value in _normalise(eval_fn(working)).items():
             profile.setdefault(key, []).append(value)

@@ -20,16 +20,22 @@ def task_heads(model: PreTrainedModel) -> list[torch.nn.Module]:
 
 @torch.no_grad()
 def reinit_task_head(model: PreTrainedModel) -> PreTrainedModel:
-    """Re-draw the task head with the model's own `_init_weights`, from the current torch RNG state.
+    """Re-draw the task head in place with PyTorch's default initialisation, from the current torch RNG state.
 
-    Seed first (`transformers.set_seed`) for a reproducible draw. transformers 5 marks loaded tensors as
-    initialised and skips them in `_init_weights`; the marks are cleared so the head really is re-drawn.
+    As the paper's ``change_head`` (a fresh ``nn.Linear`` with PyTorch's default init): every head layer is
+    reset with its public ``reset_parameters()``, no private transformers hook involved. Seed first
+    (`transformers.set_seed(seed + k)`) for a reproducible draw. A head holding parameters that no layer with
+    ``reset_parameters`` owns cannot be re-drawn this way and raises ValueError.
     """
     for head in task_heads(model):
-        for tensor in list(head.parameters()) + list(head.buffers()):
-            if getattr(tensor, "_is_hf_initialized", False):
-                tensor._is_hf_initialized = False
-        for module in head.modules():
-            module._is_hf_initialized = False
-        head.apply(model._init_weights)
+        layers = [m for m in head.modules() if callable(getattr(m, "reset_parameters", None))]
+        covered = {id(p) for m in layers for p in m.parameters(recurse=False)}
+        stray = [name for name, p in head.named_parameters() if id(p) not in covered]
+        if stray:
+            raise ValueError(
+                f"Cannot re-draw the head of {type(model).__name__}: parameters {stray[:5]} belong to no "
+                "layer with reset_parameters()."
+            )
+        for layer in layers:
+            layer.reset_parameters()
     return model

@@ -34,6 +34,7 @@ __all__ = [
     "brier",
     "classification_metrics",
     "ensemble_log_probs",
+    "logits_from_probabilities",
     "disagreement",
     "kl_to_ensemble",
     "ensemble_metrics",
@@ -99,6 +100,27 @@ def brier(logits, labels) -> float:
     log_probs, labels = _prepare(logits, labels)
     onehot = torch.nn.functional.one_hot(labels, log_probs.shape[1]).double()
     return ((log_probs.exp() - onehot) ** 2).sum(-1).mean().item()
+
+
+def logits_from_probabilities(probs) -> torch.Tensor:
+    """``log(probs)`` (float64): logits whose softmax is `probs`, so every metric also takes probabilities.
+
+    `probs` [..., C] must be non-negative and sum to 1 over the last axis (to 1e-4); a zero probability gives
+    a logit of -inf, so the NLL of a true class predicted with p = 0 is inf, as it should be.
+    """
+    p = _to_tensor(probs)
+    if p.ndim == 0 or p.numel() == 0:
+        raise ValueError(f"Expected probabilities of shape [..., C]; got shape {tuple(p.shape)}.")
+    if (
+        not torch.isfinite(p).all()
+        or (p < 0).any()
+        or not torch.allclose(p.sum(-1), torch.ones(()).double(), atol=1e-4)
+    ):
+        raise ValueError(
+            "Probabilities must be finite, non-negative and sum to 1 over the last axis; pass logits "
+            "(probabilities=False) otherwise."
+        )
+    return p.log()
 
 
 def classification_metrics(logits, labels, prefix: str = "") -> dict[str, float]:

@@ -22,7 +22,14 @@ from transformers import PreTrainedModel
 
 from .evaluation import _predict, _split_batch
 
-__all__ = ["uniform_soup", "greedy_soup", "recompute_batchnorm", "make_accuracy_eval_fn", "has_batchnorm"]
+__all__ = [
+    "uniform_soup",
+    "greedy_soup",
+    "weighted_average",
+    "recompute_batchnorm",
+    "make_accuracy_eval_fn",
+    "has_batchnorm",
+]
 
 _BN_WARNING = (
     "This model has BatchNorm layers and no `bn_dataloader` was given. Averaging weights does not average "
@@ -37,32 +44,170 @@ def has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, _BatchNorm) for m in model.modules())
 
 
-def _check_members(members: Sequence[nn.Module | str | os.PathLike]) -> list[nn.Module]:
+Member = nn.Module | str | os.PathLike
+
+
+def _sources(members: Sequence[Member]) -> list[Member]:
+    """The members as a list of modules or paths (nothing loaded yet); a clear error for anything else."""
     members = list(members)
     if not members:
         raise ValueError("A soup needs at least one member; got an empty list.")
-    if any(isinstance(m, (str, os.PathLike)) for m in members):
-        from .ensemble import _load_member  # strict safetensors loading, as for ensembles
-
-        members = [_load_member(m) if isinstance(m, (str, os.PathLike)) else m for m in members]
     for i, m in enumerate(members):
-        if not isinstance(m, nn.Module):
-            raise TypeError(f"Soup member {i} is a {type(m).__name__}, expected a torch/transformers model.")
-    ref = {k: tuple(v.shape) for k, v in members[0].state_dict().items()}
-    for i, m in enumerate(members[1:], start=1):
-        if type(m) is not type(members[0]):
-            raise ValueError(
-                f"Cannot average weights of different architectures: member 0 is "
-                f"{type(members[0]).__name__}, member {i} is {type(m).__name__}."
+        if not isinstance(m, (nn.Module, str, os.PathLike)):
+            raise TypeError(
+                f"Soup member {i} is a {type(m).__name__}, expected a torch/transformers model or the "
+                "save_pretrained directory of one."
             )
-        other = {k: tuple(v.shape) for k, v in m.state_dict().items()}
-        if other != ref:
-            diff = sorted(set(ref.items()) ^ set(other.items()))[:5]
-            raise ValueError(f"Member {i} has different weight names or shapes than member 0, e.g. {diff}.")
     return members
 
 
+def _materialise(member: Member, copy_module: bool = False) -> nn.Module:
+    """A module for `member`: a directory is loaded strictly (safetensors only); a module is used as is, or
+    deep-copied when the caller will overwrite its weights."""
+    if isinstance(member, (str, os.PathLike)):
+        from .ensemble import _load_member  # strict safetensors loading, as for ensembles
+
+        return _load_member(member)
+    return copy.deepcopy(member) if copy_module else member
+
+
+def _floating_names(model: nn.Module) -> list[str]:
+    """State-dict names of `model`'s floating tensors, one per storage: tied weights are averaged once."""
+    seen, names = set(), []
+    for name, t in model.state_dict().items():
+        if not (t.is_floating_point() or t.is_complex()):
+            continue
+        key = (t.untyped_storage().data_ptr() + t.storage_offset(), t.dtype, tuple(t.shape))
+        if key not in seen:
+            seen.add(key)
+            names.append(name)
+    return names
+
+
+def _accumulation_dtype(t: torch.Tensor) -> torch.dtype:
+    """float32 (complex64) for narrower floats, so a bf16 soup is not rounded K times; wider stays wider."""
+    if t.dtype in (torch.float64, torch.complex128):
+        return t.dtype
+    return torch.complex64 if t.is_complex() else torch.float32
+
+
+class _RunningSum:
+    """``sum_k w_k * theta_k`` of the floating tensors named `names`, in float32 or wider, state by state.
+
+    With ``alias=True`` the sum lives in the tensors of the first state where their dtype allows (a model
+    that becomes the average), so averaging K fp32 members holds two state dicts: the sum and one member.
+    """
+
+    def __init__(self, state: dict[str, torch.Tensor], names: list[str], weight: float = 1.0, alias=False):
+        self.sum: dict[str, torch.Tensor] = {}
+        for name in names:
+            t, dtype = state[name], _accumulation_dtype(state[name])
+            value = t if alias and t.dtype == dtype else t.to(dtype, copy=True)
+            self.sum[name] = value.mul_(weight) if weight != 1 else value
+        self.total = float(weight)
+
+    def add(self, state: dict[str, torch.Tensor], weight: float = 1.0) -> None:
+        for name, acc in self.sum.items():
+            value = state[name].to(device=acc.device, dtype=acc.dtype)
+            acc.add_(value) if weight == 1 else acc.add_(value, alpha=weight)
+        self.total += weight
+
+    def write_mean(self, model: nn.Module, plus: dict[str, torch.Tensor] | None = None) -> None:
+        """Write ``sum / total`` into `model`, in its dtypes; this ends the sum (it is divided in place).
+
+        With `plus`, write the candidate ``(sum + plus) / (total + 1)`` and keep the sum: one tensor at a time
+        is allocated, so a greedy try costs no copy of a whole soup.
+        """
+        total = self.total + (plus is not None)
+        target = model.state_dict()
+        for name, acc in self.sum.items():
+            if plus is not None:
+                value = torch.add(acc, plus[name].to(device=acc.device, dtype=acc.dtype)).div_(total)
+            else:
+                value = acc.div_(total) if total != 1 else acc
+            if value.data_ptr() != target[name].data_ptr():  # an aliased sum already is the model's tensor
+                target[name].copy_(value)
+        if plus is None:
+            self.total = 1.0
+
+
+def _check_like(ref: nn.Module, ref_shapes: dict[str, tuple], model: nn.Module, i: int) -> dict:
+    """`model`'s state dict, after checking it has `ref`'s class, weight names and shapes."""
+    if type(model) is not type(ref):
+        raise ValueError(
+            f"Cannot average weights of different architectures: member 0 is {type(ref).__name__}, "
+            f"member {i} is {type(model).__name__}."
+        )
+    state = model.state_dict()
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    if shapes != ref_shapes:
+        diff = sorted(set(ref_shapes.items()) ^ set(shapes.items()))[:5]
+        raise ValueError(
+            f"Cannot average weights of different architectures: member {i} has different weight names or "
+            f"shapes than member 0, e.g. {diff}."
+        )
+    return state
+
+
 @torch.no_grad()
+def weighted_average(
+    members: Sequence[Member], weights: Sequence[float] | None = None, *, into: nn.Module | None = None
+) -> nn.Module:
+    """``sum_k w_k theta_k / sum_k w_k`` of the members' weights, streamed: one member is read at a time.
+
+    The one averaging function of hf-ens: `uniform_soup` (all weights 1), `greedy_soup`'s final soup and
+    `hf_ens.basin.interpolate` (weights ``1 - alpha, alpha``) use it. Floating tensors are accumulated in
+    float32 (float64 stays float64) and cast back to member 0's dtype; integer buffers (e.g. BatchNorm
+    ``num_batches_tracked``) come from member 0; tied weights (one tensor under several names) are averaged
+    once. Members given as directories are loaded one after the other, so averaging K fp32 members holds two
+    state dicts in memory (the running sum, which becomes the result, and the member being added).
+
+    Args:
+        members: models of one architecture with identical weight names and shapes, or their
+            ``save_pretrained`` directories (loaded strictly, safetensors only). They are not modified.
+        weights: one finite number per member (default: all 1); negative weights extrapolate (e.g. an
+            interpolation alpha outside [0, 1]); their sum must not be 0.
+        into: write the average into this module of the same architecture (e.g. a working copy reused for many
+            averages) instead of a new copy of member 0.
+
+    Returns:
+        `into`, or a new model of member 0's class holding the average.
+    """
+    members = _sources(members)
+    weights = [1.0] * len(members) if weights is None else list(weights)
+    if len(weights) != len(members) or not all(
+        isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights
+    ):
+        raise ValueError(f"Need one finite weight per member ({len(members)}); got {weights!r}.")
+    if sum(weights) == 0:
+        raise ValueError(f"The averaging weights sum to 0 ({weights!r}); pass weights with a non-zero sum.")
+    first = _materialise(members[0], copy_module=into is None)
+    ref_shapes = {k: tuple(v.shape) for k, v in first.state_dict().items()}
+    out = first if into is None else into
+    if into is not None:  # the result's integer buffers come from member 0, as when it is a copy of member 0
+        target = _check_like(first, ref_shapes, into, 0)
+        for name, value in first.state_dict().items():
+            if not (value.is_floating_point() or value.is_complex()):
+                target[name].copy_(value)
+    running = _RunningSum(first.state_dict(), _floating_names(first), weights[0], alias=into is None)
+    del first
+    for i, (member, weight) in enumerate(zip(members[1:], weights[1:], strict=True), start=1):
+        model = _materialise(member)
+        state = _check_like(out, ref_shapes, model, i)
+        running.add(state, weight)
+        del model, state  # the next member is loaded only after this one is released
+    running.write_mean(out)
+    return out
+
+
+def _finish(soup: nn.Module, bn_dataloader: Iterable | None, warn: bool) -> nn.Module:
+    if bn_dataloader is not None:
+        recompute_batchnorm(soup, bn_dataloader)
+    elif warn and has_batchnorm(soup):
+        warnings.warn(_BN_WARNING, UserWarning, stacklevel=3)
+    return soup
+
+
 def uniform_soup(
     members: Sequence[PreTrainedModel | str | os.PathLike],
     bn_dataloader: Iterable | None = None,
@@ -70,10 +215,11 @@ def uniform_soup(
 ) -> PreTrainedModel:
     """Average the members' weights uniformly and return an ordinary model of the members' class.
 
-    Floating tensors are accumulated in float32 (float64 stays float64) and cast back to the member dtype, so
-    a bf16 soup is not rounded K times. Integer buffers (e.g. BatchNorm ``num_batches_tracked``) are copied
-    from member 0. Tied weights (one tensor under several names) are averaged once. The result is a deep copy
-    of member 0 holding the averaged state; the members are not modified.
+    A streaming running mean (`weighted_average` with equal weights), as in model-soups: members given as
+    directories are loaded one at a time, so K members cost two state dicts of memory, not K. Floating
+    tensors are accumulated in float32 (float64 stays float64) and cast back to the member dtype, so a bf16
+    soup is not rounded K times. Integer buffers (e.g. BatchNorm ``num_batches_tracked``) are copied from
+    member 0. Tied weights (one tensor under several names) are averaged once. The members are not modified.
 
     Args:
         members: models of one architecture with identical weight names and shapes, or their
@@ -82,34 +228,10 @@ def uniform_soup(
             Models with BatchNorm and no loader get a warning explaining why this matters.
         warn_batchnorm: set False to silence that warning when you recompute the statistics yourself.
     """
-    members = _check_members(members)
-    soup = copy.deepcopy(members[0])
-    states = [m.state_dict() for m in members]
-    averaged: dict[str, torch.Tensor] = {}
-    done: dict[tuple[int, torch.dtype, tuple[int, ...]], torch.Tensor] = {}  # tied weights share storage
-    for name, ref in states[0].items():
-        key = (ref.untyped_storage().data_ptr() + ref.storage_offset(), ref.dtype, tuple(ref.shape))
-        if key in done:
-            averaged[name] = done[key]
-            continue
-        if ref.is_floating_point() or ref.is_complex():
-            acc_dtype = ref.dtype if ref.dtype in (torch.float64, torch.complex128) else None
-            acc_dtype = acc_dtype or (torch.complex64 if ref.is_complex() else torch.float32)
-            acc = torch.zeros(ref.shape, dtype=acc_dtype, device=ref.device)
-            for state in states:
-                acc += state[name].to(device=ref.device, dtype=acc_dtype)
-            value = (acc / len(states)).to(ref.dtype)
-        else:
-            value = ref.clone()
-        averaged[name] = done[key] = value
-    soup.load_state_dict(averaged, strict=True)
-    if bn_dataloader is not None:
-        recompute_batchnorm(soup, bn_dataloader)
-    elif warn_batchnorm and has_batchnorm(soup):
-        warnings.warn(_BN_WARNING, UserWarning, stacklevel=2)
-    return soup
+    return _finish(weighted_average(members), bn_dataloader, warn_batchnorm)
 
 
+@torch.no_grad()
 def greedy_soup(
     members: Sequence[PreTrainedModel | str | os.PathLike],
     eval_fn: Callable[[PreTrainedModel], float],
@@ -118,7 +240,10 @@ def greedy_soup(
     """Greedy soup (Wortsman et al., 2022): add members in order of held-out score while the score improves.
 
     Members are sorted by ``eval_fn(member)`` (higher is better); starting from the best one, each next member
-    is kept only if the uniform soup with it scores *strictly* higher than without it.
+    is kept only if the uniform soup with it scores *strictly* higher than without it. As in model-soups, a
+    running sum of the chosen members is kept and each candidate soup ``(sum + member) / (n + 1)`` is written
+    into one working model: K soups are built in all, never a copy per try, and directories are loaded one at
+    a time (memory: the sum, the working model and the member being tried).
 
     ``eval_fn`` must score a HELD-OUT split (a validation split carved from the training data), never the test
     set: the greedy choice is a fit on that data, and reporting test accuracy of a soup picked on the test set
@@ -127,9 +252,9 @@ def greedy_soup(
     Returns:
         ``(soup, chosen_indices)`` with indices into `members`, in the order they were added.
     """
-    members = _check_members(members)
+    members = _sources(members)
 
-    def score(model: PreTrainedModel) -> float:
+    def score(model: nn.Module) -> float:
         value = float(eval_fn(model))
         if not math.isfinite(value):
             raise ValueError(
@@ -138,15 +263,27 @@ def greedy_soup(
             )
         return value
 
-    scores = [score(m) for m in tqdm(members, desc="greedy soup: scoring members", leave=False)]
+    scores = [score(_materialise(m)) for m in tqdm(members, desc="greedy soup: scoring members", leave=False)]
     order = sorted(range(len(members)), key=lambda i: scores[i], reverse=True)
+    soup = _materialise(
+        members[order[0]], copy_module=True
+    )  # the working model every candidate is written to
+    ref_shapes = {k: tuple(v.shape) for k, v in soup.state_dict().items()}
+    running = _RunningSum(soup.state_dict(), _floating_names(soup))
     chosen, best = [order[0]], scores[order[0]]
     for i in tqdm(order[1:], desc="greedy soup: adding members", leave=False):
-        candidate = uniform_soup([members[j] for j in [*chosen, i]], bn_dataloader, warn_batchnorm=False)
-        value = score(candidate)
+        model = _materialise(members[i])
+        state = _check_like(soup, ref_shapes, model, i)
+        running.write_mean(soup, plus=state)
+        if bn_dataloader is not None:
+            recompute_batchnorm(soup, bn_dataloader)
+        value = score(soup)
         if value > best:
+            running.add(state)
             chosen, best = [*chosen, i], value
-    return uniform_soup([members[j] for j in chosen], bn_dataloader), chosen
+        del model, state
+    running.write_mean(soup)
+    return _finish(soup, bn_dataloader, warn=True), chosen
 
 
 @torch.no_grad()

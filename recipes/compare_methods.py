@@ -16,18 +16,14 @@ import copy
 import json
 import math
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _cli import parse_config_and_args  # noqa: E402
-from vit_cifar import ScriptArguments, run  # noqa: E402
-
-from trainers import StarSSEConfig  # noqa: E402
+from recipes._cli import parse_config_and_args
+from recipes.vit_cifar import ScriptArguments, run
+from trainers import StarSSEConfig
 
 # two-sided 95% Student-t quantiles by degrees of freedom (no scipy dependency)
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
@@ -171,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     records = read_records(out)  # all seeds, also those run by other processes
     summary = summarise(records)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
-    from report_results import write_report
+    from recipes.report_results import write_report
 
     write_report(records, summary, out)
 

@@ -5,10 +5,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from hf_ens.plots import new_figure, plot_vs_ensemble_size, save_figure
 
 METRICS = ("accuracy", "nll", "ece")
 
@@ -72,7 +69,7 @@ def _by_seed(records: list[dict], name: str) -> dict[int, dict]:
 
 def _paired(records: list[dict], a: str, b: str, metric_a: str, metric_b: str | None = None) -> tuple:
     """Mean and 95% interval over seeds of (a's metric_a - b's metric_b), run by run of the same seed."""
-    from compare_methods import _ci95
+    from recipes.compare_methods import _ci95
 
     ra, rb = _by_seed(records, a), _by_seed(records, b)
     diffs = [ra[s][metric_a] - rb[s][metric_b or metric_a] for s in sorted(ra) if s in rb]
@@ -132,21 +129,19 @@ def _curves(records: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
 
 
 def write_figures(records: list[dict], summary: dict, out: Path) -> list[str]:
+    """accuracy_vs_k.png and cycle_lr_sweep.png, drawn with `hf_ens.plots` (pyplot-free, atomic writes)."""
     out.mkdir(parents=True, exist_ok=True)
     files = []
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for method, (sizes, acc) in _curves(records).items():
-        ax.plot(sizes, [100 * a for a in acc], marker="o", label=method)
-    ax.set(
-        xlabel="ensemble size K", ylabel="test accuracy %", title="Accuracy vs ensemble size (1x cycle LR)"
-    )
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "accuracy_vs_k.png", dpi=120)
-    plt.close(fig)
-    files.append("accuracy_vs_k.png")
+    curves = _curves(records)
+    if curves:
+        sizes = next(iter(curves.values()))[0]
+        by_method = {m: {"test accuracy %": [100 * a for a in acc]} for m, (_, acc) in curves.items()}
+        plot_vs_ensemble_size(
+            sizes, by_method, out / "accuracy_vs_k.png", title="Accuracy vs ensemble size (1x cycle LR)"
+        )
+        files.append("accuracy_vs_k.png")
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    fig, axes = new_figure(ncols=2, height=3.5)
     curves = (("ensemble/accuracy", "-o", "ensemble"), ("soup/accuracy", "--s", "uniform soup"),
               ("basin/midpoint_accuracy", ":^", "midpoint model 1 / member 2"))  # fmt: skip
     for method, color in (("starsse", "tab:blue"), ("sse", "tab:orange")):
@@ -175,9 +170,7 @@ def write_figures(records: list[dict], summary: dict, out: Path) -> list[str]:
     axes[0].set_ylabel("test accuracy %")
     axes[1].set_ylabel("L2 distance to model 1")
     fig.suptitle("Cycle-LR sweep: leaving the pre-train basin")
-    fig.tight_layout()
-    fig.savefig(out / "cycle_lr_sweep.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, out / "cycle_lr_sweep.png")
     files.append("cycle_lr_sweep.png")
     return files
 

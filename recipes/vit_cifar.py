@@ -17,11 +17,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _cli import parse_config_and_args  # noqa: E402
-
-from trainers import StarSSEConfig, StarSSETrainer  # noqa: E402
+from recipes._cli import parse_config_and_args
+from trainers import StarSSEConfig, StarSSETrainer
 
 OFFLINE_DATASET = "offline:fashion_mnist"
 OFFLINE_MODEL = "offline:pretrained_vit"
@@ -215,7 +212,7 @@ def collate(examples):
 def resolve_checkpoint(args: ScriptArguments) -> str:
     if args.model_name_or_path != OFFLINE_MODEL:
         return args.model_name_or_path
-    from pretrain_vit import ensure_pretrained_checkpoint
+    from recipes.pretrain_vit import ensure_pretrained_checkpoint
 
     return str(ensure_pretrained_checkpoint(args.pretrain_config))
 
@@ -263,12 +260,14 @@ def evaluate_run(
 ) -> dict:
     """Members, ensemble (and its size curve), uniform and greedy soups, basin profile: metrics + plots."""
     from torch.utils.data import DataLoader
+    from transformers import default_data_collator
 
-    from hf_ens import greedy_soup, uniform_soup
+    from hf_ens import greedy_soup, make_accuracy_eval_fn, uniform_soup
     from hf_ens.basin import barrier, interpolation_profile, plot_profile, weight_distance
     from hf_ens.evaluation import predict_logits
-    from hf_ens.metrics import accuracy, ensemble_metrics
+    from hf_ens.metrics import accuracy, classification_metrics, ensemble_metrics
     from hf_ens.plots import plot_vs_ensemble_size
+    from hf_ens.soups import has_batchnorm
 
     cache: dict[int, list] = {}
 
@@ -277,7 +276,7 @@ def evaluate_run(
         processor, not the model, dominates the many passes below. Splits over 1 GiB are streamed instead."""
         if id(ds) in cache:
             return cache[id(ds)]
-        batches = DataLoader(ds, batch_size=args.eval_batch_size, collate_fn=collate)
+        batches = DataLoader(ds, batch_size=args.eval_batch_size, collate_fn=default_data_collator)
         if len(ds) * ds[0]["pixel_values"].numel() * 4 > 2**30:
             return batches
         cache[id(ds)] = list(batches)
@@ -285,33 +284,20 @@ def evaluate_run(
 
     ensemble = trainer.ensemble()
     members = list(ensemble.members)
-    has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in members[0].modules())
-    bn_loader = loader(train_eval) if has_bn else None
+    bn_loader = loader(train_eval) if has_batchnorm(ensemble) else None
 
-    member_logits, labels = [], None
-    for k, member in enumerate(members):
-        logits, labels = predict_logits(member, loader(test), desc=f"test member_{k:02d}")
-        member_logits.append(logits)
-    member_logits = torch.stack(member_logits)
-
+    member_logits, labels = ensemble.predict(loader(test))  # [K, N, C], kept for the ensemble-size curve
     soup = uniform_soup(members, bn_dataloader=bn_loader)
     soup_logits, _ = predict_logits(soup, loader(test), desc="test uniform soup")
 
-    def held_out_accuracy(model) -> float:
-        logits, y = predict_logits(model, loader(held_out))
-        return float(accuracy(logits, y))
-
+    held_out_accuracy = make_accuracy_eval_fn(loader(held_out))
     greedy, chosen = greedy_soup(members, held_out_accuracy, bn_dataloader=bn_loader)
     greedy_logits, _ = predict_logits(greedy, loader(test), desc="test greedy soup")
 
     metrics = ensemble_metrics(member_logits, labels, soup_logits=soup_logits)
     metrics["model1/held_out_accuracy"] = held_out_accuracy(members[0])
-    train_logits, train_labels = predict_logits(members[0], loader(train_eval))
-    metrics["model1/train_accuracy"] = float(accuracy(train_logits, train_labels))
-    greedy_metrics = ensemble_metrics(greedy_logits[None], labels)
-    metrics.update(
-        {k.replace("ensemble/", "greedy_soup/"): v for k, v in greedy_metrics.items() if "ensemble/" in k}
-    )
+    metrics["model1/train_accuracy"] = make_accuracy_eval_fn(loader(train_eval))(members[0])
+    metrics.update(classification_metrics(greedy_logits, labels, prefix="greedy_soup/"))
     metrics["greedy_soup/members"] = list(map(int, chosen))
 
     # accuracy / NLL vs ensemble size (first k members)

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from recipes import vit_cifar
+from recipes._cli import ConfigError
 from tests._recipe_utils import (
     ROOT,
     save_tiny_resnet,
@@ -24,11 +26,6 @@ from tests._recipe_utils import (
     tiny_processor,
     tiny_run_args,
 )
-
-sys.path.insert(0, str(ROOT / "recipes"))
-
-import vit_cifar  # noqa: E402
-from _cli import ConfigError  # noqa: E402
 
 SUMMARY_KEYS = [
     f"{row}/{m}"

@@ -1,6 +1,7 @@
 """uniform_soup / greedy_soup / recompute_batchnorm on tiny real models, against hand-computed values."""
 
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -156,3 +157,119 @@ def test_accuracy_eval_fn_matches_manual_count():
     assert make_accuracy_eval_fn(loader)(model) == pytest.approx(expected)
     dict_batches = [{"pixel_values": x, "labels": y}]
     assert make_accuracy_eval_fn(dict_batches)(model) == pytest.approx(expected)
+
+
+# ------------------------------------------------------------------ streaming soups and weighted_average
+
+
+def _save_members(tmp_path, n: int, dtype=None) -> list:
+    paths = []
+    for k in range(n):
+        model = tiny_vit(k) if dtype is None else tiny_vit(k).to(dtype)
+        model.save_pretrained(tmp_path / f"member_{k:02d}")
+        paths.append(tmp_path / f"member_{k:02d}")
+    return paths
+
+
+@pytest.fixture
+def live_members(monkeypatch):
+    """Counts the members loaded from disk that are alive at once (the real strict loader runs)."""
+    import hf_ens.ensemble
+
+    real, live, peak = hf_ens.ensemble._load_member, set(), [0]
+
+    def counting_load(path, *args, **kwargs):
+        model = real(path, *args, **kwargs)
+        token = object()
+        live.add(id(token))
+        weakref.finalize(model, live.discard, id(token))
+        model._liveness_token = token
+        peak[0] = max(peak[0], len(live))
+        return model
+
+    monkeypatch.setattr(hf_ens.ensemble, "_load_member", counting_load)
+    return peak
+
+
+def test_uniform_soup_of_directories_streams_one_member_at_a_time(tmp_path, live_members):
+    paths = _save_members(tmp_path, 5)
+    soup = uniform_soup(paths)
+    assert live_members[0] <= 2  # the running mean (which becomes the soup) and the member being added
+    states = [tiny_vit(k).state_dict() for k in range(5)]
+    for name, value in soup.state_dict().items():
+        torch.testing.assert_close(value, sum(s[name] for s in states) / 5)
+
+
+def test_greedy_soup_of_directories_streams_and_reuses_one_working_model(tmp_path, live_members):
+    paths = _save_members(tmp_path, 4)
+    w = [tiny_vit(k).classifier.weight.detach() for k in range(4)]
+    target = (w[1] + w[2] + w[3]) / 3
+    tried = []
+
+    def eval_fn(model):
+        tried.append(weakref.ref(model))  # not keeping the model alive
+        return _target_eval_fn(target)(model)
+
+    soup, chosen = greedy_soup(paths, eval_fn)
+    assert live_members[0] <= 2  # the working soup and the member being tried
+    candidates = tried[4:]  # after scoring the 4 members: one try per remaining member
+    assert len(candidates) == 3 and all(c() is soup for c in candidates)  # no new soup per try
+    assert sorted(chosen) == [1, 2, 3]
+    # bit-identical to averaging the chosen members in the order they were added
+    expected = uniform_soup([tiny_vit(k) for k in chosen]).state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in soup.state_dict().items())
+
+
+def test_greedy_soup_recomputes_bn_for_every_candidate_and_the_result():
+    members = [tiny_resnet(s) for s in range(3)]
+    bn_means = []
+
+    def eval_fn(model):  # prefers soups whose first BN mean (recomputed on the loader) is small
+        value = model.resnet.embedder.embedder.normalization.running_mean.sum().item()
+        bn_means.append(value)
+        return -value
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        soup, chosen = greedy_soup(members, eval_fn, bn_dataloader=_resnet_loader())
+    expected = uniform_soup([members[j] for j in chosen], bn_dataloader=_resnet_loader())
+    for name, value in soup.state_dict().items():
+        torch.testing.assert_close(value, expected.state_dict()[name], msg=name)
+    with pytest.warns(UserWarning, match="BatchNorm"):
+        greedy_soup(members, eval_fn)  # no loader: the same warning as uniform_soup
+
+
+def test_weighted_average_weights_into_and_mixed_sources(tmp_path):
+    from hf_ens.soups import weighted_average
+
+    a, b = tiny_vit(0), tiny_vit(1)
+    path_b = _save_members(tmp_path, 2)[1]
+    avg = weighted_average([a, path_b], [3.0, 1.0])  # a module and a directory
+    wa, wb = a.classifier.weight, b.classifier.weight
+    torch.testing.assert_close(avg.classifier.weight, (3 * wa + wb) / 4)
+    working = tiny_vit(7)
+    assert weighted_average([a, b], [0.25, 0.75], into=working) is working
+    torch.testing.assert_close(working.classifier.weight, 0.25 * wa + 0.75 * wb)
+    extrapolated = weighted_average([a, b], [-1.0, 2.0])
+    torch.testing.assert_close(extrapolated.classifier.weight, 2 * wb - wa)
+    assert torch.equal(a.classifier.weight, tiny_vit(0).classifier.weight)  # inputs untouched
+    for bad, match in (([1.0], "one finite weight"), ([1.0, float("nan")], "one finite weight"),
+                       ([1.0, -1.0], "sum to 0")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            weighted_average([a, b], bad)
+    with pytest.raises(TypeError, match="member 1 is a dict"):
+        weighted_average([a, {"w": torch.zeros(1)}])
+    with pytest.raises(ValueError, match="different architectures"):
+        weighted_average([a, tiny_vit(0, hidden_size=16)])
+
+
+def test_bf16_member_directories_are_accumulated_in_fp32(tmp_path):
+    paths = _save_members(tmp_path, 3, dtype=torch.bfloat16)
+    soup = uniform_soup(paths)
+    from hf_ens.ensemble import _load_member
+
+    w = [_load_member(p).classifier.weight for p in paths]
+    assert soup.classifier.weight.dtype == torch.bfloat16
+    assert torch.equal(
+        soup.classifier.weight, ((w[0].float() + w[1].float() + w[2].float()) / 3).to(torch.bfloat16)
+    )
