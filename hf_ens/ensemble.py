@@ -78,10 +78,12 @@ def _check_compatible(members: Sequence[PreTrainedModel]) -> None:
                 f"All members must share one label set: member 0 has id2label={dict(ref.config.id2label)}, "
                 f"member {i} has {dict(m.config.id2label)}."
             )
-    from .soups import _check_members  # the weight names/shapes check soups need too
+    from .soups import _check_like  # the weight names/shapes check soups need too
 
+    ref_shapes = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
     try:
-        _check_members(members)
+        for i, m in enumerate(members[1:], start=1):
+            _check_like(ref, ref_shapes, m, i)
     except ValueError as e:  # same class, other depth or width: averaging or ensembling them is a mistake
         raise ValueError(f"All members must have the same depth and width: {e}") from None
 
