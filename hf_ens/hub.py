@@ -108,7 +108,9 @@ def verify_digests(folder: str | os.PathLike, digests: dict | None) -> None:
 
 # --- download and push ------------------------------------------------------------------------------------
 def download(repo_id: str, revision: str | None, **hub_kwargs) -> Path:
-    """Fetch an ensemble repo (not its root soup weights) into the HF cache; errors say what was missing."""
+    """Fetch an ensemble repo (not its root soup weights) into the HF cache; errors say what was missing.
+
+    `hub_kwargs` (token, cache_dir, force_download, local_files_only) go to every download."""
     from huggingface_hub import HfApi, hf_hub_download, snapshot_download
     from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
@@ -140,7 +142,7 @@ def download(repo_id: str, revision: str | None, **hub_kwargs) -> Path:
     ]
     for filename in wanted:
         try:
-            hf_hub_download(repo_id, filename, revision=info.sha, force_download=True, **hub_kwargs)
+            hf_hub_download(repo_id, filename, revision=info.sha, **{**hub_kwargs, "force_download": True})
         except Exception as e:
             raise EnsembleLoadError(
                 f"Could not download {filename} of {where}: {type(e).__name__}: {e}"

@@ -60,8 +60,15 @@ def member_class(config) -> type[PreTrainedModel]:
     return cls
 
 
-def load_member(path: str | os.PathLike, dtype: torch.dtype | str | None = None) -> PreTrainedModel:
+def load_member(
+    path: str | os.PathLike,
+    dtype: torch.dtype | str | None = None,
+    device_map: str | dict | torch.device | int | None = None,
+    attn_implementation: str | None = None,
+) -> PreTrainedModel:
     """Load one member directory strictly: safetensors only, every weight present, nothing unexpected.
+
+    `dtype`, `device_map` and `attn_implementation` mean what they mean to transformers' ``from_pretrained``.
 
     Non-finite (NaN/Inf) weights give a warning naming the member rather than an error: loading is how a user
     inspects a broken run or an old repo (saving and pushing refuse them, see `hf_ens.assert_finite`), and
@@ -86,6 +93,8 @@ def load_member(path: str | os.PathLike, dtype: torch.dtype | str | None = None)
             use_safetensors=True,
             output_loading_info=True,
             dtype=dtype,
+            device_map=device_map,
+            attn_implementation=attn_implementation,
             trust_remote_code=False,
         )
     except EnsembleLoadError:

@@ -9,6 +9,7 @@ Model of the Hub kept here:
 - repos of type model/dataset/space, keyed by (repo_type, "namespace/name"), created with an initial commit
   holding the Hub's default `.gitattributes` (so `*.safetensors`, `*.parquet`, ... go through LFS);
 - commits are immutable snapshots (path -> file entry) with sha1 hex ids; branches and tags point at commits;
+- a commit with `create_pr` opens pull request N: a ref `refs/pr/N` (loadable as a revision) started at the base;
 - regular files are content-addressed by their git blob sha1, LFS files by their sha256 (uploaded with the LFS
   batch API + a basic PUT transfer, then referenced by an `lfsFile` line of the ndjson commit);
 - `resolve` answers regular files directly (ETag = git sha1) and redirects LFS files (302, X-Linked-Etag =
@@ -549,6 +550,7 @@ class _Handler(BaseHTTPRequestHandler):
             "branches": [
                 {"name": n, "ref": f"refs/heads/{n}", "targetCommit": c}
                 for n, c in sorted(repo.branches.items())
+                if not n.startswith("refs/pr/")
             ],
             "tags": [
                 {"name": n, "ref": f"refs/tags/{n}", "targetCommit": c} for n, c in sorted(repo.tags.items())
@@ -796,8 +798,6 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _create_commit(self, repo_type: str, repo_id: str, revision: str) -> None:
         repo = self._repo(repo_type, repo_id, write=True)
-        if "create_pr" in self.query:
-            raise HubError(400, "The test Hub does not support pull requests (create_pr)")
         header: dict = {}
         operations = []
         for line in self.body().splitlines():
@@ -823,9 +823,15 @@ class _Handler(BaseHTTPRequestHandler):
                 if repo.resolve(revision) is not None:
                     raise HubError(400, f"Cannot commit to {revision}: not a branch")
                 raise HubError(404, f"Invalid rev id: {revision}", "RevisionNotFound")
+            pr_url, branch = None, revision
+            if "create_pr" in self.query:  # a pull request is a ref `refs/pr/N` started at the base branch
+                number = 1 + sum(b.startswith("refs/pr/") for b in repo.branches)
+                branch = f"refs/pr/{number}"
+                repo.branches[branch] = repo.branches[revision]
+                pr_url = self._url(f"/{URL_PREFIXES[repo_type]}{repo_id}/discussions/{number}")
             commit = state.commit(
                 repo,
-                revision,
+                branch,
                 operations,
                 header.get("summary") or "Upload files",
                 header.get("description") or "",
@@ -837,7 +843,7 @@ class _Handler(BaseHTTPRequestHandler):
                 "success": True,
                 "commitOid": commit.id,
                 "commitUrl": self._url(f"{prefix}/commit/{commit.id}"),
-                "pullRequestUrl": None,
+                "pullRequestUrl": pr_url,
             }
         )
 
