@@ -5,13 +5,14 @@ The library layer: it never imports `trainers`.
 
 from .basin import barrier, distances_to, interpolate, interpolation_profile, plot_profile, weight_distance
 from .checks import NonFiniteError, assert_finite, nonfinite_tensors
-from .ensemble import EnsembleLoadError, EnsembleModel, EnsembleOutput, HubPushError
+from .ensemble import EnsembleConfig, EnsembleLoadError, EnsembleModel, EnsembleOutput, HubPushError
 from .evaluate_metrics import EVALUATE_METRICS, load_metric
 from .soups import greedy_soup, make_accuracy_eval_fn, recompute_batchnorm, uniform_soup, weighted_average
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "EnsembleConfig",
     "EnsembleModel",
     "EnsembleOutput",
     "EnsembleLoadError",

@@ -16,9 +16,10 @@ On disk and on the Hub an ensemble is an ordinary model repo::
     README.md                      model card
 
 The root ``config.json`` stays the soup's, so that plain transformers loads the soup from the repo; the
-ensemble's config lives in ``ensemble_config.json`` (``EnsembleConfig.from_pretrained(repo)`` reads it). A repo
-id alone therefore means the soup to transformers; the ensemble is ``EnsembleModel.from_pretrained(repo)``, or
-any Auto class / pipeline given ``config=EnsembleConfig.from_pretrained(repo)``.
+ensemble's config lives in ``ensemble_config.json`` (``EnsembleConfig.from_pretrained(repo)`` reads it). A
+repo id alone therefore means the soup to transformers (also ``pipeline(task, model=repo)``); the ensemble is
+``EnsembleModel.from_pretrained(repo)``, or an Auto class given
+``config=EnsembleConfig.from_pretrained(repo)``, and a pipeline takes that model object.
 
 Loading is strict (every member weight present, nothing unexpected), safetensors only, no remote code.
 """
@@ -73,8 +74,7 @@ __all__ = [
 
 FORMAT_VERSION = 2  # 2: ensemble_config.json is an EnsembleConfig (1: a plain dict without the member config)
 _load_member = load_member  # the name `hf_ens.soups` imports
-# Keyword arguments of transformers' `from_pretrained` / `save_pretrained` / `push_to_hub` that carry no meaning
-# for an ensemble here, and why they are accepted: the Auto classes and pipelines pass them.
+# Keywords the Auto classes and pipelines pass to `from_pretrained` that mean nothing for an ensemble.
 _IGNORED_LOAD_KWARGS = ("_from_auto", "_from_pipeline", "adapter_kwargs", "code_revision")
 _PUSH_KWARGS = ("commit_message", "commit_description", "private", "create_pr", "revision")
 
@@ -117,7 +117,7 @@ class EnsembleConfig(PreTrainedConfig):
         self.metadata = dict(self.metadata or {})
         if self.member_config is not None:  # the members' labels are the ensemble's labels
             self.id2label = dict(self.member_config.id2label)
-            self.label2id = dict(self.member_config.label2id)
+            self.label2id = dict(self.member_config.label2id or {v: k for k, v in self.id2label.items()})
             self.problem_type = self.member_config.problem_type
             self.architecture = self.architecture or (self.member_config.architectures or [None])[0]
 
@@ -139,8 +139,8 @@ class EnsembleConfig(PreTrainedConfig):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> EnsembleConfig:
-        """Read ``ensemble_config.json`` of a local ensemble directory or a Hub repo (transformers' hub kwargs:
-        revision, token, cache_dir, local_files_only...). A config with an ``auto_map`` (repo code) is refused.
+        """Read ``ensemble_config.json`` of a local ensemble directory or a Hub repo (transformers' hub
+        kwargs: revision, token, cache_dir, local_files_only...). A config with an ``auto_map`` is refused.
         An ensemble saved in format 1 gets its member config from ``member_00/config.json``."""
         kwargs.setdefault("_configuration_file", ENSEMBLE_CONFIG_NAME)
         hub_kwargs = {
@@ -154,8 +154,8 @@ class EnsembleConfig(PreTrainedConfig):
             raise EnsembleLoadError(f"Corrupted {where}: no 'members' list (not an hf-ens ensemble?).")
         if "auto_map" in config_dict:
             raise EnsembleLoadError(
-                f"{where} has an 'auto_map' entry: it asks to run the repository's own Python code, which hf-ens "
-                "never does (trust_remote_code=False)."
+                f"{where} has an 'auto_map' entry: it asks to run the repository's own Python code, which "
+                "hf-ens never does (trust_remote_code=False)."
             )
         if config_dict.get("model_type") != cls.model_type:  # format 1: model_type was the members'
             config_dict = {k: v for k, v in config_dict.items() if k != "model_type"}
@@ -320,13 +320,13 @@ class EnsembleModel(PreTrainedModel):
         """Load a saved ensemble from a local directory or a Hub repo id, with transformers' usual keywords.
 
         Hub repos are fetched with `huggingface_hub.snapshot_download` (`revision`, `token`, `cache_dir`,
-        `force_download`, `local_files_only`; members, configs and processor; never ``.py`` files, not the root
-        soup weights), then loaded like a local directory; ``revision="main"`` on a local directory is ignored
-        with a warning, any other revision there is an error. No repo code ever runs: a config with an
-        ``auto_map`` is refused before transformers sees it (``trust_remote_code=True`` is refused). Every file
-        is checked against the SHA-256 recorded in ``ensemble_config.json`` (repos saved before digests were
-        recorded load unverified). `dtype` (or legacy `torch_dtype`), `device_map` (``"auto"``, ``"cpu"``, a
-        device) and `attn_implementation` go to each member's ``from_pretrained``. `config`: an
+        `force_download`, `local_files_only`; members, configs and processor; never ``.py`` files, not the
+        root soup weights), then loaded like a local directory; ``revision="main"`` on a local directory is
+        ignored with a warning, any other revision there is an error. No repo code ever runs: a config with
+        an ``auto_map`` is refused before transformers sees it (``trust_remote_code=True`` is refused). Every
+        file is checked against the SHA-256 recorded in ``ensemble_config.json`` (repos saved before digests
+        were recorded load unverified). `dtype` (or legacy `torch_dtype`), `device_map` (``"auto"``,
+        ``"cpu"``, a device) and `attn_implementation` go to each member's ``from_pretrained``. `config`: an
         `EnsembleConfig` to use instead of the saved one (the Auto classes pass it); it must list the same
         members. Non-finite member weights give a warning (see `hf_ens.members.load_member`).
         """
@@ -375,7 +375,8 @@ class EnsembleModel(PreTrainedModel):
             raise ValueError(f"revision={revision!r} applies to Hub repos; {path} is a local directory.")
         if not (path / ENSEMBLE_CONFIG_NAME).is_file():
             raise EnsembleLoadError(
-                f"Missing {path / ENSEMBLE_CONFIG_NAME}: not an hf-ens ensemble (see EnsembleModel.save_pretrained)."
+                f"Missing {path / ENSEMBLE_CONFIG_NAME}: not an hf-ens ensemble "
+                "(see EnsembleModel.save_pretrained)."
             )
         refuse_remote_code(path)  # before anything else reads the configs
         saved = _read_config(path)
@@ -416,7 +417,7 @@ class EnsembleModel(PreTrainedModel):
             token_type_ids=token_type_ids,
         )
         inputs = {k: v for k, v in {**inputs, **kwargs}.items() if v is not None}
-        member_logits = torch.stack([m(**inputs).logits for m in self.members])
+        member_logits = torch.stack([self._member_logits(m, inputs) for m in self.members])
         logits = torch.logsumexp(torch.log_softmax(member_logits.float(), dim=-1), dim=0) - math.log(
             len(self.members)
         )
@@ -426,6 +427,13 @@ class EnsembleModel(PreTrainedModel):
         if return_dict is False:
             return tuple(x for x in (loss, logits, member_logits) if x is not None)
         return EnsembleOutput(loss=loss, logits=logits, member_logits=member_logits)
+
+    def _member_logits(self, member: PreTrainedModel, inputs: dict) -> torch.Tensor:
+        """One member's logits, on member 0's device: with ``device_map`` members may sit on different devices
+        (a member dispatched over several devices moves its inputs itself)."""
+        if getattr(member, "hf_device_map", None) is None:
+            inputs = _on_device(inputs, member.device)
+        return member(**inputs).logits.to(self.members[0].device)
 
     def predict(self, dataloader: Iterable) -> tuple[torch.Tensor, torch.Tensor]:
         """Member logits [K, N, C] and labels [N] of a labelled loader (for `metrics.ensemble_metrics`)."""
@@ -485,10 +493,10 @@ class EnsembleModel(PreTrainedModel):
         Refuses (`hf_ens.NonFiniteError`) a member or soup with NaN/Inf weights. `soup` replaces the uniform
         soup at the root (e.g. one with recomputed BatchNorm statistics); `metrics`
         (`hf_ens.metrics.ensemble_metrics`) and `repo_id` go into the card. transformers' keywords:
-        `max_shard_size` shards every member and the soup (the digests cover every shard); only safetensors are
-        written (``safe_serialization=False`` is refused); `is_main_process=False` writes nothing (the other
-        ranks of a distributed run); ``push_to_hub=True`` then pushes the directory to `repo_id` (default: its
-        name) with `token` and `push_kwargs` (``commit_message``, ``commit_description``, ``private``,
+        `max_shard_size` shards every member and the soup (the digests cover every shard); only safetensors
+        are written (``safe_serialization=False`` is refused); `is_main_process=False` writes nothing (the
+        other ranks of a distributed run); ``push_to_hub=True`` then pushes the directory to `repo_id`
+        (default: its name) with `token` and `push_kwargs` (``commit_message``, ``commit_description``, ``private``,
         ``create_pr``, ``revision``). A `state_dict` is refused: the ensemble saves its own members.
         """
         from .cards import render_model_card
@@ -572,8 +580,8 @@ def _check_save_kwargs(safe_serialization: bool, state_dict: dict | None, push_k
         )
     if state_dict is not None:
         raise ValueError(
-            "EnsembleModel.save_pretrained saves its own members; a state_dict is not supported (load it into "
-            "the ensemble with load_state_dict first)."
+            "EnsembleModel.save_pretrained saves its own members; a state_dict is not supported (load it "
+            "into the ensemble with load_state_dict first)."
         )
     unknown = sorted(set(push_kwargs) - set(_PUSH_KWARGS))
     if unknown:

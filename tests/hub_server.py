@@ -9,7 +9,7 @@ Model of the Hub kept here:
 - repos of type model/dataset/space, keyed by (repo_type, "namespace/name"), created with an initial commit
   holding the Hub's default `.gitattributes` (so `*.safetensors`, `*.parquet`, ... go through LFS);
 - commits are immutable snapshots (path -> file entry) with sha1 hex ids; branches and tags point at commits;
-- a commit with `create_pr` opens pull request N: a ref `refs/pr/N` (loadable as a revision) started at the base;
+- a commit with `create_pr` opens pull request N: a ref `refs/pr/N` (a loadable revision) started at the base;
 - regular files are content-addressed by their git blob sha1, LFS files by their sha256 (uploaded with the LFS
   batch API + a basic PUT transfer, then referenced by an `lfsFile` line of the ndjson commit);
 - `resolve` answers regular files directly (ETag = git sha1) and redirects LFS files (302, X-Linked-Etag =
