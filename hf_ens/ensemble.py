@@ -496,8 +496,8 @@ class EnsembleModel(PreTrainedModel):
         `max_shard_size` shards every member and the soup (the digests cover every shard); only safetensors
         are written (``safe_serialization=False`` is refused); `is_main_process=False` writes nothing (the
         other ranks of a distributed run); ``push_to_hub=True`` then pushes the directory to `repo_id`
-        (default: its name) with `token` and `push_kwargs` (``commit_message``, ``commit_description``, ``private``,
-        ``create_pr``, ``revision``). A `state_dict` is refused: the ensemble saves its own members.
+        (default: its name) with `token` and `push_kwargs` (``commit_message``, ``commit_description``,
+        ``private``, ``create_pr``, ``revision``). A `state_dict` is refused: the ensemble saves its own members.
         """
         from .cards import render_model_card
 
