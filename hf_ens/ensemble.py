@@ -497,7 +497,8 @@ class EnsembleModel(PreTrainedModel):
         are written (``safe_serialization=False`` is refused); `is_main_process=False` writes nothing (the
         other ranks of a distributed run); ``push_to_hub=True`` then pushes the directory to `repo_id`
         (default: its name) with `token` and `push_kwargs` (``commit_message``, ``commit_description``,
-        ``private``, ``create_pr``, ``revision``). A `state_dict` is refused: the ensemble saves its own members.
+        ``private``, ``create_pr``, ``revision``). A `state_dict` is refused: the ensemble saves
+        its own members.
         """
         from .cards import render_model_card
 
