@@ -16,35 +16,20 @@ from tests._trainer_utils import (
     BATCH,
     CYCLE_LR,
     LR,
-    Recorder,
-    RecordingCollator,
     TinyImages,
     load_member,
+    make_trainer,
     max_diff,
     starsse_config,
     tiny_vit,
     weights,
 )
-from trainers import StarSSEConfig, StarSSETrainer
+from trainers import StarSSEConfig
 
 STEPS_PER_EPOCH = 6  # 24 samples / batch 4
 
 
 _one_thread = pytest.fixture(autouse=True)(one_torch_thread)
-
-
-def make_trainer(out, model_seed=0, snapshot_steps=(), processing_class=None, **overrides):
-    collator = RecordingCollator()
-    trainer = StarSSETrainer(
-        model=tiny_vit(model_seed),
-        args=starsse_config(out, **overrides),
-        train_dataset=TinyImages(),
-        data_collator=collator,
-        processing_class=processing_class,
-    )
-    recorder = Recorder(trainer, snapshot_steps)
-    trainer.add_callback(recorder)  # after the cycle callback: sees the weights once a cycle has started
-    return trainer, recorder, collator
 
 
 def expected_lr(step, model1_steps, cycle_steps, warmup=0, cycle_warmup=0):
