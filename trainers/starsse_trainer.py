@@ -273,7 +273,13 @@ class StarSSETrainer(Trainer):
 
     def set_initial_training_values(self, args, dataloader):
         """Size the run to all K cycles and validate everything before the first step."""
-        values = list(super().set_initial_training_values(args, dataloader))
+        try:
+            values = list(super().set_initial_training_values(args, dataloader))
+        except OverflowError as err:  # the Trainer's own ceil(num_train_epochs * steps_per_epoch)
+            raise ValueError(
+                f"num_train_epochs={args.num_train_epochs} is too large: "
+                "more optimizer steps than a float holds."
+            ) from err
         num_train_epochs, steps_per_epoch, num_examples, _, total_batch, steps_in_epoch, _ = values
         plan = plan_cycles(args, steps_per_epoch)
         if args.max_steps is not None and args.max_steps > 0 and args.max_steps != plan.total_steps:
