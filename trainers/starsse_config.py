@@ -64,7 +64,10 @@ class StarSSEConfig(TrainingArguments):
 
     overwrite_output_dir: bool = field(
         default=False,
-        metadata={"help": "Allow a new run to replace members and checkpoints already in output_dir."},
+        metadata={
+            "help": "Start clean: the previous run's members and checkpoints in output_dir are removed "
+            "before training (other files stay)."
+        },
     )
 
     def __post_init__(self):

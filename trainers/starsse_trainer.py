@@ -5,14 +5,17 @@ one LR schedule (:mod:`trainers.schedule`). A callback acts at cycle boundaries,
 ``TrainerState.global_step`` (the counter that gradient accumulation and skipped fp16 steps cannot
 desynchronise):
 
-* at the end of cycle k (``on_step_end``) the weights are written atomically to ``members/member_{k:02d}``;
+* at the end of cycle k (``on_step_end``) the weights are checked for NaN/Inf and written atomically
+  (``hf_ens._io.atomic_directory``) to ``members/member_{k:02d}``;
 * at the start of cycle k >= 1 (``on_step_begin`` of its first step) the weights are reset to the cycle's
   *anchor* and the optimizer state is cleared. The anchor is the one mechanism behind the three methods:
   ``sse`` has none (continue from the current weights), ``starsse`` anchors at model 1, ``local_de`` at the
-  original weights plus a member-seeded new head and data order.
+  original weights plus a member-seeded new head and data order. The callback runs before every user
+  callback, so theirs see the anchor at a cycle start and the member at a cycle end.
 
-Everything needed to continue (anchor weights, members written, cycles started, the plan) is stored inside
-each Trainer checkpoint, so ``train(resume_from_checkpoint=...)`` reproduces an uninterrupted run.
+Everything needed to continue (anchor weights, members written, cycles started, the plan, the run settings)
+is stored inside each Trainer checkpoint, so ``train(resume_from_checkpoint=...)`` reproduces an uninterrupted
+run; :mod:`trainers.checkpoints` makes checkpoints kill-safe and refuses to resume another run's checkpoint.
 """
 
 from __future__ import annotations
