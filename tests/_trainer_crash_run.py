@@ -212,7 +212,7 @@ def main(workdir: str, seed: int, target_kills: int) -> None:
             # Kill moments are drawn over what is left of the run, so that most attempts hit.
             done = checkpoint_step(checkpoint) if resume else 0
             left = 1 - done / TOTAL_STEPS
-            if attempt >= 6:  # enough for one chain: finish it
+            if attempt >= 6 or done == TOTAL_STEPS:  # enough kills for one chain, or nothing left: finish
                 record.update(mode="none", outcome=wait(fork_run(out, resume)))
             elif rng.random() < 0.5:
                 step, jitter = rng.randint(done + 1, TOTAL_STEPS), rng.uniform(0, 1.5 * step_seconds)
