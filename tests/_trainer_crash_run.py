@@ -202,7 +202,12 @@ def main(workdir: str, seed: int, target_kills: int) -> None:
         counts = json.load(f)
     step_seconds = (time.time() - counts["checkpoint_model_first_at"]) / TOTAL_STEPS
     attempts, chains = [], []
-    while sum(a["outcome"] == "killed" for a in attempts) < target_kills:
+
+    def enough() -> bool:  # `target_kills` kills, and as many runs resumed after one
+        kills = sum(a["outcome"] == "killed" for a in attempts)
+        return min(kills, sum(a["resume"] for a in attempts)) >= target_kills
+
+    while not enough():
         out = os.path.join(workdir, f"chain_{len(chains):02d}")
         chains.append(out)
         for attempt in itertools.count():
