@@ -9,7 +9,7 @@ from transformers import TrainerCallback, ViTForImageClassification
 
 from tests import _tiny
 from tests._tiny import TinyImages  # noqa: F401  (random 16x16 images, 3 labels, items carry `idx`)
-from trainers import StarSSEConfig
+from trainers import StarSSEConfig, StarSSETrainer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -99,3 +99,19 @@ class Recorder(TrainerCallback):
             self.end[state.global_step] = weights(self.trainer.model)
         if self.stop_at is not None and state.global_step >= self.stop_at:
             control.should_training_stop = True
+
+
+def make_trainer(out, model_seed=0, snapshot_steps=(), processing_class=None, callbacks=None, **overrides):
+    """A StarSSETrainer on TinyImages with a data-order recorder and a :class:`Recorder` added last."""
+    collator = RecordingCollator()
+    trainer = StarSSETrainer(
+        model=tiny_vit(model_seed),
+        args=starsse_config(out, **overrides),
+        train_dataset=TinyImages(),
+        data_collator=collator,
+        processing_class=processing_class,
+        callbacks=callbacks,
+    )
+    recorder = Recorder(trainer, snapshot_steps)
+    trainer.add_callback(recorder)  # after the cycle callback: sees the weights once a cycle has started
+    return trainer, recorder, collator

@@ -9,42 +9,27 @@ import shutil
 import pytest
 import safetensors.torch
 import torch
-from transformers import HfArgumentParser, Trainer
+from transformers import HfArgumentParser, Trainer, TrainerCallback
 
 from tests._tiny import one_torch_thread
 from tests._trainer_utils import (
     BATCH,
     CYCLE_LR,
     LR,
-    Recorder,
-    RecordingCollator,
     TinyImages,
     load_member,
+    make_trainer,
     max_diff,
     starsse_config,
     tiny_vit,
     weights,
 )
-from trainers import StarSSEConfig, StarSSETrainer
+from trainers import StarSSEConfig
 
 STEPS_PER_EPOCH = 6  # 24 samples / batch 4
 
 
 _one_thread = pytest.fixture(autouse=True)(one_torch_thread)
-
-
-def make_trainer(out, model_seed=0, snapshot_steps=(), processing_class=None, **overrides):
-    collator = RecordingCollator()
-    trainer = StarSSETrainer(
-        model=tiny_vit(model_seed),
-        args=starsse_config(out, **overrides),
-        train_dataset=TinyImages(),
-        data_collator=collator,
-        processing_class=processing_class,
-    )
-    recorder = Recorder(trainer, snapshot_steps)
-    trainer.add_callback(recorder)  # after the cycle callback: sees the weights once a cycle has started
-    return trainer, recorder, collator
 
 
 def expected_lr(step, model1_steps, cycle_steps, warmup=0, cycle_warmup=0):
@@ -167,6 +152,46 @@ def test_ensemble_soup_and_processor(tmp_path):
     assert torch.allclose(out.logits.exp(), probs, atol=1e-6)
 
 
+class ReadsModel(TrainerCallback):
+    """A user's callback: the weights it sees at the start and at the end of given steps."""
+
+    def __init__(self, steps):
+        self.steps, self.begin, self.end = set(steps), {}, {}
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if state.global_step in self.steps:
+            self.begin[state.global_step] = weights(model)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step in self.steps:
+            self.end[state.global_step] = weights(model)
+
+
+@pytest.mark.parametrize("method", ["starsse", "local_de"])
+def test_user_callbacks_see_the_anchor_at_a_cycle_start(tmp_path, method):
+    """Issue 7: at the first step of cycle 3 a user's on_step_begin sees what the step trains from (StarSSE:
+    model 1; Local DE: the original body and the re-drawn head), for callbacks=[...] and add_callback alike;
+    on_step_end of the step that ends member 1 (where evaluation and saving happen) still sees member 1."""
+    extra = dict(method="local_de", num_train_epochs=1) if method == "local_de" else {}
+    step = 18 if method == "starsse" else 12  # member 1 ends (on_step_end), cycle 3 begins (on_step_begin)
+    given, added = ReadsModel([step]), ReadsModel([step])
+    trainer, rec, _ = make_trainer(tmp_path, snapshot_steps=[step], callbacks=[given], **extra)
+    trainer.add_callback(added)
+    initial = weights(trainer.model)
+    trainer.train()
+    members = [load_member(p) for p in trainer.member_paths]
+    for user in (given, added):
+        assert max_diff(user.end[step], members[1]) == 0.0
+        assert max_diff(user.begin[step], rec.begin[step]) == 0.0  # what the step trains from
+        if method == "starsse":
+            assert max_diff(user.begin[step], members[0]) == 0.0  # model 1, not the end of cycle 2
+        else:
+            body = [k for k in initial if k.startswith("vit.")]
+            assert max(float((user.begin[step][k] - initial[k]).abs().max()) for k in body) == 0.0
+            assert not torch.equal(user.begin[step]["classifier.weight"], members[1]["classifier.weight"])
+            assert not torch.equal(user.begin[step]["classifier.weight"], initial["classifier.weight"])
+
+
 @pytest.mark.parametrize(
     "method,stop_at,resume_steps",
     [("starsse", 16, (12, 14)), ("local_de", 10, (6, 8))],
@@ -259,11 +284,20 @@ def test_skipped_fp16_steps_keep_boundaries_exact(tmp_path):
         (dict(cycle_learning_rate=0.0), "cycle_learning_rate"),
         (dict(cycle_learning_rate=-1e-3), "cycle_learning_rate"),
         (dict(method="snapshot"), "method"),
+        # issue 14: each of these used to pass and fail late, deep inside torch, or not at all
+        (dict(learning_rate=0.0), "learning_rate"),
+        (dict(cycle_learning_rate=math.inf), "cycle_learning_rate"),
+        (dict(cycle_learning_rate=math.nan), "cycle_learning_rate"),
+        (dict(num_train_epochs=math.inf), "num_train_epochs"),
+        (dict(cycle_epochs=math.nan), "cycle_epochs"),
+        (dict(cycle_warmup_steps=math.nan), "cycle_warmup_steps"),
+        (dict(per_device_eval_batch_size=0), "per_device_eval_batch_size"),
     ],
 )
 def test_bad_config_values(tmp_path, overrides, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ValueError, match=match) as err:
         starsse_config(tmp_path, **overrides)
+    assert type(err.value) is ValueError
 
 
 def test_method_choices_reach_argparse():
@@ -286,7 +320,8 @@ def test_unwritable_output_dir(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     with pytest.raises(ValueError, match="cannot be written"):
-        make_trainer(blocker / "out")
+        starsse_config(blocker / "out")  # the config already: before any (pre-)training
+    assert not (blocker.parent / "out").exists()
 
 
 def test_existing_members_are_never_overwritten_silently(tmp_path):

@@ -160,6 +160,10 @@ def plan_cycles(args, num_update_steps_per_epoch: int) -> CyclePlan:
     Epoch counts become steps the same way the Trainer does it (``ceil(epochs * steps_per_epoch)``); warmups
     given as a fraction (< 1) become ``ceil(fraction * steps)`` like ``TrainingArguments.get_warmup_steps``.
     """
+    epochs = {"num_train_epochs": args.num_train_epochs, "cycle_epochs": args.cycle_epochs}
+    for name, value in epochs.items():
+        if not math.isfinite(value * num_update_steps_per_epoch):
+            raise ValueError(f"{name}={value} is too large: more optimizer steps than a float holds.")
     model1_steps = math.ceil(args.num_train_epochs * num_update_steps_per_epoch)
     if args.method == "local_de":
         cycle_steps = model1_steps  # every member is a full, independent fine-tune
@@ -178,6 +182,11 @@ def plan_cycles(args, num_update_steps_per_epoch: int) -> CyclePlan:
         raise ValueError(
             f"cycle_warmup_steps={cw} leaves no annealing inside a cycle of {cycle_steps} steps."
         )
+    model1_warmup = args.get_warmup_steps(model1_steps)
+    if args.warmup_steps >= 1 and model1_warmup >= model1_steps:  # a fraction is scaled to the run
+        raise ValueError(
+            f"warmup_steps={args.warmup_steps} leaves no decay in model 1's {model1_steps} optimizer steps."
+        )
     return CyclePlan(
         model1_steps=model1_steps,
         cycle_steps=cycle_steps,
@@ -186,7 +195,7 @@ def plan_cycles(args, num_update_steps_per_epoch: int) -> CyclePlan:
         cycle_learning_rate=args.learning_rate if local_de else args.cycle_learning_rate,
         cycle_warmup_steps=0 if local_de else cycle_warmup,
         lr_scheduler_type=str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),
-        model1_warmup_steps=args.get_warmup_steps(model1_steps),
+        model1_warmup_steps=model1_warmup,
         lr_scheduler_kwargs=tuple(sorted((args.lr_scheduler_kwargs or {}).items())),
         repeat_model1=local_de,
     )

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+import os
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
@@ -61,35 +64,76 @@ class StarSSEConfig(TrainingArguments):
 
     overwrite_output_dir: bool = field(
         default=False,
-        metadata={"help": "Allow a new run to replace members and checkpoints already in output_dir."},
+        metadata={
+            "help": "Start clean: the previous run's members and checkpoints in output_dir are removed "
+            "before training (other files stay)."
+        },
     )
 
     def __post_init__(self):
+        """Refuse every value that would fail (or silently mislead) later, before any model is touched."""
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r} is not one of {', '.join(METHODS)}.")
-        if (
-            isinstance(self.num_members, bool)
-            or not isinstance(self.num_members, int)
-            or self.num_members < 1
-        ):
-            raise ValueError(
-                f"num_members must be an integer >= 1 (model 1 included), got {self.num_members!r}."
-            )
+        _check_integer("num_members", self.num_members, low=1, why=" (model 1 included)")
         if self.cycle_epochs is None:
-            self.cycle_epochs = float(self.num_train_epochs)
-        if not self.cycle_epochs > 0:
-            raise ValueError(f"cycle_epochs must be > 0, got {self.cycle_epochs}.")
+            self.cycle_epochs = self.num_train_epochs
         if self.cycle_learning_rate is None:
-            self.cycle_learning_rate = float(self.learning_rate)
-        if not self.cycle_learning_rate > 0:
-            raise ValueError(f"cycle_learning_rate must be > 0, got {self.cycle_learning_rate}.")
-        if self.cycle_warmup_steps < 0:
-            raise ValueError(f"cycle_warmup_steps must be >= 0, got {self.cycle_warmup_steps}.")
-        if self.max_steps is not None and self.max_steps > 0 and self.num_train_epochs <= 0:
+            self.cycle_learning_rate = self.learning_rate
+        # An LR of 0 would make every member the initial weights while the metadata says otherwise.
+        for name in ("learning_rate", "cycle_learning_rate", "num_train_epochs", "cycle_epochs"):
+            _check_real(name, getattr(self, name), low=0.0, inclusive=False)
+        for name in ("cycle_warmup_steps", "warmup_steps", "weight_decay"):
+            _check_real(name, getattr(self, name), low=0.0, inclusive=True)
+        if self.max_grad_norm is not None:
+            _check_real("max_grad_norm", self.max_grad_norm, low=0.0, inclusive=True)
+        for name in (
+            "per_device_train_batch_size",
+            "per_device_eval_batch_size",
+            "gradient_accumulation_steps",
+        ):
+            _check_integer(name, getattr(self, name), low=1)
+        _check_integer("seed", self.seed, low=None)
+        if self.data_seed is not None:
+            _check_integer("data_seed", self.data_seed, low=None)
+        _check_integer("max_steps", self.max_steps, low=None)
+        if self.max_steps == 0 or self.max_steps < -1:
             raise ValueError(
-                "StarSSEConfig sizes model 1 with num_train_epochs (> 0); "
-                "max_steps may only repeat the total."
+                f"max_steps must be -1 (the run's own length) or its total step count, got {self.max_steps}."
             )
-        if not self.num_train_epochs > 0:
-            raise ValueError(f"num_train_epochs (model 1) must be > 0, got {self.num_train_epochs}.")
+        _check_output_dir(self.output_dir)
         super().__post_init__()
+
+
+def _check_real(name: str, value, *, low: float, inclusive: bool) -> None:
+    """A ValueError naming `name` unless `value` is a finite real above `low` (or equal if inclusive)."""
+    is_real = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if not (is_real and math.isfinite(value) and (value >= low if inclusive else value > low)):
+        bound = f">= {low:g}" if inclusive else f"> {low:g}"
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}.")
+
+
+def _check_integer(name: str, value, *, low: int | None, why: str = "") -> None:
+    """A ValueError naming `name` unless `value` is an integer (>= `low` when given)."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Integral)
+        or (low is not None and value < low)
+    ):
+        bound = f" >= {low}" if low is not None else ""
+        raise ValueError(f"{name} must be an integer{bound}{why}, got {value!r}.")
+
+
+def _check_output_dir(output_dir) -> None:
+    """Find an output_dir that cannot be created or written now, not after (pre-)training.
+
+    Looks at the nearest existing ancestor only, so building a config creates nothing.
+    """
+    if not isinstance(output_dir, (str, os.PathLike)) or not str(output_dir):
+        raise ValueError(f"output_dir must be a path, got {output_dir!r}.")
+    path = os.path.abspath(os.path.expanduser(os.fspath(output_dir)))
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        what = "is not a directory" if not os.path.isdir(existing) else "is not writable"
+        raise ValueError(f"output_dir {output_dir!r} cannot be written: {existing!r} {what}.")

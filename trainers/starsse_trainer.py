@@ -5,24 +5,27 @@ one LR schedule (:mod:`trainers.schedule`). A callback acts at cycle boundaries,
 ``TrainerState.global_step`` (the counter that gradient accumulation and skipped fp16 steps cannot
 desynchronise):
 
-* at the end of cycle k (``on_step_end``) the weights are written atomically to ``members/member_{k:02d}``;
+* at the end of cycle k (``on_step_end``) the weights are checked for NaN/Inf and written atomically
+  (``hf_ens._io.atomic_directory``) to ``members/member_{k:02d}``;
 * at the start of cycle k >= 1 (``on_step_begin`` of its first step) the weights are reset to the cycle's
   *anchor* and the optimizer state is cleared. The anchor is the one mechanism behind the three methods:
   ``sse`` has none (continue from the current weights), ``starsse`` anchors at model 1, ``local_de`` at the
-  original weights plus a member-seeded new head and data order.
+  original weights plus a member-seeded new head and data order. The callback runs before every user
+  callback, so theirs see the anchor at a cycle start and the member at a cycle end.
 
-Everything needed to continue (anchor weights, members written, cycles started, the plan) is stored inside
-each Trainer checkpoint, so ``train(resume_from_checkpoint=...)`` reproduces an uninterrupted run.
+Everything needed to continue (anchor weights, members written, cycles started, the plan, the run settings)
+is stored inside each Trainer checkpoint, so ``train(resume_from_checkpoint=...)`` reproduces an uninterrupted
+run; :mod:`trainers.checkpoints` makes checkpoints kill-safe and refuses to resume another run's checkpoint.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import shutil
 import tempfile
 import time
+import warnings
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,15 +36,26 @@ from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, set_seed
 from transformers.utils import logging
 
+from hf_ens._io import atomic_directory
+from hf_ens.checks import NonFiniteError, assert_finite
 from hf_ens.heads import reinit_task_head
 
+from .checkpoints import (
+    ANCHOR_NAME,
+    config_differences,
+    discard,
+    list_checkpoints,
+    newest_complete_checkpoint,
+    read_cycle_state,
+    remove_leftovers,
+    run_config,
+    write_cycle_state,
+)
 from .schedule import CyclePlan, plan_cycles
 from .starsse_config import StarSSEConfig
 
 logger = logging.get_logger(__name__)
 
-CYCLE_STATE_NAME = "starsse_state.json"
-ANCHOR_NAME = "starsse_anchor.safetensors"
 MEMBERS_DIR = "members"
 
 
@@ -126,7 +140,9 @@ class StarSSETrainer(Trainer):
         self._cycles_started = 0  # cycle 0 starts with training; cycle k >= 1 once its start was applied
         self._resumed_state: dict[str, Any] | None = None
         self._train_sampler: MemberSeededSampler | None = None
-        self.add_callback(_CycleCallback(self))
+        # First in line, before the user's callbacks (``callbacks=[...]`` are registered by Trainer.__init__,
+        # ``add_callback`` appends): a user's ``on_step_begin`` sees the weights the step trains from.
+        self.callback_handler.callbacks.insert(0, _CycleCallback(self))
 
     # ------------------------------------------------------------------ public API
     @property
@@ -193,24 +209,57 @@ class StarSSETrainer(Trainer):
     # ------------------------------------------------------------------ training set-up
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs):
         self._resumed_state = None
-        self._check_output_dir(resuming=bool(resume_from_checkpoint))
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+        checkpoint = self._prepare_output_dir(resume_from_checkpoint)
+        return super().train(resume_from_checkpoint=checkpoint, trial=trial, **kwargs)
 
-    def _check_output_dir(self, resuming: bool) -> None:
+    def _prepare_output_dir(self, resume_from_checkpoint: str | bool | None) -> str | None:
+        """Before any weight is touched: remove what a killed run left, then either pick the checkpoint to
+        resume from (the newest complete one for ``True``; refused if another run configuration made it),
+        or move the previous run out of the way (``overwrite_output_dir``), or refuse to mix two runs."""
         out = self.args.output_dir
         _ensure_writable(out)
-        if resuming or self.args.overwrite_output_dir:
-            return
-        existing = [
-            name
-            for name in sorted(os.listdir(out))
-            if name.startswith(f"{PREFIX_CHECKPOINT_DIR}-") or name == MEMBERS_DIR
-        ]
-        if existing:
+        if self.args.should_save:
+            remove_leftovers(out, self.member_paths)
+        checkpoint = None
+        if resume_from_checkpoint not in (None, False, ""):
+            checkpoint = self._checkpoint_to_resume(resume_from_checkpoint)
+        elif self.args.overwrite_output_dir:
+            if self.args.should_save:  # checkpoints first: a kill in between cannot resume them
+                discard(list_checkpoints(out) + [Path(self.members_dir)])
+        else:
+            existing = [p.name for p in reversed(list_checkpoints(out))]
+            existing += [MEMBERS_DIR] if os.path.exists(self.members_dir) else []
+            if existing:
+                raise ValueError(
+                    f"output_dir {out!r} already holds {existing}; pass resume_from_checkpoint=... to "
+                    "continue that run or overwrite_output_dir=True to replace it."
+                )
+        self.accelerator.wait_for_everyone()
+        return checkpoint
+
+    def _checkpoint_to_resume(self, resume_from_checkpoint: str | bool) -> str:
+        out = self.args.output_dir
+        if resume_from_checkpoint is True:
+            checkpoint, skipped = newest_complete_checkpoint(out)
+            for path, problems in skipped.items():
+                warnings.warn(f"Skipping incomplete checkpoint {path}: {'; '.join(problems)}.", stacklevel=4)
+            if checkpoint is None:
+                raise ValueError(
+                    f"No complete checkpoint in {out!r} to resume from"
+                    + (f" (incomplete: {[p.name for p in skipped]})" if skipped else "")
+                    + "; start a new run with overwrite_output_dir=True."
+                )
+        else:
+            checkpoint = resume_from_checkpoint
+        saved = read_cycle_state(checkpoint)  # a ValueError naming any missing or damaged file
+        differences = config_differences(saved.get("run", {}), run_config(self.args))
+        if differences:
             raise ValueError(
-                f"output_dir {out!r} already holds {existing}; pass resume_from_checkpoint=... to continue "
-                "that run or overwrite_output_dir=True to replace it."
+                f"Cannot resume from {checkpoint}: it was made by a run with other settings: "
+                + "; ".join(differences)
+                + ". Resume with the same settings, or start a new run with overwrite_output_dir=True."
             )
+        return str(checkpoint)
 
     def _get_train_sampler(self, train_dataset=None):
         sampler = super()._get_train_sampler(train_dataset)
@@ -227,7 +276,13 @@ class StarSSETrainer(Trainer):
 
     def set_initial_training_values(self, args, dataloader):
         """Size the run to all K cycles and validate everything before the first step."""
-        values = list(super().set_initial_training_values(args, dataloader))
+        try:
+            values = list(super().set_initial_training_values(args, dataloader))
+        except OverflowError as err:  # the Trainer's own ceil(num_train_epochs * steps_per_epoch)
+            raise ValueError(
+                f"num_train_epochs={args.num_train_epochs} is too large: "
+                "more optimizer steps than a float holds."
+            ) from err
         num_train_epochs, steps_per_epoch, num_examples, _, total_batch, steps_in_epoch, _ = values
         plan = plan_cycles(args, steps_per_epoch)
         if args.max_steps is not None and args.max_steps > 0 and args.max_steps != plan.total_steps:
@@ -260,6 +315,20 @@ class StarSSETrainer(Trainer):
             steps_in_epoch,
             total,
         )
+
+    def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        """Stop at the first non-finite loss: training on would only write NaN members."""
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not bool(torch.isfinite(loss).all()):
+            step = self.state.global_step + 1
+            k = self.plan.cycle_of_step(self.state.global_step)
+            raise NonFiniteError(
+                f"The training loss became {loss.item()} at optimizer step {step} (cycle {k + 1} of "
+                f"{self.args.num_members}, member {k:02d}); training diverged. Lower learning_rate"
+                f"{'' if k == 0 else ' / cycle_learning_rate'}. Members written so far: "
+                f"{self._members_written}."
+            )
+        return loss
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         if self.lr_scheduler is None:
@@ -305,6 +374,7 @@ class StarSSETrainer(Trainer):
         if k >= self.args.num_members or global_step != self.plan.boundaries[k]:
             return
         start = time.perf_counter()
+        assert_finite(self.model, f"member {k:02d} (end of cycle {k + 1}, step {global_step})")
         if self.args.should_save:
             self._write_member(k)
             self.written_members.append(k)
@@ -318,52 +388,59 @@ class StarSSETrainer(Trainer):
         return {name: t.detach().clone() for name, t in self.model.state_dict().items()}
 
     def _write_member(self, k: int) -> None:
-        """save_pretrained into a temp dir next to the target, then rename: a crash never leaves half a
-        member."""
-        final = self.member_paths[k]
-        os.makedirs(self.members_dir, exist_ok=True)
-        tmp = tempfile.mkdtemp(dir=self.members_dir, prefix=f".member_{k:02d}.")
-        try:
+        """save_pretrained through ``hf_ens._io.atomic_directory``: a kill leaves no member or a whole one."""
+        with atomic_directory(self.member_paths[k]) as tmp:
             self.accelerator.unwrap_model(self.model).save_pretrained(tmp)
             if self.processing_class is not None and hasattr(self.processing_class, "save_pretrained"):
                 self.processing_class.save_pretrained(tmp)
-            if os.path.exists(final):  # only reachable when resuming or overwrite_output_dir
-                trash = tempfile.mkdtemp(dir=self.members_dir, prefix=f".old_member_{k:02d}.")
-                os.replace(final, os.path.join(trash, "old"))
-                os.replace(tmp, final)
-                shutil.rmtree(trash, ignore_errors=True)
-            else:
-                os.replace(tmp, final)
-        finally:
-            if os.path.isdir(tmp):
-                shutil.rmtree(tmp, ignore_errors=True)
 
     # ------------------------------------------------------------------ checkpoints
     def _save_checkpoint(self, model, trial) -> None:
-        # Written before the Trainer's own files: a checkpoint with trainer_state.json always has the cycle
-        # state.
-        output_dir = os.path.join(
-            self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        )
+        """The Trainer's checkpoint, made kill-safe (see :mod:`trainers.checkpoints`).
+
+        Written into an empty directory (a step saved again after a resume starts from nothing); the cycle
+        state, which lists every file, is written last, once every process has written its files; older
+        checkpoints are rotated out (``save_total_limit``) only after that, each out of the way in one rename.
+        """
+        run_dir = self._get_output_dir(trial=trial)
+        output_dir = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
         if self.args.should_save:
-            os.makedirs(output_dir, exist_ok=True)
+            discard([Path(output_dir)])
+            os.makedirs(output_dir)
             if self._anchor is not None:
                 anchor = {k: v.detach().to("cpu").contiguous() for k, v in self._anchor.items()}
                 safetensors.torch.save_file(anchor, os.path.join(output_dir, ANCHOR_NAME))
-            state = {
-                "method": self.args.method,
-                "num_members": self.args.num_members,
-                "model1_steps": self.plan.model1_steps,
-                "cycle_steps": self.plan.cycle_steps,
-                "members_written": self._members_written,
-                "cycles_started": self._cycles_started,
-                "has_anchor": self._anchor is not None,
-            }
-            tmp = os.path.join(output_dir, CYCLE_STATE_NAME + ".tmp")
-            with open(tmp, "w") as f:
-                json.dump(state, f, indent=2)
-            os.replace(tmp, os.path.join(output_dir, CYCLE_STATE_NAME))
-        super()._save_checkpoint(model, trial)
+        self.accelerator.wait_for_everyone()
+        save_total_limit, self.args.save_total_limit = self.args.save_total_limit, None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = save_total_limit
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            write_cycle_state(output_dir, self._cycle_state())
+            self._rotate_checkpoints_safely(run_dir)
+
+    def _cycle_state(self) -> dict[str, Any]:
+        return {
+            "run": run_config(self.args),
+            "model1_steps": self.plan.model1_steps,
+            "cycle_steps": self.plan.cycle_steps,
+            "members_written": self._members_written,
+            "cycles_started": self._cycles_started,
+            "has_anchor": self._anchor is not None,
+        }
+
+    def _rotate_checkpoints_safely(self, run_dir: str) -> None:
+        """``save_total_limit`` as the Trainer applies it, but every checkpoint leaves in one rename."""
+        limit = self.args.save_total_limit
+        if not limit or limit <= 0:
+            return
+        checkpoints = list_checkpoints(run_dir)  # newest first
+        keep = set(checkpoints[:limit])
+        if self.state.best_model_checkpoint is not None:
+            keep.add(Path(self.state.best_model_checkpoint))
+        discard([p for p in checkpoints if p not in keep])
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         """Restore weights through ``from_pretrained`` (with its key conversion) and the cycle state.
@@ -392,11 +469,7 @@ class StarSSETrainer(Trainer):
         self._resumed_state = self._read_cycle_state(resume_from_checkpoint, target)
 
     def _read_cycle_state(self, checkpoint: str, model) -> dict[str, Any]:
-        path = os.path.join(checkpoint, CYCLE_STATE_NAME)
-        if not os.path.isfile(path):
-            raise ValueError(f"{checkpoint} has no {CYCLE_STATE_NAME}: it was not written by StarSSETrainer.")
-        with open(path) as f:
-            state = json.load(f)
+        state = read_cycle_state(checkpoint)
         if state.get("has_anchor"):
             device = next(model.parameters()).device
             state["anchor"] = safetensors.torch.load_file(
@@ -405,16 +478,13 @@ class StarSSETrainer(Trainer):
         return state
 
     def _check_resumed_state(self, state: dict[str, Any], plan: CyclePlan) -> None:
-        ours = {
-            "method": self.args.method,
-            "num_members": self.args.num_members,
-            "model1_steps": plan.model1_steps,
-            "cycle_steps": plan.cycle_steps,
-        }
-        theirs = {k: state.get(k) for k in ours}
-        if theirs != ours:
+        """The run settings were compared before loading; the plan also depends on the dataset's size."""
+        ours = {"model1_steps": plan.model1_steps, "cycle_steps": plan.cycle_steps}
+        differences = config_differences(state, ours)
+        if differences:
             raise ValueError(
-                f"Cannot resume: the checkpoint was made with {theirs}, this run is configured for {ours}."
+                f"Cannot resume: the checkpoint's cycles differ from this run's: {'; '.join(differences)} "
+                "(a different training set size?)."
             )
 
 
