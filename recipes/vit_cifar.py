@@ -92,10 +92,20 @@ class ScriptArguments:
     repo_dirname: str = field(
         default="ensemble_repo", metadata={"help": "Sub-folder of output_dir for the repo."}
     )
+    torch_threads: int | None = field(
+        default=None,
+        metadata={
+            "help": "torch threads per process. On CPU the numbers differ bit for bit between thread counts; "
+            "fix it for a reproducible table. None keeps torch's count (OMP_NUM_THREADS, which `accelerate "
+            "launch` sets to 1 when it is unset)."
+        },
+    )
 
     def __post_init__(self) -> None:
         if not 0.0 < self.held_out_fraction < 1.0:
             raise ValueError(f"held_out_fraction must be in (0, 1), got {self.held_out_fraction}.")
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise ValueError(f"torch_threads must be >= 1 (or unset), got {self.torch_threads}.")
         if self.eval_batch_size < 1:
             raise ValueError(f"eval_batch_size must be >= 1, got {self.eval_batch_size}.")
         if self.interpolation_points < 0 or self.interpolation_points == 1:
@@ -491,6 +501,8 @@ def run(script_args: ScriptArguments, training_args: StarSSEConfig) -> dict | No
         )
     if script_args.auto_bf16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         training_args.bf16 = True
+    if script_args.torch_threads is not None:
+        torch.set_num_threads(script_args.torch_threads)
 
     check_output_dir(script_args, training_args)
     check_hub(script_args)
