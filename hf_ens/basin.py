@@ -140,9 +140,8 @@ def barrier(values: Sequence[float], alphas: Sequence[float] | None = None) -> f
     if len(alphas) != len(values):
         raise ValueError(f"barrier got {len(values)} values for {len(alphas)} alphas.")
     start, end = alphas[0], alphas[-1]
-    if not all(math.isfinite(a) for a in alphas) or not all(
-        a < b for a, b in zip(alphas[:-1], alphas[1:], strict=True)
-    ):
+    increasing = all(a < b for a, b in zip(alphas[:-1], alphas[1:], strict=True))
+    if not increasing or not all(math.isfinite(a) for a in alphas):
         raise ValueError(f"alphas must be finite and increase strictly along the path, got {alphas}.")
     line = [values[0] + (a - start) / (end - start) * (values[-1] - values[0]) for a in alphas]
     return max(0.0, max(v - ref for v, ref in zip(values, line, strict=True)))

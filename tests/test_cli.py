@@ -14,14 +14,10 @@ import time
 import pytest
 import yaml
 
+from recipes import vit_cifar
+from recipes._cli import ConfigError, parse_config_and_args
 from tests._recipe_utils import ROOT
-
-sys.path.insert(0, str(ROOT / "recipes"))
-
-import vit_cifar  # noqa: E402
-from _cli import ConfigError, parse_config_and_args  # noqa: E402
-
-from trainers import StarSSEConfig  # noqa: E402
+from trainers import StarSSEConfig
 
 OFFLINE_BASE = [
     "--config",
@@ -228,7 +224,7 @@ def _run_recipe(cmd: list[str], env: dict) -> tuple[int, str, float]:
 @pytest.fixture(scope="module")
 def import_seconds() -> float:
     """What a bare start of the recipe costs before its first line runs: python + its imports."""
-    code = f"import sys; sys.path.insert(0, {str(ROOT / 'recipes')!r}); import vit_cifar, huggingface_hub"
+    code = "import recipes.vit_cifar, huggingface_hub"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     start = time.perf_counter()
     subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, check=True, timeout=120)

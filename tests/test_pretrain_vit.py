@@ -98,17 +98,17 @@ def test_cache_key_covers_threads_data_and_code_version(tmp_path, monkeypatch):
     import recipes.pretrain_vit as pretrain_vit
 
     base = PretrainArguments(**TINY)
-    inputs = base.key_inputs()
+    inputs, key = base.key_inputs(), base.cache_key()
     assert inputs["num_threads"] == 1 and inputs["version"] == pretrain_vit.PRETRAIN_VERSION
     assert inputs["torch"] == torch.__version__ and inputs["data"].startswith(("idx:", "hub:"))
     # torch threads: 1 and 2 give different weights bit for bit on CPU, so they are different checkpoints
-    assert PretrainArguments(**{**TINY, "num_threads": 2}).cache_key() != base.cache_key()
+    assert PretrainArguments(**{**TINY, "num_threads": 2}).cache_key() != key
     # None means "whatever torch uses now", resolved into the key
     torch_threads = torch.get_num_threads()
     assert PretrainArguments(**{**TINY, "num_threads": None}).key_inputs()["num_threads"] == torch_threads
     # a new version of the pre-training code
     monkeypatch.setattr(pretrain_vit, "PRETRAIN_VERSION", pretrain_vit.PRETRAIN_VERSION + 1)
-    assert PretrainArguments(**TINY).cache_key() != base.cache_key()
+    assert PretrainArguments(**TINY).cache_key() != key
     monkeypatch.undo()
     # other data bytes (a copy of the IDX files with one label changed)
     if not os.path.isfile(os.path.join(_DATA_DIR, "train-labels-idx1-ubyte.gz")):
@@ -122,7 +122,7 @@ def test_cache_key_covers_threads_data_and_code_version(tmp_path, monkeypatch):
     raw[8] = (raw[8] + 1) % 10
     labels.write_bytes(gzip.compress(bytes(raw)))
     monkeypatch.setenv("FASHION_MNIST_DIR", str(copy))
-    assert PretrainArguments(**TINY).cache_key() != base.cache_key()
+    assert PretrainArguments(**TINY).cache_key() != key
     with pytest.raises(ValueError, match="num_threads must be >= 1"):
         PretrainArguments(num_threads=0)
 
