@@ -391,6 +391,7 @@ def evaluate_run(
 
     from hf_ens import greedy_soup, make_accuracy_eval_fn, uniform_soup
     from hf_ens.basin import barrier, interpolation_profile, plot_profile, weight_distance
+    from hf_ens.checks import assert_finite
     from hf_ens.evaluation import predict_logits
     from hf_ens.metrics import accuracy, classification_metrics, ensemble_metrics
     from hf_ens.plots import plot_vs_ensemble_size
@@ -415,10 +416,12 @@ def evaluate_run(
 
     member_logits, labels = ensemble.predict(loader(test))  # [K, N, C], kept for the ensemble-size curve
     soup = uniform_soup(members, bn_dataloader=bn_loader)
+    assert_finite(soup, "The uniform soup")  # a diverged run: refuse before anything is evaluated or written
     soup_logits, _ = predict_logits(soup, loader(test), desc="test uniform soup")
 
     held_out_accuracy = make_accuracy_eval_fn(loader(held_out))
     greedy, chosen = greedy_soup(members, held_out_accuracy, bn_dataloader=bn_loader)
+    assert_finite(greedy, "The greedy soup")
     greedy_logits, _ = predict_logits(greedy, loader(test), desc="test greedy soup")
 
     metrics = ensemble_metrics(member_logits, labels, soup_logits=soup_logits)
@@ -484,7 +487,6 @@ def run(script_args: ScriptArguments, training_args: StarSSEConfig) -> dict | No
     from transformers import AutoImageProcessor, set_seed
 
     from hf_ens._io import atomic_file
-    from hf_ens.checks import assert_finite
 
     push, hub_model_id = training_args.push_to_hub, training_args.hub_model_id
     if push and not hub_model_id:
@@ -503,6 +505,12 @@ def run(script_args: ScriptArguments, training_args: StarSSEConfig) -> dict | No
         training_args.bf16 = True
     if script_args.torch_threads is not None:
         torch.set_num_threads(script_args.torch_threads)
+    if not sys.stderr.isatty():
+        # transformers' inner bars (e.g. "Writing model shards" for every member, under the training bar) are
+        # nested bars, drawn with cursor-up escapes that a log file shows as `[A`: keep them to terminals
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
 
     check_output_dir(script_args, training_args)
     check_hub(script_args)
@@ -549,8 +557,6 @@ def run(script_args: ScriptArguments, training_args: StarSSEConfig) -> dict | No
     plot_dir.mkdir(parents=True, exist_ok=True)
     _plot_schedule(trainer, plot_dir / "lr_schedule.png")
     result = evaluate_run(trainer, train_eval, held_out, test, script_args, plot_dir)
-    assert_finite(result["soup"], "The uniform soup")
-    assert_finite(result["greedy_soup"], "The greedy soup")
     metrics = result["metrics"]
     metrics["config"] = {
         "script": asdict(script_args),
