@@ -25,16 +25,11 @@ import hashlib
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make `_cli` and a source checkout's `hf_ens` importable
-    sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
-    from _cli import parse_config_and_args
-else:
-    from ._cli import parse_config_and_args
+from recipes._cli import parse_config_and_args, run_cli
 
 # Bump whenever a change to this file (or to what it calls) changes the weights for the same settings: the
 # cache key holds it, so a checkpoint made by older code is never reused.
@@ -349,4 +344,4 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

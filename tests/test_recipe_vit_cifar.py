@@ -431,3 +431,36 @@ def test_load_model_head_cases(tmp_path):
     args.ignore_mismatched_sizes = True
     model = vit_cifar.load_model(str(five), names, args)
     assert model.classifier.out_features == 3 and model.config.num_labels == 3
+
+
+def test_checkpoint_code_never_runs(tmp_path):
+    """A checkpoint whose config points at its own Python code (`auto_map`) is refused; the code never runs,
+    even where transformers would otherwise ask "run the custom code? [y/N]" on stdin."""
+    ckpt = save_tiny_vit(tmp_path / "evil")
+    marker = tmp_path / "code_ran"
+    config = json.loads((ckpt / "config.json").read_text())
+    config["model_type"] = "evil-vit"  # no built-in class: only the repo's code could load it
+    config["auto_map"] = {
+        "AutoConfig": "evil.EvilConfig",
+        "AutoModelForImageClassification": "evil.EvilModel",
+    }
+    (ckpt / "config.json").write_text(json.dumps(config))
+    processor = json.loads((ckpt / "preprocessor_config.json").read_text())
+    processor["auto_map"] = {"AutoImageProcessor": "evil.EvilProcessor"}
+    (ckpt / "preprocessor_config.json").write_text(json.dumps(processor))
+    (ckpt / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    args = vit_cifar.ScriptArguments(dataset_name="x")
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        vit_cifar.load_model(str(ckpt), ["a", "b", "c"], args)
+    from transformers import AutoImageProcessor
+
+    try:  # the recipe's processor load: a built-in processor class, or a refusal; never the repo's code
+        AutoImageProcessor.from_pretrained(str(ckpt), trust_remote_code=False)
+    except ValueError as err:
+        assert "trust_remote_code" in str(err)
+    assert not marker.exists()
+    assert "trust_remote_code=False" in (ROOT / "recipes" / "vit_cifar.py").read_text()
+    loads = re.findall(
+        r"\.from_(?:pretrained|config)\((.*?)\)\n", (ROOT / "recipes" / "vit_cifar.py").read_text(), re.S
+    )
+    assert loads and all("trust_remote_code=False" in call for call in loads), loads
