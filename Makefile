@@ -11,26 +11,39 @@ FMNIST_DIR := /usr/share/datasets/fashion-mnist
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH_PIN)"
-	echo "$(TORCH_PIN)" > $(VENV)/constraints.txt
-	$(BIN)/python -m pip install -q -c $(VENV)/constraints.txt -e ".[dev]"
-	touch $@
+	@echo "[install 1/4] creating the virtual environment $(VENV)"
+	@$(PYTHON) -m venv $(VENV)
+	@echo "[install 2/4] upgrading pip"
+	@$(BIN)/python -m pip install -q --upgrade pip
+	@echo "[install 3/4] installing $(TORCH_PIN) (CPU wheel where pip picks it; ~1 min)"
+	@$(BIN)/python -m pip install -q "$(TORCH_PIN)"
+	@echo "$(TORCH_PIN)" > $(VENV)/constraints.txt
+	@echo "[install 4/4] installing hf-ens and its dependencies (transformers, accelerate, datasets, ...) with torch pinned"
+	@$(BIN)/python -m pip install -q -c $(VENV)/constraints.txt -e ".[dev]"
+	@touch $@
+	@echo "[install] done: $(VENV)"
 
 # Real Fashion-MNIST from Debian's package when apt is there; elsewhere the loader falls back to the Hub.
 data:
 	@if [ ! -d $(FMNIST_DIR) ] && command -v apt-get >/dev/null; then \
+	  echo "[data] installing Debian's dataset-fashion-mnist (real Fashion-MNIST into $(FMNIST_DIR))"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
 	fi
 
 # Offline whenever the Debian data is there; elsewhere the loader may fetch Fashion-MNIST from the Hub.
+# Every launch value is passed (no "values were not passed ... defaults used" block); --quiet: a failing run
+# shows its own one-line error, not accelerate's CalledProcessError traceback. The thread count is fixed in
+# offline.yaml (torch_threads), so the table does not depend on OMP_NUM_THREADS.
+LAUNCH := $(BIN)/accelerate launch --quiet --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no
+
 demo: install data
-	HF_HUB_OFFLINE=$$( [ -d $(FMNIST_DIR) ] && echo 1 || echo 0 ) $(BIN)/accelerate launch --num_processes 1 recipes/vit_cifar.py --config recipes/configs/offline.yaml --overwrite_output_dir true
+	@echo "[demo] $(LAUNCH) recipes/vit_cifar.py --config recipes/configs/offline.yaml --overwrite_output_dir true"
+	@HF_HUB_OFFLINE=$$( [ -d $(FMNIST_DIR) ] && echo 1 || echo 0 ) $(LAUNCH) recipes/vit_cifar.py --config recipes/configs/offline.yaml --overwrite_output_dir true
 
 test: install data
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
+	@echo "[test] HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests"
+	@HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

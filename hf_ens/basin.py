@@ -2,9 +2,9 @@
 
 Two models share a basin when the loss/error along the straight line between their weights has no bump
 (barrier ~ 0); then their weight average (a soup) works. `interpolation_profile` measures that line,
-`barrier` sums it up in one number, and `weight_distance` shows how far a cycle moved a member from model 1
-or from the pre-trained checkpoint. Users sweep the cycle learning rate with these to find where members
-start leaving the pre-train basin.
+`barrier` sums it up in one number (the bump above the straight line between the two ends), and
+`weight_distance` shows how far a cycle moved a member from model 1 or from the pre-trained checkpoint.
+Users sweep the cycle learning rate with these to find where members start leaving the pre-train basin.
 
 BatchNorm models: interpolated running statistics are not those of the interpolated weights; recompute
 them in `eval_fn` (e.g. `hf_ens.recompute_batchnorm`) before evaluating.
@@ -121,15 +121,34 @@ def interpolation_profile(
     return profile
 
 
-def barrier(values: Sequence[float]) -> float:
-    """Height of the bump along a path: max(values) - (values[0] + values[-1]) / 2.
+def barrier(values: Sequence[float], alphas: Sequence[float] | None = None) -> float:
+    """Largest excess of a path over the straight line between its end values, never below 0.
 
-    Pass a quantity where lower is better (loss, error). ~0 (or negative) means the ends share a basin.
+    `max_t [L(t) - ((1 - t) L(0) + t L(1))]` over the points of the path, with `t` the position of each
+    point between the two ends (`alphas`, as `interpolation_profile` returns them; evenly spaced when None).
+    Pass a quantity where lower is better (loss, error). A linear or convex path has no barrier (0); a bump
+    gives its height above the line. Not `max - mean of the ends`: that calls any rising path a barrier.
     """
-    values = [float(v) for v in (values.tolist() if hasattr(values, "tolist") else values)]
+    values = _floats(values)
+    if any(math.isnan(v) for v in values):
+        raise ValueError(f"barrier got NaN values: {values}.")
     if len(values) < 2:
         raise ValueError(f"barrier needs at least the two end points, got {len(values)} value(s).")
-    return max(values) - (values[0] + values[-1]) / 2
+    if alphas is None:
+        alphas = [i / (len(values) - 1) for i in range(len(values))]
+    alphas = _floats(alphas)
+    if len(alphas) != len(values):
+        raise ValueError(f"barrier got {len(values)} values for {len(alphas)} alphas.")
+    start, end = alphas[0], alphas[-1]
+    increasing = all(a < b for a, b in zip(alphas[:-1], alphas[1:], strict=True))
+    if not increasing or not all(math.isfinite(a) for a in alphas):
+        raise ValueError(f"alphas must be finite and increase strictly along the path, got {alphas}.")
+    line = [values[0] + (a - start) / (end - start) * (values[-1] - values[0]) for a in alphas]
+    return max(0.0, max(v - ref for v, ref in zip(values, line, strict=True)))
+
+
+def _floats(seq) -> list[float]:
+    return [float(v) for v in (seq.tolist() if hasattr(seq, "tolist") else seq)]
 
 
 def weight_distance(model_a: nn.Module, model_b: nn.Module, relative: bool = False) -> float:
@@ -169,7 +188,8 @@ def plot_profile(
     title: str | None = None,
     labels: tuple[str, str] = ("model A", "model B"),
 ) -> Path:
-    """Plot loss and error (%) along the interpolation path as a two-panel PNG, barriers in the titles."""
+    """Plot loss and error (%) along the interpolation path as a two-panel PNG, barriers in the titles
+    (the largest excess over the straight line between the two ends, see `barrier`)."""
     from .plots import new_figure, save_figure
 
     if "alphas" not in profile or not ("loss" in profile or "error" in profile):
@@ -186,7 +206,8 @@ def plot_profile(
         ax.set_xlabel(f"alpha  (0 = {labels[0]}, 1 = {labels[1]})")
         ax.set_ylabel("test error (%)" if key == "error" else "test loss")
         unit = " points" if key == "error" else ""
-        ax.set_title(f"{key} barrier: {barrier(values) * scale:.3g}{unit}", fontsize=9)
+        height = barrier(values, alphas) * scale
+        ax.set_title(f"{key} barrier (excess over the end-to-end line): {height:.3g}{unit}", fontsize=9)
         ax.grid(alpha=0.3)
     fig.suptitle(title or "Linear interpolation between two models")
     return save_figure(fig, path)

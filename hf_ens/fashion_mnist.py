@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -93,25 +94,53 @@ def _hub_offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
+def _idx_dir(data_dir: str | os.PathLike | None) -> str | None:
+    """The folder whose IDX files will be read (`data_dir`, else $FASHION_MNIST_DIR or Debian's), or None."""
+    directory = str(data_dir) if data_dir is not None else os.environ.get("FASHION_MNIST_DIR", DEBIAN_DIR)
+    return os.path.abspath(directory) if _has_idx_files(directory) else None
+
+
+@functools.lru_cache(maxsize=4)
+def _hash_files(paths: tuple[str, ...], stamps: tuple[tuple[int, int], ...]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda f=f: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def source_fingerprint(data_dir: str | os.PathLike | None = None) -> str:
+    """Which bytes `load_fashion_mnist(data_dir=...)` reads: a hash of the IDX files, or the Hub id.
+
+    Cached results derived from the data (the offline pre-trained checkpoint) key on it, so other data
+    never reuses them.
+    """
+    directory = _idx_dir(data_dir)
+    if directory is None:
+        return f"hub:{HUB_ID}"
+    paths = tuple(os.path.join(directory, f) for pair in _IDX_FILES.values() for f in pair)
+    stamps = tuple((os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in paths)
+    return "idx:" + _hash_files(paths, stamps)
+
+
 def _source(data_dir: str | os.PathLike | None):
     """Return {split: (labels, get_images(indices) -> list of Image-feature dicts)} from disk or the Hub."""
-    candidates = (
-        [str(data_dir)] if data_dir is not None else [os.environ.get("FASHION_MNIST_DIR", DEBIAN_DIR)]
-    )
-    for directory in candidates:
-        if _has_idx_files(directory):
-            arrays = _load_idx_dir(os.path.abspath(directory))
-            return {
-                split: (labels, lambda idx, images=images: [_pgm(images[i]) for i in idx])
-                for split, (images, labels) in arrays.items()
-            }
+    directory = _idx_dir(data_dir)
+    if directory is not None:
+        arrays = _load_idx_dir(directory)
+        return {
+            split: (labels, lambda idx, images=images: [_pgm(images[i]) for i in idx])
+            for split, (images, labels) in arrays.items()
+        }
     if data_dir is not None:
         missing = [
             f for pair in _IDX_FILES.values() for f in pair if not os.path.isfile(os.path.join(data_dir, f))
         ]
         raise FileNotFoundError(f"data_dir={str(data_dir)!r} lacks {missing}. {_HOW_TO_GET}")
     if _hub_offline():
-        raise FileNotFoundError(f"No IDX files in {candidates[0]} and HF_HUB_OFFLINE is set. {_HOW_TO_GET}")
+        looked = os.environ.get("FASHION_MNIST_DIR", DEBIAN_DIR)
+        raise FileNotFoundError(f"No IDX files in {looked} and HF_HUB_OFFLINE is set. {_HOW_TO_GET}")
     import datasets
 
     try:

@@ -3,7 +3,11 @@
 The YAML mapping is turned into command-line tokens placed *before* the user's own tokens, so every value
 goes through the same argparse conversion and `choices` checks as a typed flag, and the command line wins on
 a clash (argparse keeps the last value). Unknown keys, in the file or on the command line, fail with the
-list of valid keys instead of being silently ignored.
+list of valid keys instead of being silently ignored. Every rejected input (a bad value, a failed dataclass
+check) is a `ConfigError`; `run_cli` prints it as one line.
+
+`--help` lists each dataclass's own options under its own heading, in the order given, and the options a
+dataclass inherits (e.g. `TrainingArguments` under `StarSSEConfig`) after all of them.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import difflib
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import yaml
@@ -55,6 +59,10 @@ def _unknown_key_error(unknown: Sequence[str], valid: list[str], where: str) -> 
     return ConfigError(f"Unknown key(s) {', '.join(hints)} {where}. Valid keys: {', '.join(valid)}.")
 
 
+def _takes_list(parser: argparse.ArgumentParser, key: str) -> bool:
+    return any(a.dest == key and a.nargs in ("+", "*") for a in parser._actions)
+
+
 def _to_tokens(key: str, value: Any) -> list[str]:
     if isinstance(value, bool):
         return [f"--{key}", "true" if value else "false"]
@@ -67,14 +75,68 @@ def _to_tokens(key: str, value: Any) -> list[str]:
     return [f"--{key}", str(value)]
 
 
+class _Parser(HfArgumentParser):
+    """argparse errors (bad value, missing required option) as `ConfigError` instead of a usage + exit."""
+
+    def error(self, message: str):
+        raise ConfigError(message)
+
+
+def _own_fields(dtype: type) -> set[str]:
+    """Fields `dtype` declares itself, not those of a dataclass it inherits from."""
+    inherited = {
+        f.name
+        for base in dtype.__mro__[1:]
+        if dataclasses.is_dataclass(base)
+        for f in dataclasses.fields(base)
+    }
+    return {f.name for f in dataclasses.fields(dtype)} - inherited
+
+
+def _group_help(parser: argparse.ArgumentParser, dataclass_types: Sequence[type]) -> None:
+    """One heading per dataclass (its own options, in the order given), then every inherited option."""
+    groups, inherited = [], []
+    for dtype in dataclass_types:
+        doc = (dtype.__doc__ or "").strip().splitlines()
+        title = f"{dtype.__name__} options"
+        group = argparse._ArgumentGroup(parser, title, doc[0] if doc else None)
+        own = _own_fields(dtype)
+        for action in list(parser._optionals._group_actions):
+            if action.dest in own:
+                parser._optionals._group_actions.remove(action)
+                group._group_actions.append(action)
+        groups.append(group)
+        bases = [b.__name__ for b in dtype.__mro__[1:] if dataclasses.is_dataclass(b)]
+        if bases and len(own) < len(dataclasses.fields(dtype)):
+            inherited.append(f"{bases[0]} options (inherited by {dtype.__name__})")
+    rest = parser._optionals
+    if inherited:
+        rest.title = "; ".join(inherited)
+    # positionals (none), the script's own groups, then everything else (--help, --config, inherited options)
+    config = [a for a in rest._group_actions if a.dest in ("help", "config")]
+    for action in config:
+        rest._group_actions.remove(action)
+    general = argparse._ArgumentGroup(parser, "help and config file")
+    general._group_actions.extend(config)
+    parser._action_groups = [general, *groups, rest]
+    for action in parser._actions:  # HfArgumentParser gives --no_X the help text of --X
+        negative = [o for o in action.option_strings if o.startswith("--no_")]
+        if negative and isinstance(action, argparse._StoreFalseAction):
+            action.help = f"Turn --{action.dest} off (same as --{action.dest} false)."
+            action.default = argparse.SUPPRESS  # the namespace default comes from --{dest} itself
+
+
 def parse_config_and_args(
     dataclass_types: Sequence[type] | type,
     args: Sequence[str] | None = None,
     description: str | None = None,
+    default_config: str | os.PathLike | None = None,
 ) -> tuple:
     """Parse `[--config file.yaml] [--key value ...]` into instances of `dataclass_types` (in that order).
 
     Values from the YAML file come first, command-line flags override them; `key: null` in YAML sets None.
+    Without `--config`, `default_config` (if given) is the file; `--help` shows its values as the defaults.
+    Every rejected input raises `ConfigError`.
     """
     if dataclasses.is_dataclass(dataclass_types):
         dataclass_types = [dataclass_types]
@@ -90,32 +152,57 @@ def parse_config_and_args(
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config", default=None)
     known, rest = pre.parse_known_args(args)
+    config_path = known.config if known.config is not None else default_config
 
-    parser = HfArgumentParser(dataclass_types, description=description, allow_abbrev=False)
-    parser.add_argument(
-        "--config", default=None, help="YAML file of `key: value` defaults; flags override it."
-    )
+    usage = "%(prog)s [-h] [--config FILE.yaml] [--key value ...]"
+    parser = _Parser(dataclass_types, description=description, allow_abbrev=False, usage=usage)
+    config_help = "YAML file of `key: value` settings; flags override it."
+    if default_config is not None:
+        shown = os.path.relpath(default_config)
+        shown = shown if not shown.startswith("..") else str(default_config)
+        config_help += f" Without it: {shown} (its values are the defaults shown below)."
+    parser.add_argument("--config", default=None, help=config_help)
     valid = _valid_keys(dataclass_types)
     tokens: list[str] = []
-    if known.config is not None:
-        config = load_yaml_config(known.config)
+    if config_path is not None:
+        config = load_yaml_config(config_path)
         unknown = [k for k in config if k not in valid]
         if unknown:
-            raise _unknown_key_error(unknown, valid, f"in {known.config}")
+            raise _unknown_key_error(unknown, valid, f"in {config_path}")
+        for key, value in config.items():
+            if isinstance(value, (list, tuple)) and not _takes_list(parser, key):
+                raise ConfigError(
+                    f"Config key {key!r} in {config_path} is a list ({value!r}) but takes one value."
+                )
         nulls = {k: v for k, v in config.items() if v is None}
         for action in parser._actions:  # a null in YAML satisfies a required field like any other value
             if action.dest in nulls:
                 action.required = False
-        parser.set_defaults(**nulls)
+        parser.set_defaults(**config)  # for --help; the tokens below carry the values through argparse
         for key, value in config.items():
             if value is not None:
                 tokens += _to_tokens(key, value)
-    *outputs, remaining = parser.parse_args_into_dataclasses(
-        args=tokens + rest, return_remaining_strings=True, look_for_args_file=False
-    )
+    _group_help(parser, dataclass_types)
+    try:
+        *outputs, remaining = parser.parse_args_into_dataclasses(
+            args=tokens + rest, return_remaining_strings=True, look_for_args_file=False
+        )
+    except ConfigError:
+        raise
+    except ValueError as err:  # a dataclass's own check (__post_init__)
+        raise ConfigError(str(err)) from err
     if remaining:
         flags = [r.lstrip("-").split("=")[0] for r in remaining if r.startswith("--")]
         if flags:
             raise _unknown_key_error(flags, valid, "on the command line")
         raise ConfigError(f"Unexpected command-line arguments {remaining}; use --key value.")
     return tuple(o for o in outputs if dataclasses.is_dataclass(o))
+
+
+def run_cli(main: Callable[[], Any]) -> None:
+    """Run a recipe's `main()`; a `ConfigError` (bad input, found before any work) is one line, exit 2."""
+    try:
+        main()
+    except ConfigError as err:
+        print(f"{os.path.basename(sys.argv[0])}: error: {err}", file=sys.stderr)
+        sys.exit(2)

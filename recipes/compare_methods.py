@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from recipes._cli import parse_config_and_args
+from recipes._cli import parse_config_and_args, run_cli
 from recipes.vit_cifar import ScriptArguments, run
 from trainers import StarSSEConfig
 
@@ -173,4 +173,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

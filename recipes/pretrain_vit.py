@@ -5,8 +5,11 @@ parameter ViT trained on Fashion-MNIST classes {0,1,2,5,8}; the main recipe fine
 classes. The result is an ordinary `save_pretrained` folder (model + `ViTImageProcessor`) that
 `AutoModelForImageClassification` / `AutoImageProcessor` load like any Hub checkpoint.
 
-The checkpoint lives under `{cache_dir}/vit-fmnist-{hash}`, where the hash covers every setting that changes
-the weights, so a second run (or the main recipe) finds it and returns at once.
+The checkpoint lives under `{cache_dir}/vit-fmnist-{hash}`, where the hash covers everything that changes
+the weights: the settings (the torch thread count among them: 1 and 2 threads give different weights, bit
+for bit), `PRETRAIN_VERSION` of this code, the bytes of the data files and the torch/transformers versions.
+A second run (or the main recipe) with the same inputs finds it and returns at once; any other input
+trains its own.
 
 A plain torch loop rather than the `Trainer`: the main recipe may run under `accelerate launch` with several
 processes; it pre-trains on the main process only while the others wait, and a `Trainer` there would wrap the
@@ -22,20 +25,15 @@ import hashlib
 import json
 import math
 import os
-import shutil
-import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make `_cli` and a source checkout's `hf_ens` importable
-    sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
-    from _cli import parse_config_and_args
-else:
-    from ._cli import parse_config_and_args
+from recipes._cli import parse_config_and_args, run_cli
 
-CACHE_VERSION = 1  # bump when the training code changes the weights for the same settings
+# Bump whenever a change to this file (or to what it calls) changes the weights for the same settings: the
+# cache key holds it, so a checkpoint made by older code is never reused.
+PRETRAIN_VERSION = 2
 DEFAULT_CACHE_DIR = os.path.join(
     os.environ.get("HF_ENS_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "hf_ens")), "pretrained"
 )
@@ -80,6 +78,14 @@ class PretrainArguments:
     )
     batch_size: int = field(default=128, metadata={"help": "Training batch size."})
     seed: int = field(default=0, metadata={"help": "Seed of the data subset, the init and the data order."})
+    num_threads: int | None = field(
+        default=2,
+        metadata={
+            "help": "torch threads while pre-training. The weights differ bit for bit between thread counts, "
+            "so the count is fixed (not left to OMP_NUM_THREADS, which `accelerate launch` sets to 1) and "
+            "is part of the cache key; None uses torch's current count."
+        },
+    )
 
     def __post_init__(self):
         if not self.source_classes or len(set(self.source_classes)) != len(self.source_classes):
@@ -99,11 +105,32 @@ class PretrainArguments:
             raise ValueError("Set num_train_epochs > 0 or max_steps > 0.")
         if self.learning_rate <= 0 or self.warmup_steps < 0:
             raise ValueError("learning_rate must be > 0 and warmup_steps >= 0.")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1 (or None), got {self.num_threads}.")
+
+    def threads(self) -> int:
+        import torch
+
+        return self.num_threads or torch.get_num_threads()
+
+    def key_inputs(self) -> dict:
+        """Everything that decides the weights: kept in pretrain_config.json, hashed into the folder name."""
+        import torch
+        import transformers
+
+        from hf_ens.fashion_mnist import source_fingerprint
+
+        settings = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("cache_dir", "force")}
+        return settings | {
+            "num_threads": self.threads(),
+            "version": PRETRAIN_VERSION,
+            "data": source_fingerprint(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        }
 
     def cache_key(self) -> str:
-        settings = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("cache_dir", "force")}
-        settings["version"] = CACHE_VERSION
-        return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+        return hashlib.sha256(json.dumps(self.key_inputs(), sort_keys=True).encode()).hexdigest()[:12]
 
     def checkpoint_dir(self) -> str:
         return os.path.join(self.cache_dir, f"vit-fmnist-{self.cache_key()}")
@@ -188,7 +215,21 @@ def evaluate_accuracy(model, loader) -> float:
 
 
 def pretrain(args: PretrainArguments, output_dir: str) -> dict:
-    """Train the ViT and write model, processor and `pretrain_config.json` to `output_dir`; return metrics."""
+    """Train the ViT and write model, processor and `pretrain_config.json` to `output_dir`; return metrics.
+
+    Runs on `args.threads()` torch threads (the caller's count is restored afterwards).
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads())
+    try:
+        return _train(args, output_dir)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(args: PretrainArguments, output_dir: str) -> dict:
     import torch
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
@@ -253,7 +294,7 @@ def pretrain(args: PretrainArguments, output_dir: str) -> dict:
     }
     model.save_pretrained(output_dir)
     processor.save_pretrained(output_dir)
-    record = {"settings": dataclasses.asdict(args) | {"version": CACHE_VERSION}, "metrics": metrics}
+    record = {"settings": args.key_inputs(), "metrics": metrics}
     with open(os.path.join(output_dir, "pretrain_config.json"), "w", encoding="utf-8") as f:
         json.dump(record, f, indent=2)
     return metrics
@@ -262,12 +303,14 @@ def pretrain(args: PretrainArguments, output_dir: str) -> dict:
 def ensure_pretrained_checkpoint(cfg: PretrainArguments | dict | str | os.PathLike) -> str:
     """Return the folder of the pre-trained checkpoint for `cfg`, training it first if it is not cached.
 
-    `cfg` is a `PretrainArguments`, a dict of its fields, or a YAML path. The folder appears atomically (built
-    in a temporary sibling, then renamed), so a crash never leaves a half-written checkpoint behind. A file
+    `cfg` is a `PretrainArguments`, a dict of its fields, or a YAML path. The folder appears atomically
+    (`hf_ens._io.atomic_directory`), so a crash never leaves a half-written checkpoint behind. A file
     lock makes concurrent callers (e.g. every process of an `accelerate launch`) wait for the first one
     instead of training again; `force=True` retrains unless another caller just did.
     """
     from filelock import FileLock
+
+    from hf_ens._io import atomic_directory
 
     args = _as_args(cfg)
     final = args.checkpoint_dir()
@@ -279,20 +322,8 @@ def ensure_pretrained_checkpoint(cfg: PretrainArguments | dict | str | os.PathLi
     with FileLock(final + ".lock"):
         if os.path.isfile(marker) and (not args.force or os.stat(marker).st_mtime_ns != stamp):
             return final  # another process finished it while we waited
-        prefix = f".tmp-{os.path.basename(final)}-"
-        for stale in Path(args.cache_dir).glob(prefix + "*"):  # left by a killed run; we hold the lock
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = tempfile.mkdtemp(prefix=prefix, dir=args.cache_dir)
-        try:
-            metrics = pretrain(args, tmp)
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the cache is an ordinary folder
-            if os.path.isdir(final):
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_directory(final) as tmp:  # also clears what a killed run left; we hold the lock
+            metrics = pretrain(args, str(tmp))
     print(
         f"Pre-trained ViT ({metrics['num_parameters'] / 1e6:.2f}M params) on "
         f"{metrics['train_images']} images in {metrics['total_seconds']:.0f} s: "
@@ -313,4 +344,4 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -2,8 +2,10 @@
 evaluate members, ensemble and soups, write a model repo (members + soup + card), plots and metrics.json,
 and optionally push the repo to the Hub in one commit.
 
-    accelerate launch recipes/vit_cifar.py --config recipes/configs/vit_cifar10.yaml [--key value ...]
+    accelerate launch recipes/vit_cifar.py [--config recipes/configs/vit_cifar10.yaml] [--key value ...]
     accelerate launch recipes/vit_cifar.py --config recipes/configs/offline.yaml  # offline default
+
+Without `--config` the settings are those of `recipes/configs/vit_cifar10.yaml` (the paper's CIFAR-10 run).
 """
 
 from __future__ import annotations
@@ -17,11 +19,16 @@ from pathlib import Path
 
 import torch
 
-from recipes._cli import parse_config_and_args
+from recipes._cli import ConfigError, parse_config_and_args, run_cli
 from trainers import StarSSEConfig, StarSSETrainer
 
 OFFLINE_DATASET = "offline:fashion_mnist"
 OFFLINE_MODEL = "offline:pretrained_vit"
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "vit_cifar10.yaml"
+OFFLINE_COMMAND = (
+    "make demo (or: accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no "
+    "--dynamo_backend no recipes/vit_cifar.py --config recipes/configs/offline.yaml)"
+)
 
 
 @dataclass
@@ -85,16 +92,135 @@ class ScriptArguments:
     repo_dirname: str = field(
         default="ensemble_repo", metadata={"help": "Sub-folder of output_dir for the repo."}
     )
+    torch_threads: int | None = field(
+        default=None,
+        metadata={
+            "help": "torch threads per process. On CPU the numbers differ bit for bit between thread counts; "
+            "fix it for a reproducible table. None keeps torch's count (OMP_NUM_THREADS, which `accelerate "
+            "launch` sets to 1 when it is unset)."
+        },
+    )
 
     def __post_init__(self) -> None:
         if not 0.0 < self.held_out_fraction < 1.0:
             raise ValueError(f"held_out_fraction must be in (0, 1), got {self.held_out_fraction}.")
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise ValueError(f"torch_threads must be >= 1 (or unset), got {self.torch_threads}.")
+        if self.eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size must be >= 1, got {self.eval_batch_size}.")
+        if self.interpolation_points < 0 or self.interpolation_points == 1:
+            raise ValueError(
+                f"interpolation_points must be 0 (no profile) or >= 2, got {self.interpolation_points}."
+            )
+        for name in ("max_train_samples", "max_test_samples"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 (or unset), got {getattr(self, name)}.")
         if self.classes is not None and self.dataset_name != OFFLINE_DATASET:
             raise ValueError(
                 f"--classes selects classes of {OFFLINE_DATASET!r} only; got dataset {self.dataset_name!r}."
             )
         if self.dataset_name == "imagefolder" and not self.data_dir:
             raise ValueError("dataset_name='imagefolder' needs --data_dir pointing at the image folder.")
+
+
+# ------------------------------------------------------------------------------------------ preflight
+
+
+class HubUnreachableError(ConfigError):
+    """The run needs Hub repos but the Hub cannot be reached (offline, no network): one line, no retries."""
+
+
+def hub_repos(args: ScriptArguments) -> list[tuple[str, str]]:
+    """(kind, repo id) of what this run downloads: names that are not embedded, 'imagefolder' or local."""
+    repos = []
+    if args.model_name_or_path != OFFLINE_MODEL and not os.path.isdir(args.model_name_or_path):
+        repos.append(("model", args.model_name_or_path))
+    if args.dataset_name not in (OFFLINE_DATASET, "imagefolder") and not os.path.isdir(args.dataset_name):
+        repos.append(("dataset", args.dataset_name))
+    return repos
+
+
+def _in_hub_cache(kind: str, repo_id: str) -> bool:
+    from huggingface_hub import constants
+
+    return os.path.isdir(os.path.join(constants.HF_HUB_CACHE, f"{kind}s--{repo_id.replace('/', '--')}"))
+
+
+def hub_unreachable_reason(timeout: float = 3.0) -> str | None:
+    """Why the Hub cannot be reached (offline mode, or no answer to one HEAD request), or None if it can."""
+    import urllib.error
+    import urllib.request
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    try:
+        urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"), timeout=timeout)
+    except urllib.error.HTTPError:
+        return None  # an HTTP answer, even an error status, means the Hub is there
+    except OSError as err:  # URLError, timeouts, refused connections
+        return f"{constants.ENDPOINT} did not answer: {getattr(err, 'reason', err)}"
+    return None
+
+
+def _unreachable(repos: list[tuple[str, str]], reason: str) -> HubUnreachableError:
+    names = " and ".join(f"{kind} {repo!r}" for kind, repo in repos)
+    return HubUnreachableError(
+        f"cannot load {names}: the Hub cannot be reached ({reason}). "
+        f"Run the embedded offline default instead: {OFFLINE_COMMAND}."
+    )
+
+
+def check_hub(args: ScriptArguments) -> None:
+    """Fail at once, before anything is loaded, when the run needs the Hub and cannot have it.
+
+    Under HF_HUB_OFFLINE a repo already in the local Hub cache is fine; without network nothing is tried,
+    so no client spends half a minute in retries.
+    """
+    from huggingface_hub import constants
+
+    repos = hub_repos(args)
+    if not repos:
+        return
+    if constants.HF_HUB_OFFLINE and all(_in_hub_cache(kind, repo) for kind, repo in repos):
+        return
+    reason = hub_unreachable_reason()
+    if reason is not None:
+        raise _unreachable(repos, reason)
+
+
+def _is_connection_error(err: BaseException | None) -> bool:
+    """A network failure anywhere in the chain of `err` (clients wrap them in OSError or their own types)."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    while err is not None:
+        if isinstance(err, (ConnectionError, TimeoutError, LocalEntryNotFoundError)):
+            return True
+        module = type(err).__module__.split(".")[0]
+        if module in ("httpx", "httpcore", "requests", "urllib3") and "Connect" in type(err).__name__:
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def check_output_dir(args: ScriptArguments, training_args: StarSSEConfig) -> None:
+    """Before any (pre-)training: output_dir can be written, and holds no earlier run unless overwriting."""
+    from trainers.starsse_trainer import _ensure_writable
+
+    out = Path(training_args.output_dir)
+    ours = {"members", "metrics.json", args.repo_dirname}
+    found = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    earlier = [name for name in found if name in ours or name.startswith("checkpoint-")]
+    if earlier and not training_args.overwrite_output_dir:
+        raise ConfigError(
+            f"--output_dir {str(out)!r} already holds an earlier run ({', '.join(earlier)}); pass "
+            "--overwrite_output_dir true to replace it, or choose another --output_dir."
+        )
+    try:
+        _ensure_writable(str(out))
+    except ValueError as err:
+        raise ConfigError(f"--{err}") from err
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -223,7 +349,7 @@ def load_model(checkpoint: str, label_names: list[str], args: ScriptArguments):
 
     from hf_ens.heads import reinit_task_head
 
-    config = AutoConfig.from_pretrained(checkpoint)
+    config = AutoConfig.from_pretrained(checkpoint, trust_remote_code=False)
     has_head = any(a.endswith("ForImageClassification") for a in (config.architectures or []))
     if has_head and config.num_labels != len(label_names) and not args.ignore_mismatched_sizes:
         raise ValueError(
@@ -236,9 +362,10 @@ def load_model(checkpoint: str, label_names: list[str], args: ScriptArguments):
         "label2id": {n: i for i, n in enumerate(label_names)},
     }
     if args.init_from_scratch:
-        return AutoModelForImageClassification.from_config(AutoConfig.from_pretrained(checkpoint, **labels))
+        config = AutoConfig.from_pretrained(checkpoint, trust_remote_code=False, **labels)
+        return AutoModelForImageClassification.from_config(config, trust_remote_code=False)
     model = AutoModelForImageClassification.from_pretrained(
-        checkpoint, ignore_mismatched_sizes=args.ignore_mismatched_sizes, **labels
+        checkpoint, ignore_mismatched_sizes=args.ignore_mismatched_sizes, trust_remote_code=False, **labels
     )
     trained_for = [str(config.id2label[i]) for i in sorted(config.id2label)] if has_head else []
     generic = all(name.startswith("LABEL_") for name in trained_for)
@@ -264,6 +391,7 @@ def evaluate_run(
 
     from hf_ens import greedy_soup, make_accuracy_eval_fn, uniform_soup
     from hf_ens.basin import barrier, interpolation_profile, plot_profile, weight_distance
+    from hf_ens.checks import assert_finite
     from hf_ens.evaluation import predict_logits
     from hf_ens.metrics import accuracy, classification_metrics, ensemble_metrics
     from hf_ens.plots import plot_vs_ensemble_size
@@ -288,10 +416,12 @@ def evaluate_run(
 
     member_logits, labels = ensemble.predict(loader(test))  # [K, N, C], kept for the ensemble-size curve
     soup = uniform_soup(members, bn_dataloader=bn_loader)
+    assert_finite(soup, "The uniform soup")  # a diverged run: refuse before anything is evaluated or written
     soup_logits, _ = predict_logits(soup, loader(test), desc="test uniform soup")
 
     held_out_accuracy = make_accuracy_eval_fn(loader(held_out))
     greedy, chosen = greedy_soup(members, held_out_accuracy, bn_dataloader=bn_loader)
+    assert_finite(greedy, "The greedy soup")
     greedy_logits, _ = predict_logits(greedy, loader(test), desc="test greedy soup")
 
     metrics = ensemble_metrics(member_logits, labels, soup_logits=soup_logits)
@@ -328,7 +458,7 @@ def evaluate_run(
         metrics["basin/profile_member00_member01"] = profile
         mid = min(range(len(profile["alphas"])), key=lambda i: abs(profile["alphas"][i] - 0.5))
         metrics["basin/midpoint_accuracy"] = 1.0 - float(profile["error"][mid])
-        metrics["basin/barrier_error"] = float(barrier(profile["error"]))
+        metrics["basin/barrier_error"] = barrier(profile["error"], profile["alphas"])
         plot_profile(profile, plot_dir / "interpolation_member00_member01.png")
     return {"metrics": metrics, "ensemble": ensemble, "soup": soup, "greedy_soup": greedy}
 
@@ -356,6 +486,8 @@ def run(script_args: ScriptArguments, training_args: StarSSEConfig) -> dict | No
     """The whole job. Returns the metrics dict on the main process, None on the others."""
     from transformers import AutoImageProcessor, set_seed
 
+    from hf_ens._io import atomic_file
+
     push, hub_model_id = training_args.push_to_hub, training_args.hub_model_id
     if push and not hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id user/name.")
@@ -371,15 +503,30 @@ def run(script_args: ScriptArguments, training_args: StarSSEConfig) -> dict | No
         )
     if script_args.auto_bf16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         training_args.bf16 = True
+    if script_args.torch_threads is not None:
+        torch.set_num_threads(script_args.torch_threads)
+    if not sys.stderr.isatty():
+        # transformers' inner bars (e.g. "Writing model shards" for every member, under the training bar) are
+        # nested bars, drawn with cursor-up escapes that a log file shows as `[A`: keep them to terminals
+        from transformers.utils import logging as transformers_logging
 
-    train, held_out, test, label_names = load_splits(script_args, training_args.seed)
-    checkpoint = resolve_checkpoint(script_args)
-    processor = AutoImageProcessor.from_pretrained(checkpoint)
-    # Seed right before the model is built: a new (or re-drawn) head is drawn from the global RNG, and the
-    # Trainer only seeds itself later. Seeding here (not earlier) also makes a run that had to pre-train its
-    # checkpoint first draw the same head as one that found it cached.
-    set_seed(training_args.seed)
-    model = load_model(checkpoint, label_names, script_args)
+        transformers_logging.disable_progress_bar()
+
+    check_output_dir(script_args, training_args)
+    check_hub(script_args)
+    try:
+        train, held_out, test, label_names = load_splits(script_args, training_args.seed)
+        checkpoint = resolve_checkpoint(script_args)
+        processor = AutoImageProcessor.from_pretrained(checkpoint, trust_remote_code=False)
+        # Seed right before the model is built: a new (or re-drawn) head is drawn from the global RNG, and
+        # the Trainer only seeds itself later. Seeding here (not earlier) also makes a run that had to
+        # pre-train its checkpoint first draw the same head as one that found it cached.
+        set_seed(training_args.seed)
+        model = load_model(checkpoint, label_names, script_args)
+    except Exception as err:  # the network went away after check_hub: the same one line
+        if hub_repos(script_args) and _is_connection_error(err):
+            raise _unreachable(hub_repos(script_args), str(err).splitlines()[0]) from err
+        raise
     train_eval = attach_transforms(train, processor, augment=False)
     train = attach_transforms(train, processor, augment=script_args.augment)
     held_out = attach_transforms(held_out, processor, augment=False)
@@ -433,7 +580,8 @@ def run(script_args: ScriptArguments, training_args: StarSSEConfig) -> dict | No
     ensemble.save_pretrained(
         out / script_args.repo_dirname, soup=result["soup"], metrics=_card_metrics(metrics)
     )
-    _atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, default=float))
+    with atomic_file(out / "metrics.json") as f:
+        f.write(json.dumps(metrics, indent=2, default=float))
     metrics["summary_table"] = print_summary(metrics)
     if push:
         url = ensemble.push_to_hub(
@@ -442,13 +590,6 @@ def run(script_args: ScriptArguments, training_args: StarSSEConfig) -> dict | No
         print(f"Pushed the ensemble repo to {url}")
     trainer.accelerator.wait_for_everyone()
     return metrics
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary file + rename, so a crash never leaves a half-written metrics.json."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _card_metrics(metrics: dict) -> dict:
@@ -466,11 +607,13 @@ def _plot_schedule(trainer: StarSSETrainer, path: Path) -> None:
     plot_lr_schedule(steps, lrs, boundaries, path)
 
 
-def main(argv: list[str] | None = None) -> None:
-    script_args, training_args = parse_config_and_args((ScriptArguments, StarSSEConfig), argv)
+def main(argv: list[str] | None = None) -> dict | None:
+    script_args, training_args = parse_config_and_args(
+        (ScriptArguments, StarSSEConfig), argv, default_config=DEFAULT_CONFIG
+    )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    run(script_args, training_args)
+    return run(script_args, training_args)
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -77,7 +77,11 @@ def tiny_cifar(
 
 
 def tiny_run_args(output_dir: str | os.PathLike, model: str, dataset: str, *extra: str) -> list[str]:
-    """argv for `vit_cifar.main`: 3 StarSSE members (2 epochs, then 1-epoch cycles), seconds on one thread."""
+    """argv for `vit_cifar.main`: 3 StarSSE members (2 epochs, then 1-epoch cycles), seconds on one thread.
+
+    No `--config`, so the defaults are recipes/configs/vit_cifar10.yaml's; the flags below replace every one
+    of its settings that a tiny run cannot use (workers, checkpoints, the CIFAR schedule).
+    """
     return [
         "--model_name_or_path",
         str(model),
@@ -111,5 +115,13 @@ def tiny_run_args(output_dir: str | os.PathLike, model: str, dataset: str, *extr
         "true",
         "--logging_steps",
         "1",
+        "--dataloader_num_workers",
+        "0",
+        "--cycle_learning_rate",
+        "3e-3",
+        "--warmup_steps",
+        "0",
+        "--lr_scheduler_type",
+        "linear",
         *extra,
     ]

@@ -57,13 +57,29 @@ def test_interpolate_keeps_dtype_and_rejects_bad_input():
         interpolate({"w": torch.zeros(1)}, b, 0.5)
 
 
-def test_barrier_of_known_profiles():
+def test_barrier_is_the_excess_over_the_end_to_end_line():
+    # a monotone linear path has no barrier (the old max-minus-mean-of-ends gave 1.0 here)
+    assert barrier([0.0, 1.0, 2.0]) == 0.0
+    assert barrier(torch.tensor([0.0, 1.0])) == 0.0
+    assert barrier(np.array([0.5, 0.4, 0.3])) == pytest.approx(0.0)
+    # convex paths (a valley, a rising parabola) have none either, never a negative one
+    assert barrier([0.2, 0.1, 0.2]) == 0.0
+    assert barrier([t * t for t in (0.0, 0.25, 0.5, 0.75, 1.0)]) == 0.0
+    # a bump: its height above the line between the ends (the line is at 1.5 for t=0.5)
     assert barrier([1.0, 3.0, 2.0]) == pytest.approx(1.5)
-    assert barrier([0.2, 0.1, 0.2]) == pytest.approx(0.0)  # a valley: the ends are the max
-    assert barrier(np.array([0.5, 0.4, 0.3])) == pytest.approx(0.1)
-    assert barrier(torch.tensor([0.0, 1.0])) == pytest.approx(0.5)
+    assert barrier([0.0, 0.0, 0.7, 0.0, 0.0]) == pytest.approx(0.7)
+    assert barrier([0.0, 1.5, 1.0, 1.0, 2.0]) == pytest.approx(1.0)  # 1.5 - 0.5 at t=0.25
+    # uneven alphas (e.g. a denser middle): the line is taken at each point's own t
+    assert barrier([0.0, 1.0, 1.0], alphas=[0.0, 0.9, 1.0]) == pytest.approx(0.1)
+    assert barrier([0.0, 1.0, 1.0], alphas=[0.0, 0.1, 1.0]) == pytest.approx(0.9)
     with pytest.raises(ValueError, match="two end points"):
         barrier([1.0])
+    with pytest.raises(ValueError, match="alphas"):
+        barrier([1.0, 2.0], alphas=[0.0])
+    with pytest.raises(ValueError, match="increase"):
+        barrier([1.0, 2.0, 3.0], alphas=[0.0, 1.0, 0.5])
+    with pytest.raises(ValueError, match="NaN"):
+        barrier([1.0, float("nan"), 2.0])
 
 
 def test_weight_distance_of_known_tensors():

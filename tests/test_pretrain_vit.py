@@ -32,6 +32,7 @@ TINY = {
     "eval_size": 20,
     "max_steps": 3,
     "batch_size": 20,
+    "num_threads": 1,
 }
 
 
@@ -69,7 +70,7 @@ def test_pretrain_caches_and_loads_with_auto_classes(tmp_path, capsys):
     assert pixel_values.min() >= -1.0 and pixel_values.max() <= 1.0
     assert model(pixel_values=pixel_values).logits.shape == (2, 5)
 
-    stale = tmp_path / f".tmp-{os.path.basename(path)}-killed"
+    stale = tmp_path / f".{os.path.basename(path)}.tmp-killed"
     stale.mkdir()  # what a run killed mid-training leaves behind; the next training run removes it
 
     # second call: cache hit, nothing retrained or rewritten
@@ -88,6 +89,54 @@ def test_pretrain_caches_and_loads_with_auto_classes(tmp_path, capsys):
     assert again == path and os.stat(weights).st_mtime_ns != stamp and not stale.exists()
     reloaded = AutoModelForImageClassification.from_pretrained(path)
     assert torch.equal(reloaded.classifier.weight, model.classifier.weight)  # same seed, same weights
+
+
+def test_cache_key_covers_threads_data_and_code_version(tmp_path, monkeypatch):
+    """The checkpoint depends on more than the settings; each such input must change the folder."""
+    import shutil
+
+    import recipes.pretrain_vit as pretrain_vit
+
+    base = PretrainArguments(**TINY)
+    inputs, key = base.key_inputs(), base.cache_key()
+    assert inputs["num_threads"] == 1 and inputs["version"] == pretrain_vit.PRETRAIN_VERSION
+    assert inputs["torch"] == torch.__version__ and inputs["data"].startswith(("idx:", "hub:"))
+    # torch threads: 1 and 2 give different weights bit for bit on CPU, so they are different checkpoints
+    assert PretrainArguments(**{**TINY, "num_threads": 2}).cache_key() != key
+    # None means "whatever torch uses now", resolved into the key
+    torch_threads = torch.get_num_threads()
+    assert PretrainArguments(**{**TINY, "num_threads": None}).key_inputs()["num_threads"] == torch_threads
+    # a new version of the pre-training code
+    monkeypatch.setattr(pretrain_vit, "PRETRAIN_VERSION", pretrain_vit.PRETRAIN_VERSION + 1)
+    assert PretrainArguments(**TINY).cache_key() != key
+    monkeypatch.undo()
+    # other data bytes (a copy of the IDX files with one label changed)
+    if not os.path.isfile(os.path.join(_DATA_DIR, "train-labels-idx1-ubyte.gz")):
+        pytest.skip("no local IDX files to copy")
+    import gzip
+
+    copy = tmp_path / "fmnist"
+    shutil.copytree(_DATA_DIR, copy)
+    labels = copy / "train-labels-idx1-ubyte.gz"
+    raw = bytearray(gzip.decompress(labels.read_bytes()))
+    raw[8] = (raw[8] + 1) % 10
+    labels.write_bytes(gzip.compress(bytes(raw)))
+    monkeypatch.setenv("FASHION_MNIST_DIR", str(copy))
+    assert PretrainArguments(**TINY).cache_key() != key
+    with pytest.raises(ValueError, match="num_threads must be >= 1"):
+        PretrainArguments(num_threads=0)
+
+
+def test_pretraining_runs_on_its_own_thread_count(tmp_path):
+    if not HAVE_DATA:
+        pytest.skip("no Fashion-MNIST")
+    from recipes.pretrain_vit import pretrain
+
+    before = torch.get_num_threads()
+    metrics = pretrain(PretrainArguments(**{**TINY, "max_steps": 1, "num_threads": 2}), str(tmp_path))
+    assert metrics["torch_threads"] == 2 and torch.get_num_threads() == before == 1
+    record = json.load(open(tmp_path / "pretrain_config.json"))
+    assert record["settings"]["num_threads"] == 2 and "data" in record["settings"]
 
 
 def test_bad_pretrain_settings_fail_before_training(tmp_path):
@@ -142,7 +191,7 @@ def test_unknown_or_invalid_keys_are_clear_errors(tmp_path):
     with pytest.raises(ConfigError, match="mapping"):
         parse_config_and_args(PretrainArguments, ["--config", str(config)])
     config.write_text("lr_scheduler_type: wobbly\n")
-    with pytest.raises(SystemExit):  # argparse's own "invalid choice" message, before any work
+    with pytest.raises(ConfigError, match="invalid choice: 'wobbly'"):  # one line, before any work
         from transformers import TrainingArguments
 
         parse_config_and_args((ScriptArgs, TrainingArguments), ["--config", str(config)])

@@ -239,6 +239,39 @@ def _launch_two_processes(tmp_path: Path, argv: list[str]) -> tuple[int, str]:
     return proc.returncode, proc.stdout + proc.stderr
 
 
+def _demo_launch_flags() -> list[str]:
+    """The `accelerate launch` flags of `make demo` (the README's single-process launch line)."""
+    makefile = (ROOT / "Makefile").read_text()
+    match = re.search(r"^LAUNCH := \S*accelerate launch (.*)$", makefile, flags=re.M)
+    assert match and "$(LAUNCH) recipes/vit_cifar.py" in makefile, "make demo no longer launches the recipe"
+    return match.group(1).split()
+
+
+@pytest.mark.slow
+def test_single_process_launch_output_is_quiet_in_a_log(tmp_path, local_data, local_vit):
+    """`make demo`'s launch line with output piped to a file: no accelerate "values were not passed" block,
+    no `[A` cursor-up escapes of nested progress bars, and a second run into the same folder stops at once
+    with one line naming the flag that allows it."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env["HF_HOME"] = str(tmp_path / "hf_home")  # no user-level accelerate default_config.yaml
+    argv = tiny_run_args(tmp_path / "run", local_vit, local_data, "--num_members", "2")
+    i = argv.index("--disable_tqdm")
+    del argv[i : i + 2]  # progress bars on, as a user sees them
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *_demo_launch_flags(), "recipes/vit_cifar.py"]
+    first = subprocess.run([*cmd, *argv], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    log = first.stdout + first.stderr
+    assert first.returncode == 0, log[-4000:]
+    assert "mean member" in log and "Writing model shards" not in log
+    assert "\x1b[A" not in log
+    assert "values were not passed" not in log
+    second = subprocess.run([*cmd, *argv], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    log = second.stdout + second.stderr
+    assert second.returncode != 0 and "Traceback" not in log, log[-4000:]
+    errors = [line for line in log.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and "already holds an earlier run" in errors[0], log[-2000:]
+    assert "--overwrite_output_dir true" in errors[0]
+
+
 @pytest.mark.slow
 def test_two_process_accelerate_launch(tmp_path, local_data, local_vit):
     out = tmp_path / "run"
@@ -344,6 +377,18 @@ def test_unknown_config_key(tmp_path, local_data, local_vit):
         vit_cifar.main([*tiny_run_args(tmp_path / "run", local_vit, local_data), "--cycle_epoch", "1"])
 
 
+def test_diverged_run_writes_no_soup_or_repo(tmp_path, local_data, local_vit):
+    from hf_ens.checks import NonFiniteError
+
+    out = tmp_path / "run"
+    argv = tiny_run_args(out, local_vit, local_data, "--num_members", "2", "--learning_rate", "1e6")
+    argv += ["--cycle_learning_rate", "1e6", "--max_grad_norm", "0"]  # no clipping: the weights blow up
+    with pytest.raises(NonFiniteError, match="non-finite"):
+        vit_cifar.main(argv)
+    for written in ("uniform_soup", "greedy_soup", "ensemble_repo", "metrics.json"):
+        assert not (out / written).exists(), written
+
+
 def test_push_without_hub_model_id(monkeypatch, tmp_path, local_data, local_vit):
     _run_expecting(
         monkeypatch, ValueError, "--hub_model_id", tmp_path, local_vit, local_data, "--push_to_hub", "true"
@@ -386,3 +431,36 @@ def test_load_model_head_cases(tmp_path):
     args.ignore_mismatched_sizes = True
     model = vit_cifar.load_model(str(five), names, args)
     assert model.classifier.out_features == 3 and model.config.num_labels == 3
+
+
+def test_checkpoint_code_never_runs(tmp_path):
+    """A checkpoint whose config points at its own Python code (`auto_map`) is refused; the code never runs,
+    even where transformers would otherwise ask "run the custom code? [y/N]" on stdin."""
+    ckpt = save_tiny_vit(tmp_path / "evil")
+    marker = tmp_path / "code_ran"
+    config = json.loads((ckpt / "config.json").read_text())
+    config["model_type"] = "evil-vit"  # no built-in class: only the repo's code could load it
+    config["auto_map"] = {
+        "AutoConfig": "evil.EvilConfig",
+        "AutoModelForImageClassification": "evil.EvilModel",
+    }
+    (ckpt / "config.json").write_text(json.dumps(config))
+    processor = json.loads((ckpt / "preprocessor_config.json").read_text())
+    processor["auto_map"] = {"AutoImageProcessor": "evil.EvilProcessor"}
+    (ckpt / "preprocessor_config.json").write_text(json.dumps(processor))
+    (ckpt / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    args = vit_cifar.ScriptArguments(dataset_name="x")
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        vit_cifar.load_model(str(ckpt), ["a", "b", "c"], args)
+    from transformers import AutoImageProcessor
+
+    try:  # the recipe's processor load: a built-in processor class, or a refusal; never the repo's code
+        AutoImageProcessor.from_pretrained(str(ckpt), trust_remote_code=False)
+    except ValueError as err:
+        assert "trust_remote_code" in str(err)
+    assert not marker.exists()
+    assert "trust_remote_code=False" in (ROOT / "recipes" / "vit_cifar.py").read_text()
+    loads = re.findall(
+        r"\.from_(?:pretrained|config)\((.*?)\)\n", (ROOT / "recipes" / "vit_cifar.py").read_text(), re.S
+    )
+    assert loads and all("trust_remote_code=False" in call for call in loads), loads

@@ -1,0 +1,125 @@
+"""README.md as a user follows it: every Python snippet runs as written, in order, and the documented launch
+commands pass every value accelerate would otherwise warn about.
+
+The snippets share one namespace (the Ensembles snippet loads the members the Trainer snippet wrote) and get
+the names the README lists before its first snippet: a tiny 2-layer ViT (`model`, `processor`, `pretrained`),
+a tiny CIFAR-shaped dataset (`train`, `val`, `test_loader`, `x`) and `compute_metrics`. A snippet that names
+a Hub repo (`user/vit-cifar10-starsse`) talks to the local Hub of tests/hub_server.py with the real clients.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tests._recipe_utils import ROOT, save_tiny_vit, tiny_cifar, tiny_processor
+
+README = (ROOT / "README.md").read_text()
+LAUNCH_VALUES = ("--num_processes", "--num_machines", "--mixed_precision", "--dynamo_backend")
+
+
+def python_blocks(text: str) -> list[str]:
+    return re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M)
+
+
+def bash_commands(text: str) -> list[str]:
+    """Commands of the ```bash blocks, continuation lines joined, comments dropped."""
+    commands = []
+    for block in re.findall(r"^```bash\n(.*?)^```", text, flags=re.S | re.M):
+        joined = re.sub(r"\\\n\s*", " ", block)
+        commands += [line.split("#")[0].strip() for line in joined.splitlines() if line.split("#")[0].strip()]
+    return commands
+
+
+def _preamble(tmp_path) -> dict:
+    """The names the README's snippets assume, as tiny real objects."""
+    import torch
+    from torch.utils.data import DataLoader
+    from transformers import ViTForImageClassification, default_data_collator
+
+    from hf_ens.metrics import compute_metrics
+
+    torch.manual_seed(0)
+    model = ViTForImageClassification.from_pretrained(save_tiny_vit(tmp_path / "checkpoint"))
+    processor = tiny_processor()
+
+    def to_features(batch):
+        pixels = processor(images=[im.convert("RGB") for im in batch["img"]], return_tensors="np")
+        return {"pixel_values": pixels["pixel_values"], "labels": batch["label"]}
+
+    data = tiny_cifar(n_train=36, n_test=12)
+    data = data.map(to_features, batched=True, remove_columns=["img", "label"]).with_format("torch")
+    train, val = data["train"], data["test"]
+    test_loader = DataLoader(val, batch_size=6, collate_fn=default_data_collator)
+    return {
+        "model": model,
+        "pretrained": copy.deepcopy(model),
+        "processor": processor,
+        "train": train,
+        "val": val,
+        "compute_metrics": compute_metrics,
+        "test_loader": test_loader,
+        "x": next(iter(test_loader))["pixel_values"],
+    }
+
+
+def test_readme_python_snippets_run_in_order(hub, tmp_path, monkeypatch):
+    from huggingface_hub import HfApi
+
+    blocks = python_blocks(README)
+    assert len(blocks) >= 3, "the README lost its Python snippets"
+    monkeypatch.chdir(tmp_path)
+    HfApi().create_repo("user/vit-cifar10-starsse")  # the Hub repo the Ensembles snippet pushes to
+    namespace = _preamble(tmp_path)
+    for i, block in enumerate(blocks):
+        try:
+            exec(compile(block, f"README.md python block {i + 1}", "exec"), namespace)
+        except Exception as err:
+            pytest.fail(f"README python block {i + 1} fails: {type(err).__name__}: {err}\n{block}")
+    # what the snippets promise
+    assert [p.rsplit("/", 1)[-1] for p in namespace["trainer"].member_paths] == [
+        f"member_{k:02d}" for k in range(5)
+    ]
+    profile = namespace["profile"]
+    assert len(profile["alphas"]) == 11 and (tmp_path / "profile.png").is_file()
+
+
+def test_readme_launch_commands_pass_every_launch_value(tmp_path):
+    launches = [c for c in bash_commands(README) if "accelerate launch" in c]
+    assert launches, "the README shows no accelerate launch command"
+    for command in launches:
+        missing = [flag for flag in LAUNCH_VALUES if flag not in command]
+        assert not missing, f"{command!r} lacks {missing}: accelerate would print its defaults block"
+    # the flags of the first launch, on a trivial script: accelerate stays quiet
+    flags = launches[0].split("accelerate launch", 1)[1].split("recipes/")[0].split()
+    script = tmp_path / "hello.py"
+    script.write_text("print('hello')\n")
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "HF_HOME": str(tmp_path / "hf_home")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", *flags, str(script)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0 and "hello" in proc.stdout, proc.stderr[-2000:]
+    assert "values were not passed" not in proc.stdout + proc.stderr
+
+
+def test_make_says_what_each_install_step_does():
+    dry = subprocess.run(
+        ["make", "-n", "demo", "VENV=/nonexistent/venv"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert dry.returncode == 0, dry.stderr
+    lines = dry.stdout.splitlines()
+    steps = [line for line in lines if "pip install" in line or "-m venv" in line]
+    assert len(steps) == 4
+    for step in steps:  # every install command comes right after an echo saying what it does
+        before = lines[lines.index(step) - 1]
+        assert before.startswith('echo "[install'), (before, step)
+    demo = next(line for line in lines if "recipes/vit_cifar.py" in line and not line.startswith("echo"))
+    assert all(flag in demo for flag in LAUNCH_VALUES)
