@@ -33,6 +33,13 @@ from tests.hub_server import HubServer, connect_clients, drop_client_state
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread_again():
+    """An in-process recipe run pins torch threads (offline.yaml: 2); later tests compare runs bit for bit."""
+    yield
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def _hub_server():
     """One server process-wide (cheap to keep, ~0 CPU when idle); `hub` resets its state for every test."""

@@ -147,7 +147,7 @@ def test_unwritable_output_dir_is_found_before_pretraining(tripwire, tmp_path):
         blocked = tmp_path / "ro"
         blocked.mkdir(mode=0o500)
         out = blocked / "run"
-    with pytest.raises(ConfigError, match=r"--output_dir .*cannot be written"):
+    with pytest.raises(ConfigError, match=r"output_dir .*cannot be written"):
         vit_cifar.main([*OFFLINE_BASE, "--output_dir", str(out)])
 
 
