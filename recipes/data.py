@@ -115,13 +115,30 @@ def pixel_spec(processor) -> tuple[PixelSpec | None, str]:
 def random_resized_crop_flip(pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """RandomResizedCrop(scale=(0.08, 1), ratio=(3/4, 4/3)) + horizontal flip (p=0.5) of a [B, C, H, W] batch.
 
-    Every image gets its own box, drawn like torchvision's (10 tries, else the whole image), and is resampled
-    bilinearly back to H x W in ONE batched `grid_sample` on the batch's device. The sampling grid is the one
-    `interpolate(crop, (H, W), mode="bilinear", align_corners=False)` uses; only the half-pixel border of a
-    box reads its neighbours instead of repeating its own edge. `generator` must live on the batch's device.
+    Every image gets its own box (`draw_crop_boxes`) and is resampled bilinearly back to H x W in ONE batched
+    `grid_sample` on the batch's device (`resample_boxes`). `generator` must live on the batch's device.
     """
     b, _, h, w = pixels.shape
-    device = pixels.device
+    return resample_boxes(pixels, *draw_crop_boxes(b, h, w, pixels.device, generator))
+
+
+def _resized_crop_flip(
+    pixels: torch.Tensor, size: tuple[int, int], generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """`random_resized_crop_flip` of `pixels` resized to `size`, in ONE resampling from the source: boxes are
+    drawn in `size` coordinates, and align_corners=False grid coordinates are resolution-free, so sampling
+    the source with the box's grid is the composition of the resize and the crop (bilinear once, not
+    twice)."""
+    top, left, ch, cw, flip = draw_crop_boxes(pixels.shape[0], *size, pixels.device, generator)
+    return resample_boxes(pixels, top, left, ch, cw, flip, size=size)
+
+
+def draw_crop_boxes(
+    b: int, h: int, w: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, ...]:
+    """(top, left, height, width, flip) of `b` random boxes, drawn like torchvision's RandomResizedCrop:
+    area fraction U(0.08, 1), log aspect ratio U(log 3/4, log 4/3), the first of 10 tries that fits, else the
+    whole image; position uniform; flip with p=0.5. All on `device`, no host synchronisation."""
     target = torch.empty(b, 10, device=device).uniform_(0.08, 1.0, generator=generator) * (h * w)
     ratio = torch.empty(b, 10, device=device).uniform_(math.log(3 / 4), math.log(4 / 3), generator=generator)
     ratio = ratio.exp()
@@ -129,12 +146,12 @@ def random_resized_crop_flip(pixels: torch.Tensor, generator: torch.Generator | 
     ok = (cw > 0) & (cw <= w) & (ch > 0) & (ch <= h)
     first = ok.int().argmax(dim=1, keepdim=True)  # first valid try (0 when none: replaced below)
     found = ok.any(dim=1)
-    cw = torch.where(found, cw.gather(1, first)[:, 0], torch.full_like(found, w, dtype=cw.dtype))
-    ch = torch.where(found, ch.gather(1, first)[:, 0], torch.full_like(found, h, dtype=ch.dtype))
+    cw = torch.where(found, cw.gather(1, first)[:, 0], torch.full_like(cw[:, 0], w))
+    ch = torch.where(found, ch.gather(1, first)[:, 0], torch.full_like(ch[:, 0], h))
     top = (torch.rand(b, device=device, generator=generator) * (h - ch + 1)).floor()
     left = (torch.rand(b, device=device, generator=generator) * (w - cw + 1)).floor()
     flip = torch.rand(b, device=device, generator=generator) < 0.5
-    return resample_boxes(pixels, top, left, ch, cw, flip)
+    return top, left, ch, cw, flip
 
 
 def resample_boxes(
@@ -144,9 +161,15 @@ def resample_boxes(
     height: torch.Tensor,
     width: torch.Tensor,
     flip: torch.Tensor,
+    size: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """Crop box i (pixel units) of image i, bilinearly resized to the batch's H x W, mirrored where `flip`."""
-    b, _, h, w = pixels.shape
+    """Crop box i (pixel units of an image of `size`, default the batch's H x W) of image i, bilinearly
+    resampled to `size`, mirrored where `flip`.
+
+    The sampling grid is the one `interpolate(crop, (H, W), mode="bilinear", align_corners=False)` uses; only
+    the half-pixel border of a box reads its neighbours instead of repeating its own edge."""
+    b = pixels.shape[0]
+    h, w = size if size is not None else pixels.shape[-2:]
     theta = torch.zeros(b, 2, 3, device=pixels.device, dtype=torch.float32)
     theta[:, 0, 0] = torch.where(flip, -width / w, width / w)
     theta[:, 0, 2] = (2 * left + width) / w - 1
@@ -160,9 +183,10 @@ def resample_boxes(
 class DevicePreprocessor:
     """uint8 ``[B, 3, H, W]`` pixels -> the processor's float ``pixel_values``, on the pixels' device.
 
-    Resize (antialiased `interpolate`, rounded to uint8 levels as the processor's uint8 resize is), rescale,
-    normalize; in training mode (``train=True`` and `augment`) then `random_resized_crop_flip`, as the
-    processor path applies it after normalization.
+    Evaluation: resize (antialiased `interpolate`, rounded to uint8 levels as the processor's uint8 resize
+    is), rescale, normalize: the processor's numbers. Training (``train=True`` and `augment`): rescale and
+    normalize the small source, then resize + random resized crop + flip as ONE bilinear resampling
+    (`_resized_crop_flip`): the processor path's boxes and flips, one interpolation instead of two.
     """
 
     def __init__(self, spec: PixelSpec, augment: bool = False):
@@ -193,13 +217,13 @@ class DevicePreprocessor:
                 f"{pixels.dtype} {tuple(pixels.shape)}."
             )
         x = pixels.float()
-        size = self.spec.size
-        if size is not None and tuple(x.shape[-2:]) != size:
+        size = self.spec.size or tuple(x.shape[-2:])
+        if train and self.augment:  # normalize the small source, then resize + crop + flip in one pass
+            x = torch.addcmul(self._add.to(x.device), x, self._mul.to(x.device))
+            return _resized_crop_flip(x, size)
+        if tuple(x.shape[-2:]) != size:
             x = _resize_like_pil(x, size, self.spec.resample)
-        x = torch.addcmul(self._add.to(x.device), x, self._mul.to(x.device))
-        if train and self.augment:
-            x = random_resized_crop_flip(x)
-        return x
+        return torch.addcmul(self._add.to(x.device), x, self._mul.to(x.device))
 
     def attach(self, model: torch.nn.Module) -> torch.utils.hooks.RemovableHandle:
         """Run this step inside `model`'s forward on uint8 ``pixel_values``; returns the hook's handle.
