@@ -34,9 +34,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-# PIL resampling ids -> torch.nn.functional.interpolate modes that compute the same filter
-_PIL_TO_TORCH = {0: "nearest-exact", 2: "bilinear", 3: "bicubic"}
-_TORCH_TO_PIL = {v: k for k, v in _PIL_TO_TORCH.items()} | {"nearest": 0}
+# PIL resampling ids -> antialiased interpolate modes that compute the same filter (PIL's NEAREST picks other
+# pixels than torch's nearest modes when downsampling: not reproduced)
+_PIL_TO_TORCH = {2: "bilinear", 3: "bicubic"}
+_TORCH_TO_PIL = {v: k for k, v in _PIL_TO_TORCH.items()}
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ class PixelSpec:
     """The numbers of an image processor's resize / rescale / normalize, for `DevicePreprocessor`."""
 
     size: tuple[int, int] | None  # (height, width) to resize to; None = keep
-    resample: str = "bilinear"  # an interpolate mode from _PIL_TO_TORCH
+    resample: str = "bilinear"  # "bilinear" or "bicubic" (antialiased, as PIL's filters)
     rescale_factor: float | None = 1 / 255
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
@@ -87,8 +88,7 @@ def pixel_spec(processor) -> tuple[PixelSpec | None, str]:
     mode = getattr(resample, "value", resample)  # torchvision InterpolationMode values are names
     mode = mode if isinstance(mode, str) else _PIL_TO_TORCH.get(int(mode) if mode is not None else 2)
     if size is not None and mode not in _TORCH_TO_PIL:
-        return None, f"{name} resamples with {resample!r} (only nearest, bilinear and bicubic are reproduced)"
-    mode = "nearest-exact" if mode == "nearest" else mode
+        return None, f"{name} resamples with {resample!r} (only bilinear and bicubic are reproduced)"
 
     def three(values, what: str) -> tuple[float, float, float]:
         values = [float(v) for v in (values if isinstance(values, (list, tuple)) else [values] * 3)]
@@ -251,8 +251,6 @@ def _resize_like_pil(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch
     """Resize float [B, C, H, W] holding uint8 levels as PIL does: width first, then height, each pass rounded
     and clipped to 0..255 (PIL keeps 8-bit images between passes; bicubic overshoot is clipped there).
     Antialiased interpolate is PIL's filter for bilinear/bicubic, upsampling and downsampling alike."""
-    if mode == "nearest-exact":
-        return F.interpolate(x, size=size, mode=mode)
     for pass_size in ((x.shape[-2], size[1]), size):
         if tuple(x.shape[-2:]) != tuple(pass_size):
             x = F.interpolate(x, size=pass_size, mode=mode, antialias=True, align_corners=False)
