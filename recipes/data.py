@@ -5,7 +5,7 @@ images/s per CPU process, while a GPU trains ViT-B/16 at thousands per second, a
 image again every epoch. Here
 
 * `decode_images` turns a split's images ONCE into fixed-size uint8 ``[3, H, W]`` arrays (a `datasets` map,
-  so a Hub dataset's result is cached and fingerprinted like any other map), served in torch format;
+  so a Hub dataset's result is cached and fingerprinted like any other map), held as one uint8 tensor;
 * `collate` stacks them, the Trainer moves the small uint8 batch to the device, and
 * `DevicePreprocessor` does there, in batch, what the processor does (resize, rescale, normalize) plus the
   training augmentation (random resized crop + horizontal flip), with torch ops on whatever device the batch
@@ -281,7 +281,7 @@ def collate(examples: list[Mapping]) -> dict[str, torch.Tensor]:
 
 
 def decode_images(ds, spec: PixelSpec, image_column: str = "image", label_column: str = "label"):
-    """`ds` with its images decoded ONCE to uint8 ``pixel_values [3, H, W]`` (RGB) + ``labels``, torch format.
+    """`ds`'s images decoded ONCE to uint8 ``pixel_values [3, H, W]`` (RGB) + ``labels``, as `ImageTensors`.
 
     Images keep their size when all share one; otherwise they are resized at decode time to the processor's
     size with its PIL filter (the processor's own first step), so the device resize has nothing left to do.
@@ -315,8 +315,31 @@ def decode_images(ds, spec: PixelSpec, image_column: str = "image", label_column
         remove_columns=ds.column_names,
         desc="Decoding images once to uint8",
     )
-    # torch format would widen integers to int64 (8x the bytes); the pixels stay uint8, labels plain ints
-    return decoded.with_format("torch", columns=["pixel_values"], dtype=torch.uint8, output_all_columns=True)
+    pixels = decoded.with_format("torch", columns=["pixel_values"], dtype=torch.uint8)[:]["pixel_values"]
+    return ImageTensors(pixels, torch.as_tensor(decoded["labels"], dtype=torch.long), source=decoded)
+
+
+class ImageTensors(torch.utils.data.Dataset):
+    """A decoded split in memory: one uint8 ``[N, 3, H, W]`` tensor and its labels (CIFAR-10: 150 MB).
+
+    Served from the cached `datasets` split by one conversion, so a loader step is one tensor index instead
+    of an Arrow read and conversion per example; `source` is that split (cache files, fingerprint)."""
+
+    def __init__(self, pixels: torch.Tensor, labels: torch.Tensor, source=None):
+        if pixels.dtype != torch.uint8 or pixels.ndim != 4 or len(pixels) != len(labels):
+            raise ValueError(f"Need uint8 [N, 3, H, W] pixels and N labels, got {tuple(pixels.shape)}.")
+        self.pixels, self.labels, self.source = pixels, labels, source
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"pixel_values": self.pixels[i], "labels": self.labels[i]}
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
+        index = torch.as_tensor(indices)
+        pixels, labels = self.pixels[index], self.labels[index]  # one gather for the whole batch
+        return [{"pixel_values": p, "labels": y} for p, y in zip(pixels, labels, strict=True)]
 
 
 def _storage_size(ds, image_column: str, spec: PixelSpec) -> tuple[int, int]:

@@ -186,7 +186,7 @@ def test_decode_once_uint8_cached_and_mixed_sizes(tmp_path):
     pre = DevicePreprocessor.from_processor(_processor(224))
     first = decode_images(ds, pre.spec)
     again = decode_images(ds, pre.spec)
-    assert first.cache_files and first.cache_files == again.cache_files  # found by fingerprint, not redone
+    assert first.source.cache_files and first.source.cache_files == again.source.cache_files  # by fingerprint
     batch = collate([first[i] for i in range(4)])
     assert batch["pixel_values"].dtype == torch.uint8 and batch["pixel_values"].shape == (4, 3, 32, 32)
     assert batch["labels"].dtype == torch.int64 and batch["labels"].tolist() == ds["label"][:4]
