@@ -11,7 +11,6 @@ Without `--config` the settings are those of `recipes/configs/vit_cifar10.yaml` 
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 from dataclasses import asdict, dataclass, field
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 
 from recipes._cli import ConfigError, parse_config_and_args, run_cli
+from recipes.data import DevicePreprocessor, attach_transforms, collate, decode_images
 from trainers import StarSSEConfig, StarSSETrainer
 
 OFFLINE_DATASET = "offline:fashion_mnist"
@@ -98,6 +98,13 @@ class ScriptArguments:
             "help": "torch threads per process. On CPU the numbers differ bit for bit between thread counts; "
             "fix it for a reproducible table. None keeps torch's count (OMP_NUM_THREADS, which `accelerate "
             "launch` sets to 1 when it is unset)."
+        },
+    )
+    tensor_data_path: bool = field(
+        default=True,
+        metadata={
+            "help": "Decode images once to uint8 and resize/normalize/augment them in batch on the training "
+            "device (recipes/data.py); false, or a processor it cannot reproduce, uses the image processor."
         },
     )
 
@@ -290,46 +297,22 @@ def _check_columns(ds, args: ScriptArguments) -> tuple[str, str]:
     return args.image_column, args.label_column
 
 
-def random_resized_crop_flip(pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Plain-torch RandomResizedCrop(scale=(0.08, 1), ratio=(3/4, 4/3)) + h-flip of one [C, H, W] image."""
-    _, h, w = pixels.shape
-    area = h * w
-    for _ in range(10):
-        target = area * torch.empty(1).uniform_(0.08, 1.0, generator=generator).item()
-        log_ratio = torch.empty(1).uniform_(math.log(3 / 4), math.log(4 / 3), generator=generator).item()
-        ratio = math.exp(log_ratio)
-        cw, ch = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
-        if 0 < cw <= w and 0 < ch <= h:
-            top = int(torch.randint(0, h - ch + 1, (1,), generator=generator))
-            left = int(torch.randint(0, w - cw + 1, (1,), generator=generator))
-            break
-    else:
-        ch, cw, top, left = h, w, 0, 0
-    crop = pixels[:, top : top + ch, left : left + cw].unsqueeze(0)
-    out = torch.nn.functional.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False)[0]
-    if torch.rand(1, generator=generator).item() < 0.5:
-        out = out.flip(-1)
-    return out
-
-
-def attach_transforms(ds, processor, augment: bool):
-    """Lazy preprocessing through the checkpoint's image processor (RGB), plus augmentation for training."""
-
-    def transform(batch):
-        images = [img.convert("RGB") for img in batch["image"]]
-        pixels = processor(images=images, return_tensors="pt")["pixel_values"]
-        if augment:
-            pixels = torch.stack([random_resized_crop_flip(p) for p in pixels])
-        return {"pixel_values": pixels, "labels": torch.tensor(batch["label"])}
-
-    return ds.with_transform(transform)
-
-
-def collate(examples):
-    return {
-        "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
-        "labels": torch.stack([torch.as_tensor(e["labels"]) for e in examples]),
-    }
+def prepare_data(train, held_out, test, processor, args: ScriptArguments):
+    """(train, train_eval, held_out, test, preprocess) for the tensor path, or the processor path's datasets
+    and None when `--tensor_data_path false` or the processor has steps the tensor path cannot reproduce."""
+    preprocess = None
+    if args.tensor_data_path:
+        preprocess = DevicePreprocessor.from_processor(processor, augment=args.augment)
+    if preprocess is None:
+        return (
+            attach_transforms(train, processor, augment=args.augment),
+            attach_transforms(train, processor, augment=False),
+            attach_transforms(held_out, processor, augment=False),
+            attach_transforms(test, processor, augment=False),
+            None,
+        )
+    train, held_out, test = (decode_images(ds, preprocess.spec) for ds in (train, held_out, test))
+    return train, train, held_out, test, preprocess  # augmentation happens on the device, not in the data
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -383,11 +366,19 @@ def load_model(checkpoint: str, label_names: list[str], args: ScriptArguments):
 
 
 def evaluate_run(
-    trainer: StarSSETrainer, train_eval, held_out, test, args: ScriptArguments, plot_dir: Path
+    trainer: StarSSETrainer,
+    train_eval,
+    held_out,
+    test,
+    args: ScriptArguments,
+    plot_dir: Path,
+    preprocess: DevicePreprocessor | None = None,
 ) -> dict:
-    """Members, ensemble (and its size curve), uniform and greedy soups, basin profile: metrics + plots."""
+    """Members, ensemble (and its size curve), uniform and greedy soups, basin profile: metrics + plots.
+
+    Every model is evaluated on the training device; with the tensor path, every batch goes through
+    `preprocess` (no augmentation) there, the same step training used."""
     from torch.utils.data import DataLoader
-    from transformers import default_data_collator
 
     from hf_ens import greedy_soup, make_accuracy_eval_fn, uniform_soup
     from hf_ens.basin import barrier, interpolation_profile, plot_profile, weight_distance
@@ -397,20 +388,23 @@ def evaluate_run(
     from hf_ens.plots import plot_vs_ensemble_size
     from hf_ens.soups import has_batchnorm
 
-    cache: dict[int, list] = {}
+    cache: dict[int, list | DataLoader] = {}
+
+    device = trainer.args.device
 
     def loader(ds):
-        """Evaluation batches, preprocessed once per split and reused: on small evaluation sets the image
-        processor, not the model, dominates the many passes below. Splits over 1 GiB are streamed instead."""
-        if id(ds) in cache:
-            return cache[id(ds)]
-        batches = DataLoader(ds, batch_size=args.eval_batch_size, collate_fn=default_data_collator)
-        if len(ds) * ds[0]["pixel_values"].numel() * 4 > 2**30:
-            return batches
-        cache[id(ds)] = list(batches)
-        return cache[id(ds)]
+        """Evaluation batches, collated once per split and reused (on small evaluation sets the image
+        processor, not the model, dominated the many passes below); splits over 1 GiB are streamed instead.
+        On the tensor path they are small uint8 batches, preprocessed on the device at each pass."""
+        if id(ds) not in cache:
+            batches = DataLoader(ds, batch_size=args.eval_batch_size, collate_fn=collate)
+            first = ds[0]["pixel_values"]
+            streamed = len(ds) * first.numel() * first.element_size() > 2**30
+            cache[id(ds)] = batches if streamed else list(batches)
+        batches = cache[id(ds)]
+        return batches if preprocess is None else preprocess.eval_batches(batches, device)
 
-    ensemble = trainer.ensemble()
+    ensemble = trainer.ensemble().to(device)
     members = list(ensemble.members)
     bn_loader = loader(train_eval) if has_batchnorm(ensemble) else None
 
@@ -527,10 +521,11 @@ def run(script_args: ScriptArguments, training_args: StarSSEConfig) -> dict | No
         if hub_repos(script_args) and _is_connection_error(err):
             raise _unreachable(hub_repos(script_args), str(err).splitlines()[0]) from err
         raise
-    train_eval = attach_transforms(train, processor, augment=False)
-    train = attach_transforms(train, processor, augment=script_args.augment)
-    held_out = attach_transforms(held_out, processor, augment=False)
-    test = attach_transforms(test, processor, augment=False)
+    train, train_eval, held_out, test, preprocess = prepare_data(
+        train, held_out, test, processor, script_args
+    )
+    if preprocess is not None:
+        preprocess.attach(model)  # uint8 batches -> pixel_values inside forward, on the training device
 
     training_args.remove_unused_columns = False
     trainer = StarSSETrainer(
@@ -556,7 +551,7 @@ def run(script_args: ScriptArguments, training_args: StarSSEConfig) -> dict | No
     plot_dir = out / "plots"
     plot_dir.mkdir(parents=True, exist_ok=True)
     _plot_schedule(trainer, plot_dir / "lr_schedule.png")
-    result = evaluate_run(trainer, train_eval, held_out, test, script_args, plot_dir)
+    result = evaluate_run(trainer, train_eval, held_out, test, script_args, plot_dir, preprocess)
     metrics = result["metrics"]
     metrics["config"] = {
         "script": asdict(script_args),

@@ -1,0 +1,100 @@
+"""Images/s of the processor path vs the tensor path (recipes/data.py) for CIFAR-shaped inputs, 32 -> 224.
+
+Both paths start from the same `datasets` split of 32x32 PNG images and produce training batches of 256
+``pixel_values [256, 3, 224, 224]`` with the ViT-B/16 processor's settings (bilinear, mean = std = 0.5),
+random resized crop + flip included (`--augment`, as the real job trains):
+
+* processor path: decode PNG + the checkpoint's image processor per batch (`attach_transforms`), then the
+  batched augmentation, in the data loader;
+* tensor path: images decoded once to uint8 (`decode_images`, timed separately: it runs once per dataset and
+  is cached), batches sliced from it, then `DevicePreprocessor` (resize, rescale, normalize, augmentation) run
+  here on the CPU, as it would run on the training device.
+
+Single process, `--threads` torch threads (default 1). The last line is the ratio of the two training paths.
+
+    python benchmarks/data_path.py [--images 1024] [--batch-size 256] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "recipes")]
+
+import torch  # noqa: E402
+from data import DevicePreprocessor, attach_transforms, collate, decode_images  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+from tests._recipe_utils import tiny_cifar  # noqa: E402
+
+
+def images_per_second(batches, step) -> float:
+    """Images/s over `batches`, each turned into pixel values by `step` (the first batch excluded)."""
+    count, start = 0, None
+    for batch in batches:
+        pixels = step(batch)
+        if start is None:  # warm-up: first batch (allocations, lazy imports)
+            start = time.perf_counter()
+            continue
+        count += len(pixels)
+    return count / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=1024, help="CIFAR-shaped images in the split")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    hf_logging.set_verbosity_error()
+    from transformers import ViTImageProcessor
+
+    # google/vit-base-patch16-224-in21k's processor settings
+    processor = ViTImageProcessor(
+        size={"height": 224, "width": 224}, image_mean=[0.5] * 3, image_std=[0.5] * 3
+    )
+    ds = tiny_cifar(n_train=args.images, n_test=1)["train"].rename_column("img", "image")
+    pre = DevicePreprocessor.from_processor(processor, augment=True)
+    start = time.perf_counter()
+    decoded = decode_images(ds, pre.spec)
+    decode_rate = len(ds) / (time.perf_counter() - start)
+
+    def loader(dataset):
+        return DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate)
+
+    rates = {}
+    for augment in (False, True):
+        processor_ds = attach_transforms(ds, processor, augment=augment)
+        rates["processor", augment] = images_per_second(loader(processor_ds), lambda b: b["pixel_values"])
+        rates["device step", augment] = images_per_second(
+            loader(decoded), lambda b, a=augment: pre(b["pixel_values"], train=a)
+        )
+    loader_rate = images_per_second(loader(decoded), lambda b: b["pixel_values"])
+
+    print(
+        f"{len(ds)} CIFAR-shaped images (32x32 PNG) -> [{args.batch_size}, 3, 224, 224] float32, "
+        f"batch {args.batch_size}, {torch.get_num_threads()} torch thread(s), one process"
+    )
+    print(f"tensor path, once per dataset: decode to uint8 at {decode_rate:,.0f} images/s (then cached)")
+    for augment, name in ((False, "evaluation"), (True, "training (crop + flip)")):
+        p, t = rates["processor", augment], rates["device step", augment]
+        print(
+            f"{name}: processor path {p:,.0f} images/s; tensor path with its device step run on this CPU "
+            f"too {t:,.0f} images/s ({t / p:.1f}x)"
+        )
+    print(
+        f"per-step CPU data work of training: processor path {rates['processor', True]:,.0f} images/s; "
+        f"tensor path (uint8 batches; the device step runs on the GPU) {loader_rate:,.0f} images/s"
+    )
+    print(f"tensor path / processor path: {loader_rate / rates['processor', True]:.1f}x")
+
+
+if __name__ == "__main__":
+    main()
