@@ -497,6 +497,9 @@ def run(script_args: ScriptArguments, training_args: StarSSEConfig) -> dict | No
         )
     if script_args.auto_bf16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         training_args.bf16 = True
+    if training_args.dataloader_num_workers == 0 and training_args.dataloader_persistent_workers:
+        # the GPU configs keep loader workers alive; `--dataloader_num_workers 0` turns that off with them
+        training_args.dataloader_persistent_workers = False
     if script_args.torch_threads is not None:
         torch.set_num_threads(script_args.torch_threads)
     if not sys.stderr.isatty():
