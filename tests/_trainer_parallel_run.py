@@ -1,10 +1,11 @@
 """Run by tests/test_trainer_parallel.py (under ``torchrun``, or alone for one process) and by
 benchmarks/parallel_members.py: a StarSSE / Local DE run with ``parallel_members``.
 
-Usage: ``_trainer_parallel_run.py OUT JSON``; JSON holds ``StarSSEConfig`` overrides plus the script's own
-keys: ``resume`` (resume_from_checkpoint=True), ``slow`` (seconds the collator sleeps per batch, so that a
-test can kill a process mid-branch), ``samples``, ``model`` (tiny_vit overrides), ``image_size``. Each
-process writes ``OUT/pid{rank}`` at start and ``OUT/rank{rank}.json`` (members it wrote, timings) at the end.
+Usage: ``_trainer_parallel_run.py OUT JSON [OUT JSON ...]``, one run per pair. JSON holds ``StarSSEConfig``
+overrides plus the script's own keys: ``resume`` (resume_from_checkpoint=True), ``slow`` (seconds the
+collator sleeps per batch, so that a test can kill a process mid-branch), ``samples``, ``model`` (tiny_vit
+overrides), ``image_size``. Each process writes ``OUT/pid{rank}`` at start and ``OUT/rank{rank}.json``
+(members it wrote, branches it resumed, timings) at the end.
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ def main(out: str, options: dict) -> dict:
         "branch_seconds": trainer.branch_seconds or (ended - (mark.time or began)),
         "seconds": ended - began,
         "plan": [trainer.plan.model1_steps, trainer.plan.cycle_steps],
+        "resumed": trainer.branches_resumed,
     }
     with open(os.path.join(out, f"rank{result['rank']}.json"), "w") as f:
         json.dump(result, f)
@@ -84,4 +86,5 @@ def main(out: str, options: dict) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], json.loads(sys.argv[2]) if len(sys.argv) > 2 else {})
+    for out, options in zip(sys.argv[1::2], sys.argv[2::2], strict=True):  # several runs, one launch
+        main(out, json.loads(options))

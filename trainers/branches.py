@@ -205,6 +205,7 @@ def train_branch(trainer, k: int, data: BranchData, progress=None) -> float:
     start = 0
     if checkpoint is not None:
         start = _load_branch_checkpoint(checkpoint, model, optimizer)
+        trainer.branches_resumed[k] = start
     where = f"process {args.process_index} of {args.world_size}"
     logger.info(
         f"{where}: member {k:02d} starts at step {start} of {total}"

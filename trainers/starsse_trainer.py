@@ -39,7 +39,14 @@ from hf_ens._io import atomic_directory
 from hf_ens.checks import NonFiniteError, assert_finite
 from hf_ens.heads import reinit_task_head
 
-from .branches import BRANCHES_DIR, BranchData, MemberSeededSampler, branch_seed, train_branch
+from .branches import (
+    BRANCHES_DIR,
+    BranchData,
+    MemberSeededSampler,
+    branch_config,
+    branch_seed,
+    train_branch,
+)
 from .checkpoints import (
     ANCHOR_NAME,
     config_differences,
@@ -109,6 +116,7 @@ class StarSSETrainer(Trainer):
         self._members_written = 0  # members 0..n-1 are on disk
         self.written_members: list[int] = []  # members this process wrote (the main one, or its branches')
         self.branch_seconds = 0.0  # parallel_members: wall time of the branch phase
+        self.branches_resumed: dict[int, int] = {}  # parallel_members: member -> step its branch resumed at
         self._cycles_started = 0  # cycle 0 starts with training; cycle k >= 1 once its start was applied
         self._resumed_state: dict[str, Any] | None = None
         self._train_sampler: MemberSeededSampler | None = None
@@ -219,6 +227,8 @@ class StarSSETrainer(Trainer):
         wait_for_members(progress)
         progress.close()
         self.accelerator.wait_for_everyone()
+        if args.should_save:  # every branch left with its member
+            discard([Path(args.output_dir) / BRANCHES_DIR])
         self.branch_seconds = time.perf_counter() - began
         self.state.global_step = plan.total_steps
         loss = sum(losses) / len(losses) if losses else 0.0
@@ -236,8 +246,10 @@ class StarSSETrainer(Trainer):
             remove_leftovers(out, self.member_paths)
         checkpoint = None
         if resume_from_checkpoint not in (None, False, ""):
-            if not (self.args.parallel_members and self._model1_done()):  # else: branches resume alone
+            if not (self.args.parallel_members and self._model1_done()):
                 checkpoint = self._checkpoint_to_resume(resume_from_checkpoint)
+            else:  # the branches resume alone, from their own checkpoints
+                self._check_model1_run()
         elif self.args.overwrite_output_dir:
             if self.args.should_save:  # checkpoints first: a kill in between cannot resume them
                 discard(list_checkpoints(out) + [Path(out) / BRANCHES_DIR, Path(self.members_dir)])
@@ -275,6 +287,22 @@ class StarSSETrainer(Trainer):
                 + ". Resume with the same settings, or start a new run with overwrite_output_dir=True."
             )
         return str(checkpoint)
+
+    def _check_model1_run(self) -> None:
+        """Branches resumed after model 1: model 1's newest complete checkpoint, if any, must come from a run
+        with these settings (the number of processes aside: branches do not depend on it)."""
+        checkpoint, _ = newest_complete_checkpoint(self.args.output_dir)
+        if checkpoint is None:
+            return
+        ours = branch_config(self.args)
+        del ours["member_accumulation"]
+        differences = config_differences(read_cycle_state(checkpoint).get("run", {}), ours)
+        if differences:
+            raise ValueError(
+                f"Cannot resume from {checkpoint}: it was made by a run with other settings: "
+                + "; ".join(differences)
+                + ". Resume with the same settings, or start a new run with overwrite_output_dir=True."
+            )
 
     def _get_train_sampler(self, train_dataset=None):
         sampler = super()._get_train_sampler(train_dataset)
