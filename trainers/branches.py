@@ -47,7 +47,8 @@ from .checkpoints import (
     write_cycle_state,
 )
 
-logger = logging.get_logger(__name__)
+# In transformers' logger tree: log_level / log_level_replica decide per process, as for the Trainer.
+logger = logging.get_logger("transformers.trainer.branches")
 
 BRANCHES_DIR = "branches"
 BRANCH_MODEL_NAME = "model.safetensors"

@@ -13,6 +13,10 @@ desynchronise):
   original weights plus a member-seeded new head and data order. The callback runs before every user
   callback, so theirs see the anchor at a cycle start and the member at a cycle end.
 
+With ``parallel_members`` the loop trains StarSSE's model 1 only (data-parallel, as above) and each process
+then trains its share of the remaining members alone (:mod:`trainers.parallel` assigns them,
+:mod:`trainers.branches` trains one), through the same cycle start, schedule and member snapshot.
+
 Everything needed to continue (anchor weights, members written, cycles started, the plan, the run settings)
 is stored inside each Trainer checkpoint, so ``train(resume_from_checkpoint=...)`` reproduces an uninterrupted
 run; :mod:`trainers.checkpoints` makes checkpoints kill-safe and refuses to resume another run's checkpoint.
