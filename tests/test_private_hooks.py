@@ -159,3 +159,20 @@ def test_reinit_task_head_is_a_fresh_default_linear_under_the_seed():
     assert [type(h).__name__ for h in task_heads(model)] == ["Linear"]
     with pytest.raises(ValueError, match="no task head"):
         reinit_task_head(torch.nn.Linear(2, 2))
+
+
+def test_save_pretrained_asks_should_save_on_this_rank(tmp_path):
+    """`StarSSETrainer._write_member` lets a non-zero rank write its member (parallel_members) by shadowing
+    `PreTrainedModel.should_save_on_this_rank` on the model: transformers 5.24 writes nothing on rank != 0."""
+    from transformers import PreTrainedModel
+
+    hook = "should_save_on_this_rank"
+    params = list(inspect.signature(getattr(PreTrainedModel, hook, lambda: None)).parameters)
+    assert params == ["self", "is_main_process"], (
+        f"transformers.PreTrainedModel.{hook} changed ({params}); StarSSETrainer._write_member relies on it "
+        "(trainers/starsse_trainer.py, _saves_on_this_process): update it and this test."
+    )
+    model = tiny_vit(0)
+    model.should_save_on_this_rank = lambda is_main_process: False
+    model.save_pretrained(tmp_path / "skipped")
+    assert not list((tmp_path / "skipped").glob("*.safetensors")), f"save_pretrained no longer asks {hook}"

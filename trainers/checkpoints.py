@@ -57,6 +57,7 @@ RUN_FIELDS = (
     "adam_beta2",
     "adam_epsilon",
     "max_grad_norm",
+    "parallel_members",
 )
 
 

@@ -20,7 +20,8 @@ class StarSSEConfig(TrainingArguments):
     ordinary fine-tune. Cycles 2..K restart at ``cycle_learning_rate`` and anneal by cosine over
     ``cycle_epochs``. ``method`` decides where each later cycle starts: ``"sse"`` from the current weights,
     ``"starsse"`` from model 1 (Sadrtdinov et al., NeurIPS 2023), ``"local_de"`` from the original pre-trained
-    weights with a fresh head, a member-specific seed and model 1's full schedule.
+    weights with a fresh head, a member-specific seed and model 1's full schedule. ``parallel_members`` trains
+    the members that do not depend on each other (StarSSE's after model 1, all of Local DE's) one per process.
     """
 
     method: str = field(
@@ -62,6 +63,17 @@ class StarSSEConfig(TrainingArguments):
         },
     )
 
+    parallel_members: bool = field(
+        default=False,
+        metadata={
+            "help": "Under torchrun / accelerate launch with N processes: train the members after model 1 "
+            "('starsse') or all members ('local_de') at the same time, each on one process (round-robin), "
+            "alone: no DDP, no gradient traffic. A member's batch stays model 1's data-parallel batch "
+            "(per_device_train_batch_size x gradient_accumulation_steps x N), reached on one process by "
+            "accumulating gradient_accumulation_steps x N micro-batches. Each member's randomness comes from "
+            "(seed, k) only, so the members do not depend on N. Not for 'sse' (sequential by nature)."
+        },
+    )
     overwrite_output_dir: bool = field(
         default=False,
         metadata={
@@ -102,6 +114,25 @@ class StarSSEConfig(TrainingArguments):
             )
         _check_output_dir(self.output_dir)
         super().__post_init__()
+        if self.parallel_members:
+            _check_parallel_members(self)
+
+
+def _check_parallel_members(args: StarSSEConfig) -> None:
+    """What a member trained alone, on one process, cannot honour."""
+    if args.method == "sse":
+        raise ValueError(
+            "parallel_members=True does not apply to method='sse': each SSE cycle starts from the previous "
+            "member, so its cycles are sequential by nature. Use method='starsse' or 'local_de', or "
+            "parallel_members=False."
+        )
+    if not args.reset_optimizer:
+        raise ValueError(
+            "parallel_members=True starts every member with a fresh optimizer; reset_optimizer=False (one "
+            "cycle's optimizer state carried into the next) exists only in a sequential run."
+        )
+    if args.fp16:
+        raise ValueError("parallel_members=True supports bf16 and fp32 training, not fp16 loss scaling.")
 
 
 def _check_real(name: str, value, *, low: float, inclusive: bool) -> None:

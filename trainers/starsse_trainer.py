@@ -13,6 +13,10 @@ desynchronise):
   original weights plus a member-seeded new head and data order. The callback runs before every user
   callback, so theirs see the anchor at a cycle start and the member at a cycle end.
 
+With ``parallel_members`` the loop trains StarSSE's model 1 only (data-parallel, as above) and each process
+then trains its share of the remaining members alone (:mod:`trainers.parallel` assigns them,
+:mod:`trainers.branches` trains one), through the same cycle start, schedule and member snapshot.
+
 Everything needed to continue (anchor weights, members written, cycles started, the plan, the run settings)
 is stored inside each Trainer checkpoint, so ``train(resume_from_checkpoint=...)`` reproduces an uninterrupted
 run; :mod:`trainers.checkpoints` makes checkpoints kill-safe and refuses to resume another run's checkpoint.
@@ -20,6 +24,7 @@ run; :mod:`trainers.checkpoints` makes checkpoints kill-safe and refuses to resu
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import tempfile
@@ -28,18 +33,24 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import safetensors.torch
 import torch
-from torch.utils.data import Sampler
 from transformers import PreTrainedModel, Trainer, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, set_seed
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, set_seed
 from transformers.utils import logging
 
 from hf_ens._io import atomic_directory
 from hf_ens.checks import NonFiniteError, assert_finite
 from hf_ens.heads import reinit_task_head
 
+from .branches import (
+    BRANCHES_DIR,
+    BranchData,
+    MemberSeededSampler,
+    branch_config,
+    branch_seed,
+    train_branch,
+)
 from .checkpoints import (
     ANCHOR_NAME,
     config_differences,
@@ -51,44 +62,15 @@ from .checkpoints import (
     run_config,
     write_cycle_state,
 )
+from .parallel import MemberProgress, assigned_members, wait_for_members
 from .schedule import CyclePlan, plan_cycles
 from .starsse_config import StarSSEConfig
+
+__all__ = ["MemberSeededSampler", "StarSSETrainer"]
 
 logger = logging.get_logger(__name__)
 
 MEMBERS_DIR = "members"
-
-
-class MemberSeededSampler(Sampler[int]):
-    """Random order per epoch, drawn from ``(seed, epoch)``; with ``epochs_per_member``, from ``(seed +
-    member, epoch within member)`` so that each Local DE member shuffles its data with its own seed.
-
-    Stateless apart from ``set_epoch`` (which the Trainer calls each epoch), so a resumed run sees the same
-    order.
-    """
-
-    def __init__(self, num_samples: int, seed: int, epochs_per_member: int | None = None):
-        self.num_samples = num_samples
-        self.seed = seed
-        self.epochs_per_member = epochs_per_member
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def seed_of_epoch(self, epoch: int) -> tuple[int, int]:
-        if self.epochs_per_member:
-            member, local_epoch = divmod(epoch, self.epochs_per_member)
-            return self.seed + member, local_epoch
-        return self.seed, epoch
-
-    def __iter__(self):
-        seed = np.random.SeedSequence(list(self.seed_of_epoch(self.epoch))).generate_state(1, np.uint64)[0]
-        generator = torch.Generator().manual_seed(int(seed))
-        yield from torch.randperm(self.num_samples, generator=generator).tolist()
-
-    def __len__(self) -> int:
-        return self.num_samples
 
 
 class _CycleCallback(TrainerCallback):
@@ -136,7 +118,9 @@ class StarSSETrainer(Trainer):
         self.cycle_start_seconds = 0.0  # time spent reloading anchors / resetting the optimizer
         self._anchor: dict[str, torch.Tensor] | None = None
         self._members_written = 0  # members 0..n-1 are on disk
-        self.written_members: list[int] = []  # members this process wrote (only the main process writes)
+        self.written_members: list[int] = []  # members this process wrote (the main one, or its branches')
+        self.branch_seconds = 0.0  # parallel_members: wall time of the branch phase
+        self.branches_resumed: dict[int, int] = {}  # parallel_members: member -> step its branch resumed at
         self._cycles_started = 0  # cycle 0 starts with training; cycle k >= 1 once its start was applied
         self._resumed_state: dict[str, Any] | None = None
         self._train_sampler: MemberSeededSampler | None = None
@@ -210,7 +194,51 @@ class StarSSETrainer(Trainer):
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs):
         self._resumed_state = None
         checkpoint = self._prepare_output_dir(resume_from_checkpoint)
-        return super().train(resume_from_checkpoint=checkpoint, trial=trial, **kwargs)
+        if not self.args.parallel_members:
+            return super().train(resume_from_checkpoint=checkpoint, trial=trial, **kwargs)
+        if not self._model1_done():  # StarSSE's model 1: data-parallel, as an ordinary run
+            super().train(resume_from_checkpoint=checkpoint, trial=trial, **kwargs)
+        return self._train_branches()
+
+    def _model1_done(self) -> bool:
+        """Under ``parallel_members``: Local DE has no shared model 1; StarSSE's is done once written."""
+        return self.args.method == "local_de" or os.path.isdir(self.member_paths[0])
+
+    def _train_branches(self) -> TrainOutput:
+        """Each process trains its members alone (``trainers.branches``), then all wait for every member."""
+        args, began = self.args, time.perf_counter()
+        data = BranchData.from_trainer(self)
+        plan = plan_cycles(args, data.steps_per_epoch)
+        if self.plan is not None and self.plan != plan:
+            raise ValueError(f"Model 1 was trained with {self.plan}, the branches would use {plan}.")
+        self.plan, self._lr_lambda = plan, plan.lr_lambda()
+        if args.method == "local_de":
+            self._anchor = self._copy_weights()  # the original (pre-trained) weights
+        elif self._anchor is None:  # model 1 was written by an earlier (resumed) launch
+            loaded = type(self.model).from_pretrained(self.member_paths[0], dtype=self.model.dtype)
+            self._anchor = {k: v.to(args.device) for k, v in loaded.state_dict().items()}
+            del loaded
+        self.model_wrapped = self.model  # no DDP wrapper: a branch exchanges nothing with other processes
+        self.accelerator.free_memory()
+        members = range(1 if args.method == "starsse" else 0, args.num_members)
+        mine = assigned_members(members, args.process_index, args.world_size)
+        progress = MemberProgress(
+            self.member_paths, enabled=self.is_world_process_zero() and not args.disable_tqdm
+        )
+        losses = [
+            train_branch(self, k, data, progress) for k in mine if not os.path.isdir(self.member_paths[k])
+        ]
+        wait_for_members(progress)
+        progress.close()
+        self.accelerator.wait_for_everyone()
+        if args.should_save:  # every branch left with its member
+            discard([Path(args.output_dir) / BRANCHES_DIR])
+        self.branch_seconds = time.perf_counter() - began
+        self.state.global_step = plan.total_steps
+        loss = sum(losses) / len(losses) if losses else 0.0
+        return TrainOutput(
+            plan.total_steps, loss, {"branch_runtime": self.branch_seconds, "train_loss": loss}
+        )
 
     def _prepare_output_dir(self, resume_from_checkpoint: str | bool | None) -> str | None:
         """Before any weight is touched: remove what a killed run left, then either pick the checkpoint to
@@ -222,13 +250,16 @@ class StarSSETrainer(Trainer):
             remove_leftovers(out, self.member_paths)
         checkpoint = None
         if resume_from_checkpoint not in (None, False, ""):
-            checkpoint = self._checkpoint_to_resume(resume_from_checkpoint)
+            if not (self.args.parallel_members and self._model1_done()):
+                checkpoint = self._checkpoint_to_resume(resume_from_checkpoint)
+            else:  # the branches resume alone, from their own checkpoints
+                self._check_model1_run()
         elif self.args.overwrite_output_dir:
             if self.args.should_save:  # checkpoints first: a kill in between cannot resume them
-                discard(list_checkpoints(out) + [Path(self.members_dir)])
+                discard(list_checkpoints(out) + [Path(out) / BRANCHES_DIR, Path(self.members_dir)])
         else:
             existing = [p.name for p in reversed(list_checkpoints(out))]
-            existing += [MEMBERS_DIR] if os.path.exists(self.members_dir) else []
+            existing += [d for d in (BRANCHES_DIR, MEMBERS_DIR) if os.path.exists(os.path.join(out, d))]
             if existing:
                 raise ValueError(
                     f"output_dir {out!r} already holds {existing}; pass resume_from_checkpoint=... to "
@@ -260,6 +291,22 @@ class StarSSETrainer(Trainer):
                 + ". Resume with the same settings, or start a new run with overwrite_output_dir=True."
             )
         return str(checkpoint)
+
+    def _check_model1_run(self) -> None:
+        """Branches resumed after model 1: model 1's newest complete checkpoint, if any, must come from a run
+        with these settings (the number of processes aside: branches do not depend on it)."""
+        checkpoint, _ = newest_complete_checkpoint(self.args.output_dir)
+        if checkpoint is None:
+            return
+        ours = branch_config(self.args)
+        del ours["member_accumulation"]
+        differences = config_differences(read_cycle_state(checkpoint).get("run", {}), ours)
+        if differences:
+            raise ValueError(
+                f"Cannot resume from {checkpoint}: it was made by a run with other settings: "
+                + "; ".join(differences)
+                + ". Resume with the same settings, or start a new run with overwrite_output_dir=True."
+            )
 
     def _get_train_sampler(self, train_dataset=None):
         sampler = super()._get_train_sampler(train_dataset)
@@ -304,7 +351,8 @@ class StarSSETrainer(Trainer):
             self._check_resumed_state(self._resumed_state, plan)
         self.plan = plan
         self._lr_lambda = plan.lr_lambda()
-        total = plan.total_steps
+        # parallel_members: this loop trains model 1 only; the branches follow, one process each.
+        total = plan.model1_steps if args.parallel_members else plan.total_steps
         num_train_epochs = math.ceil(total / steps_per_epoch)
         return (
             num_train_epochs,
@@ -320,22 +368,28 @@ class StarSSETrainer(Trainer):
         """Stop at the first non-finite loss: training on would only write NaN members."""
         loss = super().training_step(model, inputs, num_items_in_batch)
         if not bool(torch.isfinite(loss).all()):
-            step = self.state.global_step + 1
-            k = self.plan.cycle_of_step(self.state.global_step)
-            raise NonFiniteError(
-                f"The training loss became {loss.item()} at optimizer step {step} (cycle {k + 1} of "
-                f"{self.args.num_members}, member {k:02d}); training diverged. Lower learning_rate"
-                f"{'' if k == 0 else ' / cycle_learning_rate'}. Members written so far: "
-                f"{self._members_written}."
-            )
+            step = self.state.global_step
+            k = self.plan.cycle_of_step(step)
+            raise NonFiniteError(self._diverged_message(loss.item(), step, k))
         return loss
+
+    def _diverged_message(self, loss: float, global_step: int, k: int) -> str:
+        return (
+            f"The training loss became {loss} at optimizer step {global_step + 1} (cycle {k + 1} of "
+            f"{self.args.num_members}, member {k:02d}); training diverged. Lower learning_rate"
+            f"{'' if k == 0 else ' / cycle_learning_rate'}. Members written so far: "
+            f"{sum(os.path.isdir(p) for p in self.member_paths)}."
+        )
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         if self.lr_scheduler is None:
-            optimizer = optimizer if optimizer is not None else self.optimizer
-            self.lr_scheduler = _GlobalStepLR(optimizer, self._lr_lambda)
+            self.lr_scheduler = self._new_lr_scheduler(optimizer if optimizer is not None else self.optimizer)
             self._created_lr_scheduler = True
         return self.lr_scheduler
+
+    def _new_lr_scheduler(self, optimizer) -> _GlobalStepLR:
+        """The run's one schedule (``trainers.schedule``), indexed by the global optimizer step."""
+        return _GlobalStepLR(optimizer, self._lr_lambda)
 
     # ------------------------------------------------------------------ cycle mechanics
     def _on_train_begin(self) -> None:
@@ -355,17 +409,21 @@ class StarSSETrainer(Trainer):
         k = self.plan.cycle_of_step(global_step)
         if k <= self._cycles_started:
             return
-        start = time.perf_counter()
-        model = self.model
-        if self._anchor is not None:
-            model.load_state_dict(self._anchor, strict=True)
-        if self.args.method == "local_de":
-            member_seed = self.args.seed + k
-            set_seed(member_seed)
-            reinit_task_head(model)
+        self._start_cycle(k)
         if self.args.reset_optimizer:
             self.optimizer.state.clear()
         self._cycles_started = k
+
+    def _start_cycle(self, k: int) -> None:
+        """Where member k starts, for the one loop and for a branch alike: its anchor's weights, every global
+        RNG reseeded from ``(seed, k)`` (dropout, augmentation: the same draws however the run is split into
+        processes), and for Local DE (k >= 1) a new task head drawn under that seed."""
+        start = time.perf_counter()
+        if self._anchor is not None:
+            self.model.load_state_dict(self._anchor, strict=True)
+        set_seed(branch_seed(self.args.seed, k))
+        if self.args.method == "local_de" and k > 0:
+            reinit_task_head(self.model)
         self.cycle_start_seconds += time.perf_counter() - start
 
     def _maybe_snapshot(self, global_step: int) -> None:
@@ -374,25 +432,32 @@ class StarSSETrainer(Trainer):
         if k >= self.args.num_members or global_step != self.plan.boundaries[k]:
             return
         start = time.perf_counter()
-        assert_finite(self.model, f"member {k:02d} (end of cycle {k + 1}, step {global_step})")
-        if self.args.should_save:
-            self._write_member(k)
-            self.written_members.append(k)
+        self._save_member(k, global_step, write=self.args.should_save)
         if k == 0 and self.args.method == "starsse":
             self._anchor = self._copy_weights()
         self._members_written = k + 1
         self.accelerator.wait_for_everyone()
         self.snapshot_seconds += time.perf_counter() - start
 
+    def _save_member(self, k: int, global_step: int, write: bool = True) -> None:
+        """Refuse non-finite weights, then write member k (``write``: this process writes it)."""
+        assert_finite(self.model, f"member {k:02d} (end of cycle {k + 1}, step {global_step})")
+        if write:
+            self._write_member(k)
+            self.written_members.append(k)
+
     def _copy_weights(self) -> dict[str, torch.Tensor]:
         return {name: t.detach().clone() for name, t in self.model.state_dict().items()}
 
     def _write_member(self, k: int) -> None:
         """save_pretrained through ``hf_ens._io.atomic_directory``: a kill leaves no member or a whole one."""
-        with atomic_directory(self.member_paths[k]) as tmp:
-            self.accelerator.unwrap_model(self.model).save_pretrained(tmp)
+        model = self.accelerator.unwrap_model(self.model)
+        with atomic_directory(self.member_paths[k]) as tmp, _saves_on_this_process(model):
+            model.save_pretrained(tmp)
             if self.processing_class is not None and hasattr(self.processing_class, "save_pretrained"):
                 self.processing_class.save_pretrained(tmp)
+            if not any(Path(tmp).glob("*.safetensors")) and not any(Path(tmp).glob("*.bin")):
+                raise RuntimeError(f"save_pretrained wrote no weights for member {k:02d} on this process.")
 
     # ------------------------------------------------------------------ checkpoints
     def _save_checkpoint(self, model, trial) -> None:
@@ -488,6 +553,24 @@ class StarSSETrainer(Trainer):
             )
 
 
+@contextlib.contextmanager
+def _saves_on_this_process(model):
+    """Let ``save_pretrained`` write on the process that calls it.
+
+    transformers 5.24's ``save_pretrained`` silently writes nothing on a rank other than 0 once
+    ``torch.distributed`` is initialized (``PreTrainedModel.should_save_on_this_rank``), while under
+    ``parallel_members`` every process writes the members it trained (the caller decides who writes).
+    """
+    if not isinstance(model, PreTrainedModel):
+        yield
+        return
+    model.should_save_on_this_rank = lambda is_main_process: is_main_process
+    try:
+        yield
+    finally:
+        del model.should_save_on_this_rank
+
+
 def _ensure_writable(output_dir: str) -> None:
     try:
         os.makedirs(output_dir, exist_ok=True)
@@ -506,6 +589,11 @@ class _GlobalStepLR(torch.optim.lr_scheduler.LambdaLR):
     """
 
     def sync(self, global_step: int) -> None:
+        """Set the LR of ``global_step`` (``LambdaLR``'s formula), also before the first optimizer step."""
         if self.last_epoch != global_step:
-            self.last_epoch = global_step - 1
-            self.step()
+            self.last_epoch = global_step
+            self._last_lr = [
+                base * fn(global_step) for base, fn in zip(self.base_lrs, self.lr_lambdas, strict=True)
+            ]
+            for group, lr in zip(self.optimizer.param_groups, self._last_lr, strict=True):
+                group["lr"] = lr
