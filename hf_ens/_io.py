@@ -27,7 +27,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_directory", "atomic_file", "recover", "remove_leftovers", "exchange_paths"]
+__all__ = [
+    "atomic_directory",
+    "atomic_file",
+    "ensure_writable",
+    "recover",
+    "remove_leftovers",
+    "exchange_paths",
+]
 
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
@@ -191,3 +198,13 @@ def atomic_file(path: str | os.PathLike, mode: str = "w", **open_kwargs) -> Iter
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def ensure_writable(output_dir: str | os.PathLike) -> None:
+    """Create `output_dir` and prove a file can be written there: a run fails before it trains, not after."""
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=output_dir, prefix=".write_test."):
+            pass
+    except OSError as err:
+        raise ValueError(f"output_dir {str(output_dir)!r} cannot be written: {err}") from err

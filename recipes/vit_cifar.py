@@ -213,7 +213,7 @@ def _is_connection_error(err: BaseException | None) -> bool:
 
 def check_output_dir(args: ScriptArguments, training_args: StarSSEConfig) -> None:
     """Before any (pre-)training: output_dir can be written, and holds no earlier run unless overwriting."""
-    from trainers.starsse_trainer import _ensure_writable
+    from hf_ens._io import ensure_writable
 
     out = Path(training_args.output_dir)
     ours = {"members", "metrics.json", args.repo_dirname}
@@ -225,7 +225,7 @@ def check_output_dir(args: ScriptArguments, training_args: StarSSEConfig) -> Non
             "--overwrite_output_dir true to replace it, or choose another --output_dir."
         )
     try:
-        _ensure_writable(str(out))
+        ensure_writable(str(out))
     except ValueError as err:
         raise ConfigError(f"--{err}") from err
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -39,7 +38,7 @@ from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, set_seed
 from transformers.utils import logging
 
-from hf_ens._io import atomic_directory
+from hf_ens._io import atomic_directory, ensure_writable
 from hf_ens.checks import NonFiniteError, assert_finite
 from hf_ens.heads import reinit_task_head
 
@@ -105,7 +104,7 @@ class StarSSETrainer(Trainer):
     def __init__(self, *args, **kwargs):
         config = kwargs["args"] if "args" in kwargs else (args[1] if len(args) > 1 else None)
         if isinstance(config, StarSSEConfig):
-            _ensure_writable(config.output_dir)  # before Trainer.__init__ tries to create it
+            ensure_writable(config.output_dir)  # before Trainer.__init__ tries to create it
         super().__init__(*args, **kwargs)
         if not isinstance(self.args, StarSSEConfig):
             raise ValueError(f"StarSSETrainer needs args=StarSSEConfig(...), got {type(self.args).__name__}.")
@@ -245,7 +244,7 @@ class StarSSETrainer(Trainer):
         resume from (the newest complete one for ``True``; refused if another run configuration made it),
         or move the previous run out of the way (``overwrite_output_dir``), or refuse to mix two runs."""
         out = self.args.output_dir
-        _ensure_writable(out)
+        ensure_writable(out)
         if self.args.should_save:
             remove_leftovers(out, self.member_paths)
         checkpoint = None
@@ -569,15 +568,6 @@ def _saves_on_this_process(model):
         yield
     finally:
         del model.should_save_on_this_rank
-
-
-def _ensure_writable(output_dir: str) -> None:
-    try:
-        os.makedirs(output_dir, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=output_dir, prefix=".write_test."):
-            pass
-    except OSError as err:
-        raise ValueError(f"output_dir {output_dir!r} cannot be written: {err}") from err
 
 
 class _GlobalStepLR(torch.optim.lr_scheduler.LambdaLR):
