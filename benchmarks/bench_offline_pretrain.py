@@ -18,12 +18,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "recipes")]
-
-from _cli import parse_config_and_args  # noqa: E402
-from pretrain_vit import PretrainArguments, ensure_pretrained_checkpoint  # noqa: E402
+sys.path.insert(0, str(ROOT))  # run from a source checkout without installing
 
 from hf_ens.fashion_mnist import DEBIAN_DIR, load_fashion_mnist, read_idx  # noqa: E402
+from recipes._cli import parse_config_and_args  # noqa: E402
+from recipes.pretrain_vit import PretrainArguments, ensure_pretrained_checkpoint  # noqa: E402
 
 
 def timed(label: str, fn, **extra):

@@ -24,13 +24,13 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "recipes")]
+sys.path.insert(0, ROOT)  # run from a source checkout without installing
 
 import torch  # noqa: E402
-from data import DevicePreprocessor, attach_transforms, collate, decode_images  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
+from recipes.data import DevicePreprocessor, attach_transforms, collate, decode_images  # noqa: E402
 from tests._recipe_utils import tiny_cifar  # noqa: E402
 
 

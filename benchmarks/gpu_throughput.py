@@ -23,13 +23,13 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "recipes")]
+sys.path.insert(0, ROOT)  # the GPU machine runs it from a copy of the tree, not installed
 
 import torch  # noqa: E402
-from data import DevicePreprocessor, PixelSpec, collate  # noqa: E402
 from transformers import TrainerCallback, ViTConfig, ViTForImageClassification  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
+from recipes.data import DevicePreprocessor, PixelSpec, collate  # noqa: E402
 from trainers import StarSSEConfig, StarSSETrainer  # noqa: E402
 
 GOAL_RATIO, GOAL_IMAGES_PER_SECOND = 0.98, 2780

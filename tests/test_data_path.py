@@ -12,12 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests._recipe_utils import ROOT, tiny_cifar
-from tests._tiny import tiny_vit
-
-sys.path.insert(0, str(ROOT / "recipes"))
-
-from data import (  # noqa: E402
+from recipes.data import (
     DevicePreprocessor,
     attach_transforms,
     collate,
@@ -25,6 +20,8 @@ from data import (  # noqa: E402
     draw_crop_boxes,
     resample_boxes,
 )
+from tests._recipe_utils import ROOT, tiny_cifar
+from tests._tiny import tiny_vit
 
 # Measured max |tensor path - processor path| after normalization (std 0.5: one uint8 level = 2/255):
 # upsampling 32 -> 224 bilinear is exact to float rounding (1.2e-7); bicubic up and bilinear/bicubic down
