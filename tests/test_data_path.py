@@ -202,8 +202,9 @@ def test_decode_once_uint8_cached_and_mixed_sizes(tmp_path):
 
 
 def test_unreproducible_processors_fall_back_with_a_notice(capsys, tmp_path):
-    import vit_cifar
     from transformers import ConvNextImageProcessor
+
+    from recipes import vit_cifar
 
     cropping = _processor(32, do_center_crop=True, crop_size={"height": 24, "width": 24})
     assert DevicePreprocessor.from_processor(cropping) is None
