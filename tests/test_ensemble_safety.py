@@ -20,7 +20,7 @@ from transformers import AutoModelForImageClassification, PreTrainedModel, ViTIm
 from hf_ens import EnsembleLoadError, EnsembleModel, NonFiniteError, _io, hub
 from hf_ens._io import recover
 from tests._tiny import tiny_vit
-from tests.test_io import Crash, _inject
+from tests.test_io import Crash, _inject, counted
 
 X = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
 
@@ -120,18 +120,6 @@ def test_save_into_existing_dir_keeps_user_files_and_gets_ordinary_modes(tmp_pat
         os.umask(old_umask)
 
 
-def _counted(fn, calls: dict, fail_at: int):
-    """`fn` as one more step of `tests.test_io._inject`'s count (writing a model, replacing a file)."""
-
-    def step(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == fail_at:
-            raise Crash(f"step {fail_at}: {fn.__name__}")
-        return fn(*a, **k)
-
-    return step
-
-
 @pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "two-renames"])
 def test_failure_at_every_step_of_a_save_leaves_old_or_new_ensemble(tmp_path, monkeypatch, exchange):
     if not exchange:
@@ -151,7 +139,7 @@ def test_failure_at_every_step_of_a_save_leaves_old_or_new_ensemble(tmp_path, mo
         with monkeypatch.context() as m:
             calls = _inject(m, fail_at)
             for owner, name in [(os, "replace"), (PreTrainedModel, "save_pretrained")]:
-                m.setattr(owner, name, _counted(getattr(owner, name), calls, fail_at))
+                m.setattr(owner, name, counted(getattr(owner, name), calls, fail_at))
             try:
                 new.save_pretrained(target)
                 crashed = False

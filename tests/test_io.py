@@ -29,22 +29,24 @@ class Crash(Exception):
     pass
 
 
+def counted(fn, calls: dict, fail_at: int):
+    """`fn` as one counted step: the `fail_at`-th step of `calls` raises `Crash` (a crash at that point)."""
+
+    def step(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == fail_at:
+            raise Crash(f"step {fail_at}: {fn.__name__}")
+        return fn(*a, **k)
+
+    return step
+
+
 def _inject(monkeypatch, fail_at):
     """Make the `fail_at`-th file-system step of hf_ens._io raise (a crash at that point)."""
     calls = {"n": 0}
-
-    def wrap(fn):
-        def step(*a, **k):
-            calls["n"] += 1
-            if calls["n"] == fail_at:
-                raise Crash(f"step {fail_at}: {fn.__name__}")
-            return fn(*a, **k)
-
-        return step
-
     for mod, name in [(os, "rename"), (os, "chmod"), (os, "link"), (shutil, "rmtree"), (shutil, "copytree")]:
-        monkeypatch.setattr(mod, name, wrap(getattr(mod, name)))
-    monkeypatch.setattr(_io, "exchange_paths", wrap(_io.exchange_paths))
+        monkeypatch.setattr(mod, name, counted(getattr(mod, name), calls, fail_at))
+    monkeypatch.setattr(_io, "exchange_paths", counted(_io.exchange_paths, calls, fail_at))
     return calls
 
 
