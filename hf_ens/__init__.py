@@ -11,6 +11,18 @@ from .soups import greedy_soup, make_accuracy_eval_fn, recompute_batchnorm, unif
 
 __version__ = "0.1.0"
 
+# LoRA members (`hf_ens.adapters`) import peft: loaded on first use, so full-model users never pay for it.
+_ADAPTER_NAMES = ("AdapterEnsembleModel", "lora_uniform_soup", "lora_soup_adapter")
+
+
+def __getattr__(name: str):
+    if name in _ADAPTER_NAMES:
+        from . import adapters
+
+        return getattr(adapters, name)
+    raise AttributeError(f"module 'hf_ens' has no attribute {name!r}")
+
+
 __all__ = [
     "EnsembleConfig",
     "EnsembleModel",
@@ -33,4 +45,5 @@ __all__ = [
     "plot_profile",
     "EVALUATE_METRICS",
     "load_metric",
+    *_ADAPTER_NAMES,
 ]

@@ -176,4 +176,16 @@ def render_model_card(
         dataset_split=split,
         repo_id=repo_id or "path/to/ensemble",
         auto_class=auto_class,
+        **_adapter_fields(ensemble_config),
     )
+
+
+def _adapter_fields(ensemble_config: dict) -> dict:
+    """The card's words for LoRA members: the base they sit on (a Hub link, or prose for a local one)."""
+    if ensemble_config.get("member_format") != "peft_lora":
+        return {"adapter_base": None, "adapter_base_id": None}
+    base = ensemble_config.get("base_model")
+    if base and is_hub_id(base):
+        return {"adapter_base": f"[`{base}`](https://huggingface.co/{base})", "adapter_base_id": base}
+    text = describe_source(base, "checkpoint") if base else "the base model"
+    return {"adapter_base": text, "adapter_base_id": "path/to/the/base/model"}

@@ -89,6 +89,10 @@ class EnsembleConfig(PreTrainedConfig):
         architecture: the members' class name (e.g. ``"ViTForImageClassification"``).
         metadata: how the members were trained (method, cycle hyper-parameters, base model, seed...).
         root_weights: what the repo root holds (``"uniform_soup"``).
+        member_format: ``"full"`` (each member a whole ``save_pretrained`` model) or ``"peft_lora"`` (each
+            member a LoRA adapter directory on one shared base, see `hf_ens.adapters`).
+        base_model: for adapter members, the checkpoint they sit on (a Hub id, or ``local:<name>``).
+        base_weights_sha256: for adapter members, the SHA-256 of the base weights they were trained on.
         files: SHA-256 of every file of a saved repo (filled by `EnsembleModel.save_pretrained`).
 
     Saved as ``ensemble_config.json`` (not ``config.json``, which is the root soup's):
@@ -107,6 +111,9 @@ class EnsembleConfig(PreTrainedConfig):
     architecture: str | None = None
     metadata: dict | None = None
     root_weights: str = "uniform_soup"
+    member_format: str = "full"
+    base_model: str | None = None
+    base_weights_sha256: str | None = None
     hf_ens_format_version: int = FORMAT_VERSION
     files: dict | None = None
 
@@ -135,6 +142,23 @@ class EnsembleConfig(PreTrainedConfig):
             member_config=member_config,
             architecture=type(members[0]).__name__,
             metadata={**(metadata or {}), "num_members": len(members)},
+        )
+
+    @classmethod
+    def for_adapters(
+        cls, peft_model, names: Sequence[str], metadata: dict | None = None, base_model: str | None = None
+    ) -> EnsembleConfig:
+        """The config of an ensemble of the LoRA adapters `names` of one peft model (`hf_ens.adapters`)."""
+        base = peft_model.get_base_model()
+        member_config = copy.deepcopy(base.config)
+        member_config.architectures = [type(base).__name__]
+        return cls(
+            members=list(names),
+            member_config=member_config,
+            architecture=type(base).__name__,
+            metadata={**(metadata or {}), "num_members": len(names)},
+            member_format="peft_lora",
+            base_model=base_model,
         )
 
     @classmethod
@@ -254,6 +278,11 @@ class EnsembleModel(PreTrainedModel):
                 "models with EnsembleModel.from_members([...])."
             )
         if members is None:  # from the config alone (Auto from_config): fresh members
+            if config.member_format != "full":
+                raise ValueError(
+                    f"An ensemble of {config.member_format} members is loaded with "
+                    "EnsembleModel.from_pretrained(repo) (its base model and adapters), not from a config."
+                )
             if config.member_config is None or not config.members:
                 raise ValueError("EnsembleConfig needs `members` and `member_config` to build an ensemble.")
             cls = member_class(config.member_config)
@@ -315,6 +344,7 @@ class EnsembleModel(PreTrainedModel):
         torch_dtype: torch.dtype | str | None = None,
         device_map: str | dict | torch.device | int | None = None,
         attn_implementation: str | None = None,
+        base_model: str | os.PathLike | PreTrainedModel | None = None,
         **kwargs,
     ) -> EnsembleModel:
         """Load a saved ensemble from a local directory or a Hub repo id, with transformers' usual keywords.
@@ -329,6 +359,12 @@ class EnsembleModel(PreTrainedModel):
         ``"cpu"``, a device) and `attn_implementation` go to each member's ``from_pretrained``. `config`: an
         `EnsembleConfig` to use instead of the saved one (the Auto classes pass it); it must list the same
         members. Non-finite member weights give a warning (see `hf_ens.members.load_member`).
+
+        A repo of LoRA members (``member_format: "peft_lora"``) gives an
+        `hf_ens.adapters.AdapterEnsembleModel`: the base named in ``ensemble_config.json`` is loaded once
+        (`base_model`: another Hub id, path or loaded model to use instead, e.g. for a base that was a local
+        checkpoint), its frozen weights are checked against the recorded SHA-256, and the adapters are
+        attached by name.
         """
         if model_args:
             raise TypeError(
@@ -389,6 +425,24 @@ class EnsembleModel(PreTrainedModel):
                 f"{saved.members}."
             )
         member_kwargs = dict(dtype=dtype, device_map=device_map, attn_implementation=attn_implementation)
+        if saved.member_format == "peft_lora":
+            from .adapters import AdapterEnsembleModel
+
+            hub_kwargs = dict(
+                cache_dir=cache_dir,
+                force_download=force_download,
+                local_files_only=local_files_only,
+                token=token,
+            )
+            return AdapterEnsembleModel._from_saved(
+                path, saved, config, base_model, hub_kwargs=hub_kwargs, **member_kwargs
+            )
+        if saved.member_format != "full":
+            raise EnsembleLoadError(
+                f"Unknown member_format {saved.member_format!r} in {path / ENSEMBLE_CONFIG_NAME}."
+            )
+        if base_model is not None:
+            raise TypeError("base_model applies to ensembles of adapter members only.")
         members = [load_member(path / name, **member_kwargs) for name in saved.members]
         model = cls(config if config is not None else saved, members=members, processor=load_processor(path))
         return model.eval()
@@ -462,6 +516,8 @@ class EnsembleModel(PreTrainedModel):
         config.metadata = hub.public_metadata(config.metadata)
         config.architectures = [type(self).__name__]
         config.files = None
+        if config.base_model is not None:
+            config.base_model = hub.public_metadata({"base_model": config.base_model})["base_model"]
         content = config.to_dict()
         for cfg in (content, content["member_config"]):  # where the members were loaded from: a local path
             cfg.pop("_name_or_path", None)
@@ -506,15 +562,11 @@ class EnsembleModel(PreTrainedModel):
         target = Path(save_directory)
         if not is_main_process:
             return target
-        for k, member in enumerate(self.members):
-            assert_finite(member, f"member {k} (member_{k:02d})")
+        self._check_finite_members()
         soup = soup if soup is not None else self.soup()
         assert_finite(soup, "the soup (root weights)")
         with atomic_directory(target, keep=lambda name: not hub.owned(name)) as tmp:
-            for name, member in zip(self.config.members, self.members, strict=True):
-                member.save_pretrained(tmp / name, max_shard_size=max_shard_size)
-                if self.processor is not None:
-                    self.processor.save_pretrained(tmp / name)
+            self._save_members(tmp, max_shard_size)
             soup.save_pretrained(tmp, max_shard_size=max_shard_size)
             if self.processor is not None:
                 self.processor.save_pretrained(tmp)
@@ -526,6 +578,17 @@ class EnsembleModel(PreTrainedModel):
         if push_to_hub:
             self._upload(target, repo_id or target.name, token=token, **push_kwargs)
         return target
+
+    def _check_finite_members(self) -> None:
+        for k, member in enumerate(self.members):
+            assert_finite(member, f"member {k} (member_{k:02d})")
+
+    def _save_members(self, folder: Path, max_shard_size: int | str) -> None:
+        """Each member (and the processor) into ``folder/member_XX``."""
+        for name, member in zip(self.config.members, self.members, strict=True):
+            member.save_pretrained(folder / name, max_shard_size=max_shard_size)
+            if self.processor is not None:
+                self.processor.save_pretrained(folder / name)
 
     def push_to_hub(
         self,

@@ -34,6 +34,7 @@ from accelerate.utils import send_to_device
 from torch.utils.data import DataLoader, Sampler
 from transformers.utils import logging
 
+from hf_ens import adapters
 from hf_ens.checks import NonFiniteError
 
 from .checkpoints import (
@@ -265,7 +266,10 @@ def _save_branch_checkpoint(trainer, directory: Path, k: int, step: int, optimiz
     target = directory / f"checkpoint-{step}"
     discard([target])
     target.mkdir(parents=True)
-    safetensors.torch.save_model(trainer.model, str(target / BRANCH_MODEL_NAME))
+    if adapters.is_peft_model(trainer.model):  # the adapter (and head) only: the base is frozen
+        safetensors.torch.save_file(adapters.member_weights(trainer.model), str(target / BRANCH_MODEL_NAME))
+    else:
+        safetensors.torch.save_model(trainer.model, str(target / BRANCH_MODEL_NAME))
     torch.save(optimizer.state_dict(), target / BRANCH_OPTIMIZER_NAME)
     torch.save(_rng_state(), target / BRANCH_RNG_NAME)
     write_cycle_state(target, _branch_state(trainer, k, step))
@@ -298,7 +302,10 @@ def _checkpoint_to_resume(trainer, directory: Path, k: int) -> Path | None:
 
 def _load_branch_checkpoint(checkpoint: Path, model: torch.nn.Module, optimizer) -> int:
     device = next(model.parameters()).device
-    safetensors.torch.load_model(model, str(checkpoint / BRANCH_MODEL_NAME), strict=True)
+    if adapters.is_peft_model(model):
+        adapters.load_member_weights(model, safetensors.torch.load_file(str(checkpoint / BRANCH_MODEL_NAME)))
+    else:
+        safetensors.torch.load_model(model, str(checkpoint / BRANCH_MODEL_NAME), strict=True)
     optimizer.load_state_dict(torch.load(checkpoint / BRANCH_OPTIMIZER_NAME, map_location=device))
     _set_rng_state(torch.load(checkpoint / BRANCH_RNG_NAME, weights_only=True))
     return int(read_cycle_state(checkpoint)["step"])

@@ -17,6 +17,11 @@ With ``parallel_members`` the loop trains StarSSE's model 1 only (data-parallel,
 then trains its share of the remaining members alone (:mod:`trainers.parallel` assigns them,
 :mod:`trainers.branches` trains one), through the same cycle start, schedule and member snapshot.
 
+A ``peft`` LoRA model trains adapters instead of whole models: what a member *is* comes from
+:func:`hf_ens.adapters.member_weights` (the adapter tensors and the ``modules_to_save`` head), so anchors,
+checkpoints and members hold those only, members are peft adapter directories, Local DE re-draws the adapter
+and head from ``(seed, k)``, and :meth:`StarSSETrainer.soup` is the exact merged soup.
+
 Everything needed to continue (anchor weights, members written, cycles started, the plan, the run settings)
 is stored inside each Trainer checkpoint, so ``train(resume_from_checkpoint=...)`` reproduces an uninterrupted
 run; :mod:`trainers.checkpoints` makes checkpoints kill-safe and refuses to resume another run's checkpoint.
@@ -38,6 +43,7 @@ from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, set_seed
 from transformers.utils import logging
 
+from hf_ens import adapters
 from hf_ens._io import atomic_directory, ensure_writable
 from hf_ens.checks import NonFiniteError, assert_finite
 from hf_ens.heads import reinit_task_head
@@ -112,6 +118,8 @@ class StarSSETrainer(Trainer):
             raise ValueError(
                 "StarSSETrainer owns the LR schedule (trainers.schedule); do not pass a lr_scheduler."
             )
+        if self.is_peft:
+            adapters.check_lora(self.model)  # members must merge to W0 + scale B A, and re-draw exactly
         self.plan: CyclePlan | None = None
         self.snapshot_seconds = 0.0  # time spent writing members (and copying the StarSSE anchor)
         self.cycle_start_seconds = 0.0  # time spent reloading anchors / resetting the optimizer
@@ -128,6 +136,11 @@ class StarSSETrainer(Trainer):
         self.callback_handler.callbacks.insert(0, _CycleCallback(self))
 
     # ------------------------------------------------------------------ public API
+    @property
+    def is_peft(self) -> bool:
+        """Whether the members are LoRA adapters on the model's frozen base (a ``peft`` model)."""
+        return adapters.is_peft_model(self.accelerator.unwrap_model(self.model))
+
     @property
     def members_dir(self) -> str:
         return os.path.join(self.args.output_dir, MEMBERS_DIR)
@@ -166,22 +179,48 @@ class StarSSETrainer(Trainer):
             "cycle_steps": self.plan.cycle_steps if self.plan else None,
             "base_model": getattr(config, "_name_or_path", None) or None,
             "seed": args.seed,
+            **(self._adapter_metadata() if self.is_peft else {}),
+        }
+
+    def _adapter_metadata(self) -> dict[str, Any]:
+        model = self.accelerator.unwrap_model(self.model)
+        lora = model.peft_config[model.active_adapter]
+        targets = lora.target_modules
+        return {
+            "member_format": adapters.PEFT_FORMAT,
+            "lora_r": lora.r,
+            "lora_alpha": lora.lora_alpha,
+            "lora_target_modules": targets if isinstance(targets, str) else ",".join(sorted(targets)),
+            "lora_modules_to_save": ",".join(lora.modules_to_save or []),
         }
 
     def ensemble(self):
-        """The trained members as an ``hf_ens.EnsembleModel``."""
+        """The trained members as an ``hf_ens.EnsembleModel`` (LoRA members: an
+        ``hf_ens.adapters.AdapterEnsembleModel``, the base held once and the K adapters attached by name)."""
         from hf_ens import EnsembleModel
 
         self._check_members_complete()
+        metadata = self.ensemble_metadata()
+        if self.is_peft:
+            return adapters.AdapterEnsembleModel.from_adapters(
+                self.accelerator.unwrap_model(self.model),
+                self.member_paths,
+                processor=self.processing_class,
+                metadata=metadata,
+                base_model_name_or_path=metadata["base_model"],
+            )
         return EnsembleModel.from_members(
-            self.member_paths, processor=self.processing_class, metadata=self.ensemble_metadata()
+            self.member_paths, processor=self.processing_class, metadata=metadata
         )
 
     def soup(self):
-        """Uniform weight average of the members (``hf_ens.uniform_soup``)."""
+        """Uniform weight average of the members (``hf_ens.uniform_soup``); for LoRA members the exact average
+        of the merged members (``hf_ens.adapters.lora_uniform_soup``). Either way an ordinary model."""
         from hf_ens import uniform_soup
 
         self._check_members_complete()
+        if self.is_peft:
+            return self.ensemble().soup()
         return uniform_soup(self.member_paths)
 
     def _check_members_complete(self) -> None:
@@ -213,7 +252,10 @@ class StarSSETrainer(Trainer):
         self.plan, self._lr_lambda = plan, plan.lr_lambda()
         if args.method == "local_de":
             self._anchor = self._copy_weights()  # the original (pre-trained) weights
-        elif self._anchor is None:  # model 1 was written by an earlier (resumed) launch
+        elif self._anchor is None and self.is_peft:  # model 1 was written by an earlier (resumed) launch
+            adapters.load_adapter_weights(self.model, self.member_paths[0])
+            self._anchor = self._copy_weights()
+        elif self._anchor is None:
             loaded = type(self.model).from_pretrained(self.member_paths[0], dtype=self.model.dtype)
             self._anchor = {k: v.to(args.device) for k, v in loaded.state_dict().items()}
             del loaded
@@ -419,10 +461,13 @@ class StarSSETrainer(Trainer):
         processes), and for Local DE (k >= 1) a new task head drawn under that seed."""
         start = time.perf_counter()
         if self._anchor is not None:
-            self.model.load_state_dict(self._anchor, strict=True)
+            adapters.load_member_weights(self.model, self._anchor)
         set_seed(branch_seed(self.args.seed, k))
         if self.args.method == "local_de" and k > 0:
-            reinit_task_head(self.model)
+            if self.is_peft:
+                adapters.reinit_adapter(self.model)  # new LoRA factors and head, the base stays
+            else:
+                reinit_task_head(self.model)
         self.cycle_start_seconds += time.perf_counter() - start
 
     def _maybe_snapshot(self, global_step: int) -> None:
@@ -446,13 +491,17 @@ class StarSSETrainer(Trainer):
             self.written_members.append(k)
 
     def _copy_weights(self) -> dict[str, torch.Tensor]:
-        return {name: t.detach().clone() for name, t in self.model.state_dict().items()}
+        """The member's weights: every tensor, or the adapter's only for a peft model."""
+        return adapters.member_weights(self.model)
 
     def _write_member(self, k: int) -> None:
         """save_pretrained through ``hf_ens._io.atomic_directory``: a kill leaves no member or a whole one."""
         model = self.accelerator.unwrap_model(self.model)
         with atomic_directory(self.member_paths[k]) as tmp, _saves_on_this_process(model):
-            model.save_pretrained(tmp)
+            if adapters.is_peft_model(model):
+                adapters.save_adapter(model, model.active_adapter, tmp)
+            else:
+                model.save_pretrained(tmp)
             if self.processing_class is not None and hasattr(self.processing_class, "save_pretrained"):
                 self.processing_class.save_pretrained(tmp)
             if not any(Path(tmp).glob("*.safetensors")) and not any(Path(tmp).glob("*.bin")):
@@ -515,7 +564,16 @@ class StarSSETrainer(Trainer):
         tensor or raises.
         """
         target = model if model is not None else self.model
-        if isinstance(target, PreTrainedModel) and not self.is_fsdp_enabled and not self.is_deepspeed_enabled:
+        if adapters.is_peft_model(target):  # the adapter only: the base is frozen and never saved
+            try:
+                adapters.load_adapter_weights(target, resume_from_checkpoint)
+            except OSError as err:
+                raise ValueError(
+                    f"Checkpoint {resume_from_checkpoint} does not match the model: {err}"
+                ) from err
+        elif (
+            isinstance(target, PreTrainedModel) and not self.is_fsdp_enabled and not self.is_deepspeed_enabled
+        ):
             loaded, info = type(target).from_pretrained(
                 resume_from_checkpoint, output_loading_info=True, dtype=target.dtype
             )
