@@ -4,6 +4,7 @@ and optionally push the repo to the Hub in one commit.
 
     accelerate launch recipes/vit_cifar.py [--config recipes/configs/vit_cifar10.yaml] [--key value ...]
     accelerate launch recipes/vit_cifar.py --config recipes/configs/offline.yaml  # offline default
+    accelerate launch recipes/vit_cifar.py --config recipes/configs/offline_lora.yaml  # LoRA members
 
 Without `--config` the settings are those of `recipes/configs/vit_cifar10.yaml` (the paper's CIFAR-10 run).
 """
@@ -100,6 +101,25 @@ class ScriptArguments:
             "launch` sets to 1 when it is unset)."
         },
     )
+    lora_r: int = field(
+        default=0,
+        metadata={
+            "help": "LoRA rank. > 0: every member is a LoRA adapter (peft) on the frozen checkpoint, the "
+            "task head trained in full (modules_to_save); the repo holds one merged soup plus K adapters. "
+            "0: members fine-tune every weight."
+        },
+    )
+    lora_alpha: float = field(
+        default=16.0, metadata={"help": "LoRA alpha: the adapter's scale is alpha / r."}
+    )
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "v_proj"],
+        metadata={
+            "help": "Module names that get LoRA adapters (transformers 5 ViT: q_proj k_proj v_proj o_proj "
+            "fc1 fc2; Swin and others name theirs differently), or 'all-linear'."
+        },
+    )
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA path."})
     tensor_data_path: bool = field(
         default=True,
         metadata={
@@ -126,6 +146,18 @@ class ScriptArguments:
             raise ValueError(
                 f"--classes selects classes of {OFFLINE_DATASET!r} only; got dataset {self.dataset_name!r}."
             )
+        if self.lora_r < 0:
+            raise ValueError(f"lora_r must be >= 0 (0: no LoRA), got {self.lora_r}.")
+        if self.lora_r > 0:
+            if not self.lora_alpha > 0 or not 0.0 <= self.lora_dropout < 1.0:
+                raise ValueError(
+                    f"lora_alpha must be > 0 and lora_dropout in [0, 1), got {self.lora_alpha}, "
+                    f"{self.lora_dropout}."
+                )
+            if self.init_from_scratch:
+                raise ValueError(
+                    "init_from_scratch with lora_r > 0 would freeze random weights; use one or the other."
+                )
         if self.dataset_name == "imagefolder" and not self.data_dir:
             raise ValueError("dataset_name='imagefolder' needs --data_dir pointing at the image folder.")
 
@@ -362,6 +394,29 @@ def load_model(checkpoint: str, label_names: list[str], args: ScriptArguments):
     return model
 
 
+def apply_lora(model, args: ScriptArguments):
+    """Wrap `model` in a peft LoRA model: adapters on `lora_target_modules`, the task head trained in full
+    (``modules_to_save``), the rest frozen. The LoRA factors are drawn from the global RNG (seeded)."""
+    from peft import LoraConfig, get_peft_model
+
+    from hf_ens.heads import task_heads
+
+    heads = [name for name, module in model.named_children() if name != model.base_model_prefix]
+    task_heads(model)  # a clear error for a model without a head
+    targets = args.lora_target_modules
+    config = LoraConfig(
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=targets[0] if targets == ["all-linear"] else targets,
+        modules_to_save=heads,
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as err:  # e.g. target modules that the model does not have
+        raise ValueError(f"--lora_target_modules {' '.join(targets)}: {err}") from err
+
+
 # ----------------------------------------------------------------------------------------- evaluation
 
 
@@ -405,7 +460,8 @@ def evaluate_run(
         return batches if preprocess is None else preprocess.eval_batches(batches, device)
 
     ensemble = trainer.ensemble().to(device)
-    members = list(ensemble.members)
+    # LoRA members are adapters on one base; soups and basin tools take them merged (exact: hf_ens.adapters)
+    members = ensemble.merged_members() if trainer.is_peft else list(ensemble.members)
     bn_loader = loader(train_eval) if has_batchnorm(ensemble) else None
 
     member_logits, labels = ensemble.predict(loader(test))  # [K, N, C], kept for the ensemble-size curve
@@ -529,6 +585,8 @@ def run(script_args: ScriptArguments, training_args: StarSSEConfig) -> dict | No
     )
     if preprocess is not None:
         preprocess.attach(model)  # uint8 batches -> pixel_values inside forward, on the training device
+    if script_args.lora_r > 0:
+        model = apply_lora(model, script_args)
 
     training_args.remove_unused_columns = False
     trainer = StarSSETrainer(
