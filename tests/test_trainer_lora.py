@@ -127,7 +127,7 @@ def ens_member_weights(ens: AdapterEnsembleModel, k: int) -> dict[str, torch.Ten
 @pytest.mark.parametrize("method,stop_at,resume_steps", [("starsse", 16, (14,)), ("local_de", 10, (8,))])
 def test_resume_mid_cycle_gives_the_same_members(tmp_path, method, stop_at, resume_steps):
     extra = dict(
-        method=method, save_strategy="steps", save_steps=2, **(LOCAL_DE if method == "local_de" else {})
+        LOCAL_DE if method == "local_de" else {"method": method}, save_strategy="steps", save_steps=2
     )
     full, _ = make_trainer(tmp_path / "full", **extra)
     full.train()
