@@ -38,6 +38,7 @@ import safetensors.torch
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import ModulesToSaveWrapper
 from torch import nn
 from transformers import PreTrainedModel
@@ -451,6 +452,7 @@ class AdapterEnsembleModel(EnsembleModel):
             raise ValueError(f"The peft model holds no adapters {missing}.")
         PreTrainedModel.__init__(self, config)
         self.peft_model = peft_model
+        self._layers: list[nn.Module] | None = None  # the adapted layers, found on the first forward
         self.members = tuple(AdapterMember(self, name) for name in config.members)
         self.main_input_name = peft_model.get_base_model().main_input_name
         self.processor = processor
@@ -529,13 +531,24 @@ class AdapterEnsembleModel(EnsembleModel):
     # --- inference ------------------------------------------------------------------------------------
     @contextlib.contextmanager
     def active_member(self, name: str):
-        """Activate adapter `name` (and its head) for the duration of the block, gradients untouched."""
-        previous = self.peft_model.active_adapter
-        _activate(self.peft_model, name)
+        """Activate adapter `name` (and its head) for the duration of the block, gradients untouched.
+
+        Sets the active adapter of each adapted layer directly (peft's ``set_adapter`` walks every module
+        and resets ``requires_grad``: a cost K times per forward); the forward tests against merged members
+        fail loudly if peft changes where a layer keeps its active adapter.
+        """
+        if self._layers is None:
+            self._layers = [
+                m for m in self.peft_model.modules() if isinstance(m, (BaseTunerLayer, ModulesToSaveWrapper))
+            ]
+        previous = [m._active_adapter for m in self._layers]
+        for m in self._layers:
+            m._active_adapter = name if isinstance(m, ModulesToSaveWrapper) else [name]
         try:
             yield
         finally:
-            _activate(self.peft_model, previous)
+            for m, value in zip(self._layers, previous, strict=True):
+                m._active_adapter = value
 
     def soup(self, bn_dataloader=None) -> PreTrainedModel:
         """The exact uniform soup (:func:`lora_uniform_soup`): one plain model, the average of the merged
