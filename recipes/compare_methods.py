@@ -78,6 +78,12 @@ class CompareArguments:
         default="recipes/configs/pretrain_offline_swapped.yaml",
         metadata={"help": "Pre-training of the second regime's checkpoint (on the main target classes)."},
     )
+    convergence_epoch_factors: list[float] = field(
+        default_factory=lambda: [2.0, 3.0],
+        metadata={
+            "help": "Model 1 also trained for these multiples of E on the grid seeds (convergence check)."
+        },
+    )
     results_dir: str = field(
         default="docs/results/fair", metadata={"help": "Where the run records, tables and figures go."}
     )
@@ -102,7 +108,7 @@ class CompareArguments:
 class Task:
     regime: str  # "main" or "second"
     seed: int
-    method: str  # "model1", "local_de", "starsse", "sse"
+    method: str  # "model1", "local_de", "starsse", "sse", "model1_long" (model 1 trained cycle_factor x E)
     cycle_factor: float = 1.0
     mult: float = 1.0
 
@@ -110,6 +116,8 @@ class Task:
     def key(self) -> str:
         if self.method in ("model1", "local_de"):
             return f"{self.regime}/{self.method}/seed={self.seed}"
+        if self.method == "model1_long":
+            return f"{self.regime}/model1_long/{self.cycle_factor:g}E/seed={self.seed}"
         return f"{self.regime}/{self.method}/F={self.cycle_factor:g}E/x{self.mult:g}/seed={self.seed}"
 
 
@@ -132,6 +140,10 @@ def independent_tasks(cmp: CompareArguments) -> list[Task]:
     if cmp.second_regime:
         tasks += [Task("second", s, m) for s in cmp.second_regime_seeds for m in ("model1", "local_de")]
     return tasks
+
+
+def convergence_tasks(cmp: CompareArguments) -> list[Task]:
+    return [Task("main", s, "model1_long", f) for s in cmp.seeds for f in cmp.convergence_epoch_factors]
 
 
 def chosen_tasks(cmp: CompareArguments, chosen: dict[str, tuple[float, float]]) -> list[Task]:
@@ -218,9 +230,11 @@ def train_members(task: Task, train: StarSSEConfig, data: SeedData, out: Path, m
     args = copy.deepcopy(train)
     args.output_dir = str(out)
     args.seed = task.seed
-    args.method = "starsse" if task.method == "model1" else task.method
-    if task.method == "model1":
+    args.method = "starsse" if task.method.startswith("model1") else task.method
+    if task.method.startswith("model1"):
         args.num_members = 1
+    if task.method == "model1_long":
+        args.num_train_epochs = task.cycle_factor * train.num_train_epochs
     if task.method in ("starsse", "sse"):
         args.cycle_epochs = task.cycle_factor * train.num_train_epochs
         args.cycle_learning_rate = task.mult * train.learning_rate
@@ -357,7 +371,9 @@ def run_task(
         }
         if task.method == "starsse":
             record["steps_trained_here"] = sum(per_member[1:])  # model 1's steps were paid by its own task
-        if task.method == "model1":
+        if task.method == "model1_long":
+            metrics, _ = evaluate_model1(Path(trainer.member_paths[0]), data)
+        elif task.method == "model1":
             metrics, logits = evaluate_model1(Path(trainer.member_paths[0]), data)
             shutil.rmtree(model1_dir, ignore_errors=True)
             shutil.copytree(trainer.member_paths[0], model1_dir)
@@ -444,7 +460,7 @@ def work(cmp: CompareArguments, script: ScriptArguments, train: StarSSEConfig) -
 
     drain(grid_tasks(cmp) + independent_tasks(cmp))  # returns once the whole grid is finished
     chosen = choose_settings(read_records(results), cmp)
-    drain(chosen_tasks(cmp, chosen))
+    drain(chosen_tasks(cmp, chosen) + convergence_tasks(cmp))
 
 
 def launch_workers(cmp: CompareArguments, argv: list[str]) -> None:
@@ -475,7 +491,7 @@ def main(argv: list[str] | None = None) -> None:
         shutil.rmtree(Path(cmp.results_dir) / ".work", ignore_errors=True)
     from recipes.report_results import write_report
 
-    write_report(read_records(cmp.results_dir), cmp)
+    write_report(read_records(cmp.results_dir), cmp, train.num_train_epochs)
 
 
 if __name__ == "__main__":

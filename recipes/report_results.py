@@ -59,6 +59,8 @@ def mean_ci(values: list[float]) -> tuple[float, float]:
 def name_of(rec: dict) -> str:
     if rec["method"] in ("model1", "local_de"):
         return rec["method"]
+    if rec["method"] == "model1_long":
+        return f"model1_long/{rec['cycle_factor']:g}E"
     return f"{rec['method']}/F={rec['cycle_factor']:g}E/x{rec['mult']:g}"
 
 
@@ -74,8 +76,9 @@ def model1_metric(records: list[dict], regime: str, seed: int, key: str) -> floa
 
 def value(records: list[dict], rec: dict, key: str) -> float:
     """`key` of a run; model 1's metrics (member_0/...) come from the seed's model-1 record."""
-    if rec["method"] == "model1" and key.startswith(("ensemble/", "soup/")):
-        key = "member_0/" + key.split("/", 1)[1]
+    if rec["method"].startswith("model1"):  # a single model is its own ensemble, soup and mean member
+        for part in ("ensemble/", "soup/", "member_mean/"):
+            key = key.replace(part, "member_0/")
     if key in rec["metrics"]:
         return rec["metrics"][key]
     return model1_metric(records, rec["regime"], rec["seed"], key)
@@ -139,7 +142,11 @@ def grid_table(records: list[dict], seeds: list[int]) -> str:
         ("held_out/ensemble/nll", 1, "held-out ens NLL"),
     ]
     names = sorted(
-        {name_of(r) for r in records if r["regime"] == "main" and r["seed"] in seeds},
+        {
+            name_of(r)
+            for r in records
+            if r["regime"] == "main" and r["seed"] in seeds and r["method"] != "model1_long"
+        },
         key=lambda n: (
             ["model1", "local_de", "starsse", "sse"].index(n.split("/")[0]),
             n.split("/")[1] if "/" in n else "",
@@ -155,12 +162,9 @@ def grid_table(records: list[dict], seeds: list[int]) -> str:
         steps = f"{runs[0]['total_steps']} / {'+'.join(map(str, _compact(runs[0]['steps_per_member'])))}"
         cells = []
         for key, scale, _ in cols:
-            vals = [
-                value(records, r, key) for r in runs if key in r["metrics"] or not key.startswith("basin")
-            ]
             try:
-                cells.append(_cell(vals, scale) if vals else "-")
-            except KeyError:
+                cells.append(_cell([value(records, r, key) for r in runs], scale))
+            except KeyError:  # e.g. no barrier for Local DE, no disagreement for one model
                 cells.append("-")
         lines.append(f"| {name} (n={len(runs)}) | {steps} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -193,6 +197,32 @@ def model1_table(records: list[dict]) -> str:
         ]
         cells = [_cell([x[k] for x in m], s) for k, s in keys]
         lines.append(f"| {regime} | {len(runs)} | " + " | ".join(cells) + f" | {runs[0]['total_steps']} |")
+    return "\n".join(lines)
+
+
+def convergence_table(records: list[dict], seeds: list[int], epochs: float) -> str:
+    """Model 1 trained for 1, 2, 3 x E: train accuracy, test accuracy / NLL, paired against 1 x E."""
+    lines = [
+        "| model 1 length | n | train acc % | test acc % | test NLL | test acc − 1xE (points) | NLL − 1xE |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    names = ["model1"] + sorted(
+        {name_of(r) for r in records if r["method"] == "model1_long"}, key=lambda n: float(n[12:-1])
+    )
+    for name in names:
+        runs = by_seed(records, "main", name, seeds)
+        if not runs:
+            continue
+        factor = 1.0 if name == "model1" else float(name[12:-1])
+        m = [r["metrics"] for r in runs.values()]
+        acc = paired(records, "main", name, "member_0/accuracy", "model1", "member_0/accuracy", seeds)
+        nll = paired(records, "main", name, "member_0/nll", "model1", "member_0/nll", seeds)
+        cells = [_cell([x[k] for x in m], s) for k, s in (("member_0/train_accuracy", 100),
+                 ("member_0/accuracy", 100), ("member_0/nll", 1))]  # fmt: skip
+        cells += ["-", "-"] if name == "model1" else [_fmt_pair(acc, 100), _fmt_pair(nll, 1)]
+        lines.append(
+            f"| {factor:g} x E = {factor * epochs:g} epochs | {len(m)} | " + " | ".join(cells) + " |"
+        )
     return "\n".join(lines)
 
 
@@ -335,7 +365,7 @@ def write_figures(records: list[dict], chosen: dict[str, str], seeds: list[int],
 # ------------------------------------------------------------------------------------------------ report
 
 
-def write_report(records: list[dict], cmp) -> Path:
+def write_report(records: list[dict], cmp, epochs: float) -> Path:
     """tables.md, summary.json and the figures in `cmp.results_dir`, from every record."""
     out = Path(cmp.results_dir)
     seeds = list(cmp.seeds)
@@ -348,6 +378,8 @@ def write_report(records: list[dict], cmp) -> Path:
         + ", ".join(f"{k}: `{v}`" for k, v in chosen.items()),
         "\n## Model 1\n",
         model1_table(records),
+        "\n## Model 1 trained longer (convergence check, grid seeds)\n",
+        convergence_table(records, seeds, epochs),
         f"\n## Grid (main regime, seeds {seeds}; mean ± 95% t interval)\n",
         grid_table(records, seeds),
         f"\n## Key contrasts, main regime (seeds {contrast_seeds})\n",
