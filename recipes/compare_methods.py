@@ -20,6 +20,7 @@ Then the report (tables + figures) is rebuilt from every record:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import shutil
@@ -78,6 +79,10 @@ class CompareArguments:
         default="recipes/configs/pretrain_offline_swapped.yaml",
         metadata={"help": "Pre-training of the second regime's checkpoint (on the main target classes)."},
     )
+    scratch_lr_multipliers: list[float] = field(
+        default_factory=lambda: [0.3, 1.0, 3.0],
+        metadata={"help": "P1: one model from scratch (random init) at these x learning_rate, grid seeds."},
+    )
     convergence_epoch_factors: list[float] = field(
         default_factory=lambda: [2.0, 3.0],
         metadata={
@@ -108,7 +113,9 @@ class CompareArguments:
 class Task:
     regime: str  # "main" or "second"
     seed: int
-    method: str  # "model1", "local_de", "starsse", "sse", "model1_long" (model 1 trained cycle_factor x E)
+    # "model1", "local_de", "starsse", "sse"; "model1_long": model 1 trained cycle_factor x E; "scratch": one
+    # model of model 1's recipe from random weights at mult x the learning rate
+    method: str
     cycle_factor: float = 1.0
     mult: float = 1.0
 
@@ -118,6 +125,8 @@ class Task:
             return f"{self.regime}/{self.method}/seed={self.seed}"
         if self.method == "model1_long":
             return f"{self.regime}/model1_long/{self.cycle_factor:g}E/seed={self.seed}"
+        if self.method == "scratch":
+            return f"{self.regime}/scratch/lr_x{self.mult:g}/seed={self.seed}"
         return f"{self.regime}/{self.method}/F={self.cycle_factor:g}E/x{self.mult:g}/seed={self.seed}"
 
 
@@ -143,7 +152,9 @@ def independent_tasks(cmp: CompareArguments) -> list[Task]:
 
 
 def convergence_tasks(cmp: CompareArguments) -> list[Task]:
-    return [Task("main", s, "model1_long", f) for s in cmp.seeds for f in cmp.convergence_epoch_factors]
+    """Model 1 trained longer, and one model trained from scratch (P1), on the grid seeds."""
+    tasks = [Task("main", s, "model1_long", f) for s in cmp.seeds for f in cmp.convergence_epoch_factors]
+    return tasks + [Task("main", s, "scratch", 1.0, m) for s in cmp.seeds for m in cmp.scratch_lr_multipliers]
 
 
 def chosen_tasks(cmp: CompareArguments, chosen: dict[str, tuple[float, float]]) -> list[Task]:
@@ -201,11 +212,12 @@ class SeedData:
         }
         self.sizes = {"train": len(self.train), "held_out": len(held_out), "test": len(test)}
 
-    def new_model(self, seed: int):
+    def new_model(self, seed: int, from_scratch: bool = False):
         from transformers import set_seed
 
         set_seed(seed)  # the head is drawn here, as in the recipe
-        model = load_model(self.checkpoint, self.label_names, self.script)
+        script = dataclasses.replace(self.script, init_from_scratch=True) if from_scratch else self.script
+        model = load_model(self.checkpoint, self.label_names, script)
         self.preprocess.attach(model)
         return model
 
@@ -230,9 +242,12 @@ def train_members(task: Task, train: StarSSEConfig, data: SeedData, out: Path, m
     args = copy.deepcopy(train)
     args.output_dir = str(out)
     args.seed = task.seed
-    args.method = "starsse" if task.method.startswith("model1") else task.method
-    if task.method.startswith("model1"):
+    single = task.method in ("model1", "model1_long", "scratch")
+    args.method = "starsse" if single else task.method
+    if single:
         args.num_members = 1
+    if task.method == "scratch":
+        args.learning_rate = task.mult * train.learning_rate
     if task.method == "model1_long":
         args.num_train_epochs = task.cycle_factor * train.num_train_epochs
     if task.method in ("starsse", "sse"):
@@ -243,7 +258,10 @@ def train_members(task: Task, train: StarSSEConfig, data: SeedData, out: Path, m
         shutil.copytree(model1_dir, out / "members" / "member_00", copy_function=os.link)
         args.parallel_members, resume = True, True
     trainer = StarSSETrainer(
-        model=data.new_model(task.seed), args=args, train_dataset=data.train, data_collator=_collate()
+        model=data.new_model(task.seed, from_scratch=task.method == "scratch"),
+        args=args,
+        train_dataset=data.train,
+        data_collator=_collate(),
     )
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume)
@@ -371,7 +389,7 @@ def run_task(
         }
         if task.method == "starsse":
             record["steps_trained_here"] = sum(per_member[1:])  # model 1's steps were paid by its own task
-        if task.method == "model1_long":
+        if task.method in ("model1_long", "scratch"):
             metrics, _ = evaluate_model1(Path(trainer.member_paths[0]), data)
         elif task.method == "model1":
             metrics, logits = evaluate_model1(Path(trainer.member_paths[0]), data)

@@ -61,6 +61,8 @@ def name_of(rec: dict) -> str:
         return rec["method"]
     if rec["method"] == "model1_long":
         return f"model1_long/{rec['cycle_factor']:g}E"
+    if rec["method"] == "scratch":
+        return f"scratch/lr_x{rec['mult']:g}"
     return f"{rec['method']}/F={rec['cycle_factor']:g}E/x{rec['mult']:g}"
 
 
@@ -145,7 +147,7 @@ def grid_table(records: list[dict], seeds: list[int]) -> str:
         {
             name_of(r)
             for r in records
-            if r["regime"] == "main" and r["seed"] in seeds and r["method"] != "model1_long"
+            if r["regime"] == "main" and r["seed"] in seeds and r["method"] not in ("model1_long", "scratch")
         },
         key=lambda n: (
             ["model1", "local_de", "starsse", "sse"].index(n.split("/")[0]),
@@ -226,6 +228,39 @@ def convergence_table(records: list[dict], seeds: list[int], epochs: float) -> s
     return "\n".join(lines)
 
 
+def premise_table(records: list[dict], seeds: list[int]) -> str:
+    """P1: model 1 (from the pre-trained weights) vs one model of the same recipe from random weights, its LR
+    chosen on held-out accuracy (mean over seeds) among the scratch runs."""
+    scratch = {name_of(r) for r in records if r["method"] == "scratch"}
+    if not scratch:
+        return "(no scratch runs)"
+    mean_held_out = {
+        n: statistics.fmean(
+            r["metrics"]["held_out/member_0/accuracy"] for r in by_seed(records, "main", n, seeds).values()
+        )
+        for n in scratch
+    }
+    best = max(mean_held_out, key=mean_held_out.get)
+    lines = [
+        "| model | held-out acc % | train acc % | test acc % | test NLL | test ECE % |",
+        "|---|---|---|---|---|---|",
+    ]
+    keys = (("held_out/member_0/accuracy", 100), ("member_0/train_accuracy", 100), ("member_0/accuracy", 100),
+            ("member_0/nll", 1), ("member_0/ece", 100))  # fmt: skip
+    for name in ["model1", *sorted(scratch, key=lambda n: float(n.split("_x")[1]))]:
+        runs = list(by_seed(records, "main", name, seeds).values())
+        label = "pre-trained (model 1)" if name == "model1" else name + (" (chosen)" if name == best else "")
+        lines.append(
+            f"| {label} | " + " | ".join(_cell([r["metrics"][k] for r in runs], sc) for k, sc in keys) + " |"
+        )
+    acc = paired(records, "main", "model1", "member_0/accuracy", best, "member_0/accuracy", seeds)
+    nll = paired(records, "main", "model1", "member_0/nll", best, "member_0/nll", seeds)
+    lines.append(
+        f"\nPaired, model 1 − {best}: accuracy {_fmt_pair(acc, 100)} points, NLL {_fmt_pair(nll, 1)}."
+    )
+    return "\n".join(lines)
+
+
 def contrast_table(records: list[dict], regime: str, chosen: dict[str, str], seeds: list[int] | None) -> str:
     """Paired rows: each method's ensemble and soup vs model 1, and the methods against each other."""
     star, sse = chosen.get("starsse"), chosen.get("sse")
@@ -265,7 +300,10 @@ def demo_criterion(records: list[dict], seeds: list[int]) -> tuple[str, dict]:
     """Per StarSSE grid setting: in how many seeds the ensemble beats model 1 in accuracy AND NLL and the
     uniform soup is at least as accurate as model 1, on held-out (for choosing) and on test (to report)."""
     rows, counts = [], {}
-    names = sorted({name_of(r) for r in records if r["regime"] == "main" and r["method"] == "starsse"})
+    names = sorted(
+        {name_of(r) for r in records if r["regime"] == "main" and r["method"] == "starsse"},
+        key=lambda n: (n.split("/")[1], float(n.split("/x")[1])),
+    )
     for name in names:
         runs = by_seed(records, "main", name, seeds)
         out = {}
@@ -378,6 +416,8 @@ def write_report(records: list[dict], cmp, epochs: float) -> Path:
         + ", ".join(f"{k}: `{v}`" for k, v in chosen.items()),
         "\n## Model 1\n",
         model1_table(records),
+        "\n## P1: pre-trained vs from scratch (grid seeds; scratch LR chosen on held-out)\n",
+        premise_table(records, seeds),
         "\n## Model 1 trained longer (convergence check, grid seeds)\n",
         convergence_table(records, seeds, epochs),
         f"\n## Grid (main regime, seeds {seeds}; mean ± 95% t interval)\n",
