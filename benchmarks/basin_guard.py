@@ -20,6 +20,10 @@ plus the probes only (stopped right after the choice). Per seed it prints
 
 Works on whatever records exist (none, some seeds, some multipliers) and says what it could not compare.
 
+Calibrating ``basin_tolerance``: run with ``--set basin_tolerance=1e9`` (every candidate is probed) and
+``--what_if 0.05 0.1 0.2 0.5``: each seed's full probe table is re-judged with each tolerance and the
+multiplier it would choose is printed (the choice rule of ``trainers.probe``, applied to recorded numbers).
+
     PYTHONPATH=. python benchmarks/basin_guard.py --config recipes/configs/compare_offline.yaml \\
         --seeds 0 1 2 3 4 [--cycle_factor 1.0] [--probe_only] [--records 'docs/results/fair/runs-*.jsonl'] \\
         [--set basin_tolerance=0.1 ...]
@@ -46,7 +50,7 @@ sys.path.insert(0, str(ROOT))
 from recipes._cli import parse_config_and_args  # noqa: E402
 from recipes.vit_cifar import ScriptArguments, run  # noqa: E402
 from trainers import StarSSEConfig  # noqa: E402
-from trainers.probe import PROBE_FILE, format_table  # noqa: E402
+from trainers.probe import PROBE_FILE, choose, format_table, in_basin  # noqa: E402
 
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 SOUP_DROP_LIMIT = 0.02  # the issue: never an LR whose uniform soup is > 2 points below model 1
@@ -98,6 +102,14 @@ def one_seed(script, train, seed: int, probe_only: bool) -> dict:
         "estimated": False,
         "metrics": {k: v for k, v in metrics.items() if isinstance(v, float)},
     }
+
+
+def what_if(probe: dict, tolerance: float) -> float:
+    """The multiplier the probe table would give with another tolerance (rows past the recorded ones are
+    unknown: a table cut by the run's own tolerance can only be re-judged up to its cut)."""
+    loss1 = probe["model1"]["eval_loss"]
+    rows = [{**row, "in_basin": in_basin(row, loss1, tolerance)} for row in probe["table"]]
+    return float(rows[choose(rows)[0]]["multiplier"])
 
 
 def read_records(pattern: str) -> list[dict]:
@@ -194,6 +206,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--records", default=str(ROOT / "docs" / "results" / "fair" / "runs-*.jsonl"))
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="recipe overrides")
     parser.add_argument("--json", default=None, help="also write the per-seed results here")
+    parser.add_argument(
+        "--what_if", type=float, nargs="*", default=[], help="tolerances to re-judge the probe tables with"
+    )
     args = parser.parse_args(argv)
 
     overrides = []
@@ -220,6 +235,9 @@ def main(argv: list[str] | None = None) -> None:
         )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=float))
+    for tolerance in args.what_if:
+        picks = [what_if(r["probe"], tolerance) for r in results]
+        print(f"[basin_guard] what if basin_tolerance={tolerance:g}: chosen multipliers {picks}")
     records = read_records(args.records)
     print(f"[basin_guard] {len(records)} sweep records from {args.records}")
     for line in compare(results, records, args.cycle_factor):

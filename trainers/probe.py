@@ -180,7 +180,9 @@ class ProbeRun:
             "probe_warmup_steps": self.warmup,
             "cycle_steps": self.plan.cycle_steps,
             "path_points": PATH_POINTS,
-            "eval_samples": len(self.eval_batches.dataset),
+            "eval_samples": len(self.eval_batches.dataset)
+            if hasattr(self.eval_batches.dataset, "__len__")
+            else None,
             "model1": {"eval_loss": model1_metrics["loss"], "eval_error": model1_metrics["error"]},
             "table": table,
             "seconds": time.perf_counter() - began,
