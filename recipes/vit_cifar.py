@@ -487,8 +487,10 @@ def print_summary(metrics: dict) -> str:
 # ------------------------------------------------------------------------------------------------ run
 
 
-def run(script_args: ScriptArguments, training_args: StarSSEConfig) -> dict | None:
-    """The whole job. Returns the metrics dict on the main process, None on the others."""
+def run(script_args: ScriptArguments, training_args: StarSSEConfig, callbacks=None) -> dict | None:
+    """The whole job. Returns the metrics dict on the main process, None on the others.
+
+    `callbacks`: extra ``TrainerCallback``s for the trainer (benchmarks use one to stop after the probes)."""
     from transformers import AutoImageProcessor, set_seed
 
     from hf_ens._io import atomic_file
@@ -546,8 +548,11 @@ def run(script_args: ScriptArguments, training_args: StarSSEConfig) -> dict | No
         model=model,
         args=training_args,
         train_dataset=train,
+        # cycle_learning_rate="auto" judges its probes on the held-out part of TRAIN, never on the test split
+        eval_dataset=held_out if training_args.auto_cycle_learning_rate else None,
         data_collator=collate,
         processing_class=processor,
+        callbacks=callbacks,
     )
     trainer.train()
     acc = trainer.accelerator
@@ -567,6 +572,11 @@ def run(script_args: ScriptArguments, training_args: StarSSEConfig) -> dict | No
     _plot_schedule(trainer, plot_dir / "lr_schedule.png")
     result = evaluate_run(trainer, train_eval, held_out, test, script_args, plot_dir, preprocess)
     metrics = result["metrics"]
+    if trainer.basin_probe is not None:
+        from hf_ens.plots import plot_basin_probe
+
+        metrics["basin_probe"] = trainer.basin_probe
+        plot_basin_probe(trainer.basin_probe, plot_dir / "basin_probe.png")
     metrics["config"] = {
         "script": asdict(script_args),
         "base_model": checkpoint,
