@@ -24,7 +24,7 @@ Calibrating ``basin_tolerance``: run with ``--set basin_tolerance=1e9`` (every c
 ``--what_if 0.05 0.1 0.2 0.5``: each seed's full probe table is re-judged with each tolerance and the
 multiplier it would choose is printed (the choice rule of ``trainers.probe``, applied to recorded numbers).
 
-    PYTHONPATH=. python benchmarks/basin_guard.py --config recipes/configs/compare_offline.yaml \\
+    PYTHONPATH=. python benchmarks/basin_guard.py --config recipes/configs/offline.yaml \\
         --seeds 0 1 2 3 4 [--cycle_factor 1.0] [--probe_only] [--records 'docs/results/fair/runs-*.jsonl'] \\
         [--set basin_tolerance=0.1 ...]
 """
@@ -199,7 +199,7 @@ def compare(results: list[dict], records: list[dict], cycle_factor: float) -> li
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default=str(ROOT / "recipes" / "configs" / "compare_offline.yaml"))
+    parser.add_argument("--config", default=str(ROOT / "recipes" / "configs" / "offline.yaml"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--cycle_factor", type=float, default=1.0, help="cycle_epochs / num_train_epochs")
     parser.add_argument("--probe_only", action="store_true", help="model 1 + probes only (fast)")

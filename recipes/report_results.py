@@ -271,6 +271,7 @@ def contrast_table(records: list[dict], regime: str, chosen: dict[str, str], see
         for what in ("ensemble", "soup"):
             rows.append((f"{label} {what} − model 1", name, what, "model1", "ensemble"))
         rows.append((f"{label} ensemble − its mean member", name, "ensemble", name, "member_mean"))
+        rows.append((f"{label} soup − its mean member", name, "soup", name, "member_mean"))
     for a, la in ((star, "StarSSE"),):
         for b, lb in ((sse, "SSE"), ("local_de", "Local DE")):
             if a and b:
