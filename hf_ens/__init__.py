@@ -7,6 +7,7 @@ from .basin import barrier, distances_to, interpolate, interpolation_profile, pl
 from .checks import NonFiniteError, assert_finite, nonfinite_tensors
 from .ensemble import EnsembleConfig, EnsembleLoadError, EnsembleModel, EnsembleOutput, HubPushError
 from .evaluate_metrics import EVALUATE_METRICS, load_metric
+from .metrics import fit_temperature, temperature_scaled
 from .soups import greedy_soup, make_accuracy_eval_fn, recompute_batchnorm, uniform_soup, weighted_average
 
 __version__ = "0.1.0"
@@ -45,5 +46,7 @@ __all__ = [
     "plot_profile",
     "EVALUATE_METRICS",
     "load_metric",
+    "fit_temperature",
+    "temperature_scaled",
     *_ADAPTER_NAMES,
 ]

@@ -45,7 +45,15 @@ HYPERPARAMETERS = (
     "bf16",
     "seed",
 )
-_NOT_HYPERPARAMETERS = {"base_model", "dataset", "dataset_split", "eval_split", "license", "architecture"}
+_NOT_HYPERPARAMETERS = {
+    "base_model",
+    "dataset",
+    "dataset_split",
+    "eval_split",
+    "license",
+    "architecture",
+    "basin_probe",
+}
 # (metric-key prefix, name in the card) of the models whose results go into the model-index and the table.
 _RESULTS = (("ensemble", "ensemble"), ("soup", "uniform soup"), ("greedy_soup", "greedy soup"))
 _AUTO_CLASSES = {
@@ -159,6 +167,7 @@ def render_model_card(
     hyperparameters += (
         [("base_model", f"`{base_model}`" if hub_base_model else base_model_text)] if base_model else []
     )
+    basin_probe = _basin_probe_rows(metadata.get("basin_probe"))
     return ModelCard.from_template(
         card_data,
         template_path=str(template_path()),
@@ -176,8 +185,43 @@ def render_model_card(
         dataset_split=split,
         repo_id=repo_id or "path/to/ensemble",
         auto_class=auto_class,
+        basin_probe=basin_probe,
         **_adapter_fields(ensemble_config),
     )
+
+
+def _basin_probe_rows(probe) -> dict | None:
+    """The card's view of a ``cycle_learning_rate="auto"`` probe result (None without one)."""
+    if not isinstance(probe, dict) or not probe.get("table"):
+        return None
+
+    def number(value, scale=1.0):
+        return "-" if value is None else f"{scale * float(value):.4f}"
+
+    rows = [
+        {
+            "multiplier": f"{float(r['multiplier']):g}",
+            "learning_rate": f"{float(r['learning_rate']):.3g}",
+            "loss_barrier": number(r.get("loss_barrier")),
+            "eval_loss": number(r.get("eval_loss")),
+            "eval_error": number(r.get("eval_error"), 100.0),
+            "in_basin": "diverged" if r.get("diverged") else ("yes" if r.get("in_basin") else "no"),
+            "chosen": "**chosen**" if r.get("chosen") else "",
+        }
+        for r in probe["table"]
+    ]
+    model1 = probe.get("model1") or {}
+    return {
+        "rows": rows,
+        "chosen_multiplier": f"{float(probe['chosen_multiplier']):g}",
+        "cycle_learning_rate": f"{float(probe['cycle_learning_rate']):.4g}",
+        "tolerance": f"{float(probe.get('basin_tolerance', 0)):g}",
+        "model1_loss": number(model1.get("eval_loss")),
+        "model1_error": number(model1.get("eval_error"), 100.0),
+        "probe_steps": probe.get("probe_steps"),
+        "cycle_steps": probe.get("cycle_steps"),
+        "reason": probe.get("reason", ""),
+    }
 
 
 def _adapter_fields(ensemble_config: dict) -> dict:

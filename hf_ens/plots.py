@@ -120,3 +120,60 @@ def plot_vs_ensemble_size(
         ax.legend(fontsize=8)
     fig.suptitle(title or "Metrics vs ensemble size")
     return save_figure(fig, path)
+
+
+def plot_basin_probe(
+    probe: Mapping, path: str | os.PathLike = "basin_probe.png", title: str | None = None
+) -> Path:
+    """The basin guard's probes (``cycle_learning_rate="auto"``): loss barrier and eval-loss increase (left,
+    with the tolerance line) and eval error (right) vs the cycle-LR multiplier, the chosen one marked.
+
+    `probe` is the JSON-ready probe result the trainer stores (``trainer.basin_probe``, or ``basin_probe`` in
+    an ensemble's metadata): ``table`` rows with ``multiplier``, ``loss_barrier``, ``eval_loss``,
+    ``eval_error``, ``in_basin``, ``chosen``; ``model1`` with ``eval_loss`` / ``eval_error``;
+    ``basin_tolerance``.
+    Diverged probes (no numbers) are marked at the top of each panel.
+    """
+    try:
+        table, model1 = list(probe["table"]), probe["model1"]
+        tolerance = float(probe["basin_tolerance"])
+    except (KeyError, TypeError) as err:
+        raise ValueError(
+            f"probe must be a basin probe result with 'table', 'model1' and more: {err}"
+        ) from err
+    if not table:
+        raise ValueError("The basin probe table is empty.")
+    loss1, error1 = float(model1["eval_loss"]), float(model1["eval_error"])
+    fig, (left, right) = new_figure(ncols=2)
+    rows = [r for r in table if not r.get("diverged")]
+    x = [float(r["multiplier"]) for r in rows]
+    left.plot(x, [float(r["loss_barrier"]) for r in rows], marker="o", ms=4, label="loss barrier (path)")
+    left.plot(
+        x, [float(r["eval_loss"]) - loss1 for r in rows], marker="s", ms=4, label="eval loss - model 1's"
+    )
+    left.axhline(tolerance * loss1, color="tab:red", ls="--", lw=1, label=f"tolerance ({tolerance:g} x L1)")
+    left.set_ylabel("nats (eval cross-entropy)")
+    right.plot(x, [100 * float(r["eval_error"]) for r in rows], marker="o", ms=4, color="tab:purple")
+    right.axhline(100 * error1, color="gray", ls=":", lw=1, label="model 1")
+    right.set_ylabel("eval error (%)")
+    for ax in (left, right):
+        for r in table:
+            m = float(r["multiplier"])
+            if r.get("chosen"):
+                ax.axvline(m, color="tab:green", lw=2, alpha=0.5, label=f"chosen: x{m:g}")
+            if r.get("diverged"):
+                ax.annotate(
+                    "diverged",
+                    (m, 1.0),
+                    xycoords=("data", "axes fraction"),
+                    ha="center",
+                    va="top",
+                    fontsize=7,
+                    color="tab:red",
+                )
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("cycle LR / fine-tuning LR")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title or "Choosing the cycle LR: probes from model 1")
+    return save_figure(fig, path)

@@ -1,175 +1,515 @@
-"""Reproduce the paper's claims on the embedded offline task, honestly, over several seeds.
+"""The fair comparison behind docs/results.md: StarSSE vs SSE vs Local DE from one checkpoint, on the embedded
+offline task, at equal per-member recipes, on the full test set, chosen on held-out data.
 
-Every run goes through the main recipe (`vit_cifar.run`), so what is measured is what users get. Per seed:
-  P1  single fine-tune from the pre-trained checkpoint vs from scratch, each with its best LR (held-out)
-  (b) ensembles vs their mean member          (c) StarSSE vs SSE vs Local DE of equal size and budget
-  (d) a cycle-LR sweep (StarSSE and SSE)      (e) uniform soups of each method vs the single model
-Writes runs-seed<N>.jsonl (one line per run, resumable; seeds may run in parallel processes), summary.json,
-and the figures + tables for docs/results.md.
+Per seed, model 1 is trained ONCE (the main recipe's trainer and data path) and shared: every StarSSE run
+branches from it (its members 2..K train as independent branches from model 1's saved weights), SSE runs
+re-train it inside their own sequential run (and record that they got the same weights), Local DE trains K
+fresh fine-tunes of model 1's recipe. Every run is evaluated on the SAME test images (all of them) and on the
+held-out split, raw and after temperature scaling fitted on the held-out split.
 
-    python recipes/compare_methods.py --config recipes/configs/compare_offline.yaml
+Phases (one task queue, several worker processes with one thread each; a finished task is one JSON line in
+``runs-<regime>-seed<N>.jsonl``, so a crash or a kill loses the running tasks only):
+  grid       model 1, Local DE, StarSSE at every (cycle length, cycle LR), SSE at `sse_multipliers`
+  contrasts  more seeds for model 1, Local DE and the StarSSE / SSE settings chosen on held-out grid results
+  second     the key contrasts in a second regime (source and target classes swapped, own pre-trained ViT)
+Then the report (tables + figures) is rebuilt from every record:
+
+    python recipes/compare_methods.py --config recipes/configs/compare_fair.yaml --workers 2
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
-import math
-import statistics
+import os
+import shutil
+import subprocess
+import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from recipes._cli import parse_config_and_args, run_cli
-from recipes.vit_cifar import ScriptArguments, run
-from trainers import StarSSEConfig
+import torch
 
-# two-sided 95% Student-t quantiles by degrees of freedom (no scipy dependency)
-_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+from recipes._cli import parse_config_and_args, run_cli
+from recipes.vit_cifar import ScriptArguments, load_model, load_splits, prepare_data, resolve_checkpoint
+from trainers import StarSSEConfig, StarSSETrainer
 
 
 @dataclass
 class CompareArguments:
-    """What to compare; the per-run settings come from the same YAML as the main recipe."""
+    """What to compare; each run's own settings come from the same YAML as the main recipe."""
 
-    seeds: list[int] = field(
-        default_factory=lambda: [0, 1, 2, 3, 4], metadata={"help": "Seeds (>= 5 for claims)."}
-    )
-    lr_grid: list[float] = field(
-        default_factory=lambda: [1e-4, 3e-4, 1e-3],
-        metadata={
-            "help": "LRs tried for the single pre-trained and scratch models (P1, chosen on held-out)."
-        },
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4], metadata={"help": "Grid seeds."})
+    contrast_seeds: list[int] = field(
+        default_factory=lambda: [5, 6, 7, 8, 9],
+        metadata={"help": "Extra seeds for the key contrasts (chosen settings only)."},
     )
     cycle_lr_multipliers: list[float] = field(
-        default_factory=lambda: [1.0, 4.0, 16.0, 32.0],
-        metadata={"help": "Cycle LR = multiplier x fine-tune LR."},
+        default_factory=lambda: [0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0],
+        metadata={"help": "StarSSE cycle LR = multiplier x the fine-tuning learning_rate."},
+    )
+    cycle_factors: list[float] = field(
+        default_factory=lambda: [0.5, 1.0],
+        metadata={"help": "Cycle lengths F as multiples of model 1's num_train_epochs E."},
     )
     sse_multipliers: list[float] = field(
         default_factory=lambda: [1.0, 4.0, 16.0], metadata={"help": "Cycle-LR multipliers also run with SSE."}
     )
-    results_dir: str = field(
-        default="docs/results", metadata={"help": "Where runs-seed*.jsonl, summary, figures and tables go."}
+    selection_metric: str = field(
+        default="held_out/ensemble/nll",
+        metadata={
+            "help": "Held-out metric (mean over grid seeds) that picks each method's cycle settings.",
+            "choices": ["held_out/ensemble/nll", "held_out/ensemble/accuracy"],
+        },
     )
-    report_only: bool = field(default=False, metadata={"help": "Only rebuild the report from finished runs."})
+    second_regime: bool = field(
+        default=True, metadata={"help": "Also run the key contrasts in the second regime."}
+    )
+    second_regime_seeds: list[int] = field(
+        default_factory=lambda: [0, 1, 2, 3, 4], metadata={"help": "Seeds of the second regime."}
+    )
+    second_regime_classes: list[int] = field(
+        default_factory=lambda: [0, 1, 2, 5, 8],
+        metadata={"help": "Target classes of the second regime (the main regime's source classes)."},
+    )
+    second_regime_pretrain_config: str = field(
+        default="recipes/configs/pretrain_offline_swapped.yaml",
+        metadata={"help": "Pre-training of the second regime's checkpoint (on the main target classes)."},
+    )
+    scratch_lr_multipliers: list[float] = field(
+        default_factory=lambda: [0.3, 1.0, 3.0],
+        metadata={"help": "P1: one model from scratch (random init) at these x learning_rate, grid seeds."},
+    )
+    convergence_epoch_factors: list[float] = field(
+        default_factory=lambda: [2.0, 3.0],
+        metadata={
+            "help": "Model 1 also trained for these multiples of E on the grid seeds (convergence check)."
+        },
+    )
+    results_dir: str = field(
+        default="docs/results/fair", metadata={"help": "Where the run records, tables and figures go."}
+    )
+    workers: int = field(default=1, metadata={"help": "Worker processes (one torch thread each)."})
+    worker_index: int = field(default=-1, metadata={"help": "Internal: this process is worker N."})
+    report_only: bool = field(default=False, metadata={"help": "Only rebuild the report from the records."})
+
+    def __post_init__(self) -> None:
+        if not self.seeds:
+            raise ValueError("seeds is empty.")
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}.")
+        overlap = set(self.seeds) & set(self.contrast_seeds)
+        if overlap:
+            raise ValueError(f"seeds and contrast_seeds overlap: {sorted(overlap)}.")
+        for name in ("cycle_lr_multipliers", "cycle_factors", "sse_multipliers"):
+            if any(v <= 0 for v in getattr(self, name)):
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}.")
 
 
-def _ci95(values: list[float]) -> tuple[float, float]:
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return mean, float("nan")
-    half = _T95.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
-    return mean, half
+@dataclass(frozen=True)
+class Task:
+    regime: str  # "main" or "second"
+    seed: int
+    # "model1", "local_de", "starsse", "sse"; "model1_long": model 1 trained cycle_factor x E; "scratch": one
+    # model of model 1's recipe from random weights at mult x the learning rate
+    method: str
+    cycle_factor: float = 1.0
+    mult: float = 1.0
+
+    @property
+    def key(self) -> str:
+        if self.method in ("model1", "local_de"):
+            return f"{self.regime}/{self.method}/seed={self.seed}"
+        if self.method == "model1_long":
+            return f"{self.regime}/model1_long/{self.cycle_factor:g}E/seed={self.seed}"
+        if self.method == "scratch":
+            return f"{self.regime}/scratch/lr_x{self.mult:g}/seed={self.seed}"
+        return f"{self.regime}/{self.method}/F={self.cycle_factor:g}E/x{self.mult:g}/seed={self.seed}"
 
 
-def _one_run(script: ScriptArguments, train: StarSSEConfig, **changes) -> dict:
-    script, train = copy.deepcopy(script), copy.deepcopy(train)
-    for key, value in changes.items():
-        setattr(script if hasattr(script, key) else train, key, value)
-    with tempfile.TemporaryDirectory(prefix="hfens-compare-") as tmp:
-        train.output_dir = tmp
-        started = time.perf_counter()
-        metrics = run(script, train)
-        metrics["seconds"] = time.perf_counter() - started
+# ------------------------------------------------------------------------------------------------ tasks
+
+
+def grid_tasks(cmp: CompareArguments) -> list[Task]:
+    tasks = [Task("main", s, "model1") for s in cmp.seeds]
+    for s in cmp.seeds:
+        tasks.append(Task("main", s, "local_de"))
+        for f in cmp.cycle_factors:
+            tasks += [Task("main", s, "starsse", f, m) for m in cmp.cycle_lr_multipliers]
+            tasks += [Task("main", s, "sse", f, m) for m in cmp.sse_multipliers]
+    return tasks
+
+
+def independent_tasks(cmp: CompareArguments) -> list[Task]:
+    """Tasks of the later phases that do not wait for the selection."""
+    tasks = [Task("main", s, m) for s in cmp.contrast_seeds for m in ("model1", "local_de")]
+    if cmp.second_regime:
+        tasks += [Task("second", s, m) for s in cmp.second_regime_seeds for m in ("model1", "local_de")]
+    return tasks
+
+
+def convergence_tasks(cmp: CompareArguments) -> list[Task]:
+    """Model 1 trained longer, and one model trained from scratch (P1), on the grid seeds."""
+    tasks = [Task("main", s, "model1_long", f) for s in cmp.seeds for f in cmp.convergence_epoch_factors]
+    return tasks + [Task("main", s, "scratch", 1.0, m) for s in cmp.seeds for m in cmp.scratch_lr_multipliers]
+
+
+def chosen_tasks(cmp: CompareArguments, chosen: dict[str, tuple[float, float]]) -> list[Task]:
+    tasks = []
+    for method, (f, m) in chosen.items():
+        tasks += [Task("main", s, method, f, m) for s in cmp.contrast_seeds]
+        if cmp.second_regime:
+            tasks += [Task("second", s, method, f, m) for s in cmp.second_regime_seeds]
+    return tasks
+
+
+def choose_settings(records: list[dict], cmp: CompareArguments) -> dict[str, tuple[float, float]]:
+    """Per method, the (cycle factor, multiplier) with the best mean HELD-OUT metric over the grid seeds
+    (never the test split). Only settings run on every grid seed compete."""
+    lower_is_better = cmp.selection_metric.endswith("nll")
+    chosen = {}
+    for method in ("starsse", "sse"):
+        groups: dict[tuple[float, float], list[float]] = {}
+        for r in records:
+            if r["regime"] == "main" and r["method"] == method and r["seed"] in cmp.seeds:
+                groups.setdefault((r["cycle_factor"], r["mult"]), []).append(
+                    r["metrics"][cmp.selection_metric]
+                )
+        complete = {k: sum(v) / len(v) for k, v in groups.items() if len(v) == len(cmp.seeds)}
+        if complete:
+            pick = min if lower_is_better else max
+            chosen[method] = pick(complete, key=complete.get)
+    return chosen
+
+
+# ------------------------------------------------------------------------------------------------ a run
+
+
+class SeedData:
+    """Splits, tensor-path batches and model builder of one (regime, seed): loaded once per worker."""
+
+    def __init__(self, script: ScriptArguments, seed: int):
+        from transformers import AutoImageProcessor
+
+        from recipes.data import collate
+
+        train, held_out, test, self.label_names = load_splits(script, seed)
+        self.checkpoint = resolve_checkpoint(script)
+        self.processor = AutoImageProcessor.from_pretrained(self.checkpoint, trust_remote_code=False)
+        self.train, train_eval, held_out, test, self.preprocess = prepare_data(
+            train, held_out, test, self.processor, script
+        )
+        if self.preprocess is None:
+            raise ValueError("The comparison needs the tensor data path (tensor_data_path: true).")
+        self.script = script
+        loader = torch.utils.data.DataLoader
+        self.batches = {
+            name: list(loader(ds, batch_size=script.eval_batch_size, collate_fn=collate))
+            for name, ds in (("train", train_eval), ("held_out", held_out), ("test", test))
+        }
+        self.sizes = {"train": len(self.train), "held_out": len(held_out), "test": len(test)}
+
+    def new_model(self, seed: int, from_scratch: bool = False):
+        from transformers import set_seed
+
+        set_seed(seed)  # the head is drawn here, as in the recipe
+        script = dataclasses.replace(self.script, init_from_scratch=True) if from_scratch else self.script
+        model = load_model(self.checkpoint, self.label_names, script)
+        self.preprocess.attach(model)
+        return model
+
+    def split(self, name: str):
+        return self.preprocess.eval_batches(self.batches[name], "cpu")
+
+
+def _logits(model, data: SeedData) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    from hf_ens.evaluation import predict_logits
+
+    return {name: predict_logits(model, data.split(name)) for name in ("held_out", "test")}
+
+
+def _load(path: Path):
+    from hf_ens.members import load_member
+
+    return load_member(path)
+
+
+def train_members(task: Task, train: StarSSEConfig, data: SeedData, out: Path, model1_dir: Path | None):
+    """Train the task's members into `out`/members with the project's trainer; returns (trainer, seconds)."""
+    args = copy.deepcopy(train)
+    args.output_dir = str(out)
+    args.seed = task.seed
+    single = task.method in ("model1", "model1_long", "scratch")
+    args.method = "starsse" if single else task.method
+    if single:
+        args.num_members = 1
+    if task.method == "scratch":
+        args.learning_rate = task.mult * train.learning_rate
+    if task.method == "model1_long":
+        args.num_train_epochs = task.cycle_factor * train.num_train_epochs
+    if task.method in ("starsse", "sse"):
+        args.cycle_epochs = task.cycle_factor * train.num_train_epochs
+        args.cycle_learning_rate = task.mult * train.learning_rate
+    resume = None
+    if task.method == "starsse":  # branches from the shared model 1: members 2..K only
+        shutil.copytree(model1_dir, out / "members" / "member_00", copy_function=os.link)
+        args.parallel_members, resume = True, True
+    trainer = StarSSETrainer(
+        model=data.new_model(task.seed, from_scratch=task.method == "scratch"),
+        args=args,
+        train_dataset=data.train,
+        data_collator=_collate(),
+    )
+    started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer, time.perf_counter() - started
+
+
+def _collate():
+    from recipes.data import collate
+
+    return collate
+
+
+def evaluate_members(task: Task, trainer: StarSSETrainer, data: SeedData, model1: dict | None) -> dict:
+    """Member, ensemble and soup metrics on held-out and test, raw and temperature-scaled, plus basin data."""
+    from hf_ens import uniform_soup
+    from hf_ens.basin import barrier, interpolation_profile, weight_distance
+    from hf_ens.metrics import (
+        accuracy,
+        classification_metrics,
+        ensemble_log_probs,
+        ensemble_metrics,
+        fit_temperature,
+        temperature_scaled,
+    )
+
+    paths = [Path(p) for p in trainer.member_paths]
+    logits: list[dict] = []
+    for k, path in enumerate(paths):
+        if k == 0 and model1 is not None:
+            logits.append(model1["logits"])
+            continue
+        member = _load(path)
+        data.preprocess.attach(member)
+        logits.append(_logits(member, data))
+    soup = uniform_soup(paths)
+    data.preprocess.attach(soup)
+    soup_logits = _logits(soup, data)
+    metrics: dict = {}
+    for split in ("held_out", "test"):
+        prefix = "" if split == "test" else "held_out/"
+        labels = logits[0][split][1]
+        z = torch.stack([lg[split][0] for lg in logits])
+        for key, value in ensemble_metrics(z, labels, soup_logits=soup_logits[split][0]).items():
+            metrics[prefix + key] = value
+        sizes = range(1, len(logits) + 1)
+        metrics[prefix + "size_curve/accuracy"] = [accuracy(ensemble_log_probs(z[:k]), labels) for k in sizes]
+        metrics[prefix + "size_curve/nll"] = [ensemble_metrics(z[:k], labels)["ensemble/nll"] for k in sizes]
+    # temperature scaling: T fitted on held-out, metrics on test
+    candidates = {
+        "member_0": lambda split: logits[0][split][0],
+        "ensemble": lambda split: ensemble_log_probs(torch.stack([lg[split][0] for lg in logits])),
+        "soup": lambda split: soup_logits[split][0],
+    }
+    for name, get in candidates.items():
+        t = fit_temperature(get("held_out"), logits[0]["held_out"][1])
+        metrics[f"ts/{name}/temperature"] = t
+        scaled = classification_metrics(temperature_scaled(get("test"), t), logits[0]["test"][1])
+        metrics.update({f"ts/{name}/{k}": v for k, v in scaled.items()})
+    # basin: distance of each member to model 1; held-out loss/error barrier model 1 -> member 1
+    if len(paths) > 1 and task.method != "local_de":
+        first, second = _load(paths[0]), _load(paths[1])
+        data.preprocess.attach(first)
+        metrics["basin/distance_to_model1"] = [float(weight_distance(first, _load(p))) for p in paths[1:]]
+
+        def eval_fn(model):
+            from hf_ens.evaluation import predict_logits
+
+            data.preprocess.attach(model)
+            z, y = predict_logits(model, data.split("held_out"))
+            return {"loss": torch.nn.functional.cross_entropy(z, y).item(), "error": 1 - accuracy(z, y)}
+
+        profile = interpolation_profile(first, second, eval_fn, num_points=data.script.interpolation_points)
+        metrics["basin/held_out_profile"] = profile
+        metrics["basin/loss_barrier"] = barrier(profile["loss"], profile["alphas"])
+        metrics["basin/error_barrier"] = barrier(profile["error"], profile["alphas"])
     return metrics
 
 
-def run_all(cmp: CompareArguments, script: ScriptArguments, train: StarSSEConfig) -> list[dict]:
-    """All runs of all seeds; finished runs are read back from runs.jsonl: a crash loses one run at most."""
-    out = Path(cmp.results_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    done = {rec["key"]: rec for rec in read_records(out)}
+def evaluate_model1(path: Path, data: SeedData) -> tuple[dict, dict]:
+    """Model 1's metrics (train, held-out, test; raw and temperature-scaled) and its logits, kept per seed."""
+    from hf_ens.evaluation import predict_logits
+    from hf_ens.metrics import accuracy, classification_metrics, fit_temperature, temperature_scaled
+
+    member = _load(path)
+    data.preprocess.attach(member)
+    logits = _logits(member, data)
+    z, y = predict_logits(member, data.split("train"))
+    metrics = {
+        "member_0/train_accuracy": accuracy(z, y),
+        "member_0/train_nll": classification_metrics(z, y)["nll"],
+    }
+    for split in ("held_out", "test"):
+        prefix = "" if split == "test" else "held_out/"
+        metrics.update(classification_metrics(*logits[split], prefix=prefix + "member_0/"))
+    t = fit_temperature(*logits["held_out"])
+    scaled = classification_metrics(temperature_scaled(logits["test"][0], t), logits["test"][1])
+    metrics["ts/member_0/temperature"] = t
+    metrics.update({f"ts/member_0/{k}": v for k, v in scaled.items()})
+    return metrics, logits
+
+
+def _max_abs_diff(a: Path, b: Path) -> float:
+    ours, theirs = _load(a).state_dict(), _load(b).state_dict()
+    return max(float((ours[k].float() - theirs[k].float()).abs().max()) for k in ours)
+
+
+def run_task(
+    task: Task, cmp: CompareArguments, script: ScriptArguments, train: StarSSEConfig, cache: dict
+) -> dict:
+    """Train and evaluate one task; its record (metrics, steps per member, seconds)."""
+    if (task.regime, task.seed) not in cache:
+        cache.clear()  # one seed's data at a time
+        cache[(task.regime, task.seed)] = SeedData(script, task.seed)
+    data = cache[(task.regime, task.seed)]
+    model1_dir = Path(cmp.results_dir) / ".work" / task.regime / f"seed{task.seed}" / "model1"
+    logits_file = model1_dir.parent / "model1_logits.pt"
+    with tempfile.TemporaryDirectory(prefix="hfens-fair-") as tmp:
+        trainer, seconds = train_members(task, train, data, Path(tmp), model1_dir)
+        plan = trainer.plan
+        per_member = [plan.model1_steps] + [plan.cycle_steps] * (plan.num_members - 1)
+        record: dict = {
+            "train_seconds": seconds,
+            "steps_per_member": per_member,
+            "total_steps": sum(per_member),
+        }
+        if task.method == "starsse":
+            record["steps_trained_here"] = sum(per_member[1:])  # model 1's steps were paid by its own task
+        if task.method in ("model1_long", "scratch"):
+            metrics, _ = evaluate_model1(Path(trainer.member_paths[0]), data)
+        elif task.method == "model1":
+            metrics, logits = evaluate_model1(Path(trainer.member_paths[0]), data)
+            shutil.rmtree(model1_dir, ignore_errors=True)
+            shutil.copytree(trainer.member_paths[0], model1_dir)
+            torch.save({"logits": logits}, logits_file)
+        else:
+            model1 = torch.load(logits_file, weights_only=True) if task.method != "local_de" else None
+            extra = {}
+            if task.method == "sse":  # model 1 re-trained in-run: reuse the shared logits only if identical
+                extra["sse/model1_max_abs_diff"] = _max_abs_diff(Path(trainer.member_paths[0]), model1_dir)
+                if extra["sse/model1_max_abs_diff"] != 0.0:
+                    model1 = None
+            metrics = {**evaluate_members(task, trainer, data, model1), **extra}
+        record["metrics"] = metrics
+    record["sizes"] = data.sizes
+    return record
+
+
+# ------------------------------------------------------------------------------------------------ workers
+
+
+def read_records(results_dir: str | Path) -> list[dict]:
     records = []
-
-    def record(key: str, meta: dict, **changes) -> dict:
-        if key not in done:
-            metrics = _one_run(script, train, **changes)
-            rec = {"key": key, **meta, "metrics": {k: v for k, v in metrics.items() if k != "summary_table"}}
-            with (out / f"runs-seed{meta['seed']}.jsonl").open("a") as f:
-                f.write(json.dumps(rec, default=float) + "\n")
-            done[key] = rec
-            print(
-                f"[compare] {key}: {rec['metrics'].get('ensemble/accuracy', float('nan')):.4f} "
-                f"({rec['metrics']['seconds']:.0f}s)",
-                flush=True,
-            )
-        records.append(done[key])
-        return done[key]
-
-    base_lr = train.learning_rate
-    for seed in cmp.seeds:
-        for init in ("pretrained", "scratch"):  # P1: single models, each with its own best LR
-            for lr in cmp.lr_grid:
-                record(
-                    f"single/{init}/lr={lr:g}/seed={seed}",
-                    {"kind": "single", "init": init, "lr": lr, "seed": seed},
-                    seed=seed,
-                    learning_rate=lr,
-                    num_members=1,
-                    init_from_scratch=init == "scratch",
-                    interpolation_points=0,
-                )
-        record(
-            f"local_de/seed={seed}",
-            {"kind": "method", "method": "local_de", "mult": 1.0, "seed": seed},
-            seed=seed,
-            method="local_de",
-            interpolation_points=3,
-        )
-        for mult in cmp.cycle_lr_multipliers:
-            for method in ("starsse", "sse"):
-                if method == "sse" and mult not in cmp.sse_multipliers:
-                    continue
-                record(
-                    f"{method}/x{mult:g}/seed={seed}",
-                    {"kind": "method", "method": method, "mult": mult, "seed": seed},
-                    seed=seed,
-                    method=method,
-                    cycle_learning_rate=base_lr * mult,
-                    interpolation_points=3,
-                )
-    return records
-
-
-def read_records(out: Path) -> list[dict]:
-    """Every finished run; one file per seed, so seeds can run in parallel processes."""
-    records = []
-    for path in sorted(out.glob("runs-seed*.jsonl")):
+    for path in sorted(Path(results_dir).glob("runs-*.jsonl")):
         records += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return records
 
 
-def summarise(records: list[dict]) -> dict:
-    """Mean and 95% interval over seeds for every (kind, method, multiplier) group and metric."""
-    groups: dict[str, list[dict]] = {}
-    for rec in records:
-        name = (
-            f"single/{rec['init']}/lr={rec['lr']:g}"
-            if rec["kind"] == "single"
-            else f"{rec['method']}/x{rec['mult']:g}"
+def _claim(claims: Path, task: Task) -> bool:
+    path = claims / (task.key.replace("/", "__") + ".claim")
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return False
+    os.close(fd)
+    return True
+
+
+def _append(cmp: CompareArguments, task: Task, record: dict) -> None:
+    line = {"key": task.key, **asdict(task), **record}
+    path = Path(cmp.results_dir) / f"runs-{task.regime}-seed{task.seed}.jsonl"
+    with path.open("a") as f:  # one line per write: appends from several workers do not interleave
+        f.write(json.dumps(line, default=float) + "\n")
+
+
+def _second_script(cmp: CompareArguments, script: ScriptArguments) -> ScriptArguments:
+    second = copy.deepcopy(script)
+    second.classes = list(cmp.second_regime_classes)
+    second.pretrain_config = cmp.second_regime_pretrain_config
+    return second
+
+
+def work(cmp: CompareArguments, script: ScriptArguments, train: StarSSEConfig) -> None:
+    """One worker: take the first unclaimed task whose inputs exist, until every phase is done."""
+    torch.set_num_threads(1)
+    results, claims = Path(cmp.results_dir), Path(cmp.results_dir) / ".work" / "claims"
+    claims.mkdir(parents=True, exist_ok=True)
+    scripts = {"main": script, "second": _second_script(cmp, script)}
+    cache: dict = {}
+
+    def done() -> set[str]:
+        return {r["key"] for r in read_records(results)}
+
+    def ready(task: Task, finished: set[str]) -> bool:
+        if task.method in ("starsse", "sse"):
+            return Task(task.regime, task.seed, "model1").key in finished
+        return True
+
+    def drain(tasks: list[Task]) -> None:
+        """Run unclaimed, ready tasks; return once every task is finished (by this or another worker)."""
+        while True:
+            finished = done()
+            pending = [t for t in tasks if t.key not in finished]
+            if not pending:
+                return
+            task = next((t for t in pending if ready(t, finished) and _claim(claims, t)), None)
+            if task is None:  # the rest runs elsewhere, or waits for its model 1
+                time.sleep(5)
+                continue
+            began = time.perf_counter()
+            record = run_task(task, cmp, scripts[task.regime], train, cache)
+            record["seconds"] = time.perf_counter() - began
+            _append(cmp, task, record)
+            print(f"[compare w{cmp.worker_index}] {task.key}: {record['seconds']:.0f}s", flush=True)
+
+    drain(grid_tasks(cmp) + independent_tasks(cmp))  # returns once the whole grid is finished
+    chosen = choose_settings(read_records(results), cmp)
+    drain(chosen_tasks(cmp, chosen) + convergence_tasks(cmp))
+
+
+def launch_workers(cmp: CompareArguments, argv: list[str]) -> None:
+    claims = Path(cmp.results_dir) / ".work" / "claims"
+    shutil.rmtree(claims, ignore_errors=True)  # unfinished claims of a killed run are re-run
+    claims.mkdir(parents=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "recipes.compare_methods", *argv, "--worker_index", str(i)], env=env
         )
-        groups.setdefault(name, []).append(rec["metrics"])
-    summary = {}
-    for name, runs in groups.items():
-        keys = [k for k, v in runs[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
-        summary[name] = {k: _ci95([float(r[k]) for r in runs if k in r]) for k in keys}
-        summary[name]["n"] = len(runs)
-    return summary
+        for i in range(cmp.workers)
+    ]
+    codes = [p.wait() for p in procs]
+    if any(codes):
+        raise SystemExit(f"compare_methods: a worker failed (exit codes {codes}).")
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
     cmp, script, train = parse_config_and_args((CompareArguments, ScriptArguments, StarSSEConfig), argv)
-    out = Path(cmp.results_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    Path(cmp.results_dir).mkdir(parents=True, exist_ok=True)
+    if cmp.worker_index >= 0:
+        work(cmp, script, train)
+        return
     if not cmp.report_only:
-        run_all(cmp, script, train)
-    records = read_records(out)  # all seeds, also those run by other processes
-    summary = summarise(records)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+        launch_workers(cmp, argv)
+        shutil.rmtree(Path(cmp.results_dir) / ".work", ignore_errors=True)
     from recipes.report_results import write_report
 
-    write_report(records, summary, out)
+    write_report(read_records(cmp.results_dir), cmp, train.num_train_epochs)
 
 
 if __name__ == "__main__":

@@ -112,34 +112,45 @@ def pixel_spec(processor) -> tuple[PixelSpec | None, str]:
 # ------------------------------------------------------------------------------------------ device side
 
 
-def random_resized_crop_flip(pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """RandomResizedCrop(scale=(0.08, 1), ratio=(3/4, 4/3)) + horizontal flip (p=0.5) of a [B, C, H, W] batch.
+def random_resized_crop_flip(
+    pixels: torch.Tensor, generator: torch.Generator | None = None, min_scale: float = 0.08
+) -> torch.Tensor:
+    """RandomResizedCrop(scale=(min_scale, 1), ratio=(3/4, 4/3)) + horizontal flip (p=0.5) of a [B, C, H, W]
+    batch (torchvision's default min_scale is 0.08).
 
     Every image gets its own box (`draw_crop_boxes`) and is resampled bilinearly back to H x W in ONE batched
     `grid_sample` on the batch's device (`resample_boxes`). `generator` must live on the batch's device.
     """
     b, _, h, w = pixels.shape
-    return resample_boxes(pixels, *draw_crop_boxes(b, h, w, pixels.device, generator))
+    return resample_boxes(pixels, *draw_crop_boxes(b, h, w, pixels.device, generator, min_scale))
 
 
 def _resized_crop_flip(
-    pixels: torch.Tensor, size: tuple[int, int], generator: torch.Generator | None = None
+    pixels: torch.Tensor,
+    size: tuple[int, int],
+    generator: torch.Generator | None = None,
+    min_scale: float = 0.08,
 ) -> torch.Tensor:
     """`random_resized_crop_flip` of `pixels` resized to `size`, in ONE resampling from the source: boxes are
     drawn in `size` coordinates, and align_corners=False grid coordinates are resolution-free, so sampling
     the source with the box's grid is the composition of the resize and the crop (bilinear once, not
     twice)."""
-    top, left, ch, cw, flip = draw_crop_boxes(pixels.shape[0], *size, pixels.device, generator)
+    top, left, ch, cw, flip = draw_crop_boxes(pixels.shape[0], *size, pixels.device, generator, min_scale)
     return resample_boxes(pixels, top, left, ch, cw, flip, size=size)
 
 
 def draw_crop_boxes(
-    b: int, h: int, w: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None
+    b: int,
+    h: int,
+    w: int,
+    device: torch.device | str = "cpu",
+    generator: torch.Generator | None = None,
+    min_scale: float = 0.08,
 ) -> tuple[torch.Tensor, ...]:
     """(top, left, height, width, flip) of `b` random boxes, drawn like torchvision's RandomResizedCrop:
-    area fraction U(0.08, 1), log aspect ratio U(log 3/4, log 4/3), the first of 10 tries that fits, else the
-    whole image; position uniform; flip with p=0.5. All on `device`, no host synchronisation."""
-    target = torch.empty(b, 10, device=device).uniform_(0.08, 1.0, generator=generator) * (h * w)
+    area fraction U(min_scale, 1), log aspect ratio U(log 3/4, log 4/3), the first of 10 tries that fits,
+    else the whole image; position uniform; flip with p=0.5. All on `device`, no host synchronisation."""
+    target = torch.empty(b, 10, device=device).uniform_(min_scale, 1.0, generator=generator) * (h * w)
     ratio = torch.empty(b, 10, device=device).uniform_(math.log(3 / 4), math.log(4 / 3), generator=generator)
     ratio = ratio.exp()
     cw, ch = (target * ratio).sqrt().round(), (target / ratio).sqrt().round()
@@ -189,9 +200,10 @@ class DevicePreprocessor:
     (`_resized_crop_flip`): the processor path's boxes and flips, one interpolation instead of two.
     """
 
-    def __init__(self, spec: PixelSpec, augment: bool = False):
+    def __init__(self, spec: PixelSpec, augment: bool = False, min_scale: float = 0.08):
         self.spec = spec
         self.augment = augment
+        self.min_scale = min_scale
         s = spec
         scale = s.rescale_factor if s.rescale_factor is not None else 1.0
         mean = torch.tensor(s.mean if s.mean is not None else (0.0,) * 3)
@@ -201,14 +213,16 @@ class DevicePreprocessor:
         self._add = (-mean / std).view(1, 3, 1, 1)
 
     @classmethod
-    def from_processor(cls, processor, augment: bool = False) -> DevicePreprocessor | None:
+    def from_processor(
+        cls, processor, augment: bool = False, min_scale: float = 0.08
+    ) -> DevicePreprocessor | None:
         """The tensor path for `processor`, or None after a one-line notice that the processor path is
         used."""
         spec, why = pixel_spec(processor)
         if spec is None:
             print(f"[data] processor path: {why}; the tensor data path cannot reproduce it.", flush=True)
             return None
-        return cls(spec, augment=augment)
+        return cls(spec, augment=augment, min_scale=min_scale)
 
     def __call__(self, pixels: torch.Tensor, train: bool = False) -> torch.Tensor:
         if pixels.dtype != torch.uint8 or pixels.ndim != 4 or pixels.shape[1] != 3:
@@ -220,7 +234,7 @@ class DevicePreprocessor:
         size = self.spec.size or tuple(x.shape[-2:])
         if train and self.augment:  # normalize the small source, then resize + crop + flip in one pass
             x = torch.addcmul(self._add.to(x.device), x, self._mul.to(x.device))
-            return _resized_crop_flip(x, size)
+            return _resized_crop_flip(x, size, min_scale=self.min_scale)
         if tuple(x.shape[-2:]) != size:
             x = _resize_like_pil(x, size, self.spec.resample)
         return torch.addcmul(self._add.to(x.device), x, self._mul.to(x.device))
@@ -369,7 +383,7 @@ def _storage_size(ds, image_column: str, spec: PixelSpec) -> tuple[int, int]:
     return spec.size
 
 
-def attach_transforms(ds, processor, augment: bool):
+def attach_transforms(ds, processor, augment: bool, min_scale: float = 0.08):
     """The processor path: lazy preprocessing through the checkpoint's image processor (RGB), plus the same
     batched augmentation for training, on the CPU in the data loader."""
 
@@ -377,7 +391,7 @@ def attach_transforms(ds, processor, augment: bool):
         images = [img.convert("RGB") for img in batch["image"]]
         pixels = processor(images=images, return_tensors="pt")["pixel_values"]
         if augment:
-            pixels = random_resized_crop_flip(pixels)
+            pixels = random_resized_crop_flip(pixels, min_scale=min_scale)
         return {"pixel_values": pixels, "labels": torch.tensor(batch["label"])}
 
     return ds.with_transform(transform)

@@ -69,6 +69,13 @@ class ScriptArguments:
     augment: bool = field(
         default=True, metadata={"help": "Random resized crop + horizontal flip in training."}
     )
+    augment_min_scale: float = field(
+        default=0.08,
+        metadata={
+            "help": "Smallest area fraction a random crop keeps (torchvision's RandomResizedCrop default "
+            "0.08; small images such as 28 px Fashion-MNIST train better with a milder crop, e.g. 0.5)."
+        },
+    )
     ignore_mismatched_sizes: bool = field(
         default=False,
         metadata={
@@ -131,6 +138,8 @@ class ScriptArguments:
     def __post_init__(self) -> None:
         if not 0.0 < self.held_out_fraction < 1.0:
             raise ValueError(f"held_out_fraction must be in (0, 1), got {self.held_out_fraction}.")
+        if not 0.0 < self.augment_min_scale <= 1.0:
+            raise ValueError(f"augment_min_scale must be in (0, 1], got {self.augment_min_scale}.")
         if self.torch_threads is not None and self.torch_threads < 1:
             raise ValueError(f"torch_threads must be >= 1 (or unset), got {self.torch_threads}.")
         if self.eval_batch_size < 1:
@@ -334,10 +343,12 @@ def prepare_data(train, held_out, test, processor, args: ScriptArguments):
     and None when `--tensor_data_path false` or the processor has steps the tensor path cannot reproduce."""
     preprocess = None
     if args.tensor_data_path:
-        preprocess = DevicePreprocessor.from_processor(processor, augment=args.augment)
+        preprocess = DevicePreprocessor.from_processor(
+            processor, augment=args.augment, min_scale=args.augment_min_scale
+        )
     if preprocess is None:
         return (
-            attach_transforms(train, processor, augment=args.augment),
+            attach_transforms(train, processor, augment=args.augment, min_scale=args.augment_min_scale),
             attach_transforms(train, processor, augment=False),
             attach_transforms(held_out, processor, augment=False),
             attach_transforms(test, processor, augment=False),
@@ -532,8 +543,10 @@ def print_summary(metrics: dict) -> str:
 # ------------------------------------------------------------------------------------------------ run
 
 
-def run(script_args: ScriptArguments, training_args: StarSSEConfig) -> dict | None:
-    """The whole job. Returns the metrics dict on the main process, None on the others."""
+def run(script_args: ScriptArguments, training_args: StarSSEConfig, callbacks=None) -> dict | None:
+    """The whole job. Returns the metrics dict on the main process, None on the others.
+
+    `callbacks`: extra ``TrainerCallback``s for the trainer (benchmarks use one to stop after the probes)."""
     from transformers import AutoImageProcessor, set_seed
 
     from hf_ens._io import atomic_file
@@ -593,8 +606,11 @@ def run(script_args: ScriptArguments, training_args: StarSSEConfig) -> dict | No
         model=model,
         args=training_args,
         train_dataset=train,
+        # cycle_learning_rate="auto" judges its probes on the held-out part of TRAIN, never on the test split
+        eval_dataset=held_out if training_args.auto_cycle_learning_rate else None,
         data_collator=collate,
         processing_class=processor,
+        callbacks=callbacks,
     )
     trainer.train()
     acc = trainer.accelerator
@@ -614,6 +630,11 @@ def run(script_args: ScriptArguments, training_args: StarSSEConfig) -> dict | No
     _plot_schedule(trainer, plot_dir / "lr_schedule.png")
     result = evaluate_run(trainer, train_eval, held_out, test, script_args, plot_dir, preprocess)
     metrics = result["metrics"]
+    if trainer.basin_probe is not None:
+        from hf_ens.plots import plot_basin_probe
+
+        metrics["basin_probe"] = trainer.basin_probe
+        plot_basin_probe(trainer.basin_probe, plot_dir / "basin_probe.png")
     metrics["config"] = {
         "script": asdict(script_args),
         "base_model": checkpoint,

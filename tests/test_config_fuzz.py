@@ -20,7 +20,11 @@ NAN, INF = math.nan, math.inf
 # field -> bad values for the test run (24 samples, batch 4: model 1 = 12 steps, cycles of 6, 24 in all)
 BAD = {
     "learning_rate": [0, 0.0, -1e-3, INF, -INF, NAN, "1e-3", None, True],
-    "cycle_learning_rate": [0.0, -1.0, INF, NAN, "5e-4", False],
+    # a string is "auto" or a number (the command line hands both over as strings): "5e-4" is valid
+    "cycle_learning_rate": [0.0, -1.0, INF, NAN, "fast", "", "-5e-4", False],
+    "cycle_lr_grid": [[2.0], [], [0.0, 1.0], [1.0, NAN], [1.0, 1.0]],
+    "probe_fraction": [0, 0.5, NAN, -0.1],
+    "basin_tolerance": [-0.1, NAN, INF],
     "num_train_epochs": [0, -2.0, INF, NAN, "2", 1e308],
     "cycle_epochs": [0, -0.5, INF, NAN, "1", 1e308],
     "cycle_warmup_steps": [-1, NAN, INF, 6, 1e12, "0"],

@@ -123,3 +123,21 @@ def test_evaluate_ensemble_with_soup_matches_manual_metrics():
     assert m["ensemble/nll"] == pytest.approx(nll(ensemble_log_probs(z), y), rel=1e-5)
     assert m["soup/brier"] == pytest.approx(brier(soup_z, y), rel=1e-5)
     assert m["member_1/ece"] == pytest.approx(ece(z[1], y), rel=1e-5)
+
+
+def test_fit_temperature_recovers_the_temperature_that_generated_the_labels():
+    """Labels drawn from softmax(z / 2.5): the NLL-optimal temperature of z is 2.5 (up to sampling noise), and
+    it lowers the NLL of z below both neighbours."""
+    from hf_ens import fit_temperature, temperature_scaled
+    from hf_ens.metrics import nll
+
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(20000, 5, generator=gen) * 3
+    y = torch.multinomial(torch.softmax(z / 2.5, -1), 1, generator=gen)[:, 0]
+    t = fit_temperature(z, y)
+    assert abs(t - 2.5) < 0.1
+    best = nll(temperature_scaled(z, t), y)
+    assert best < nll(z, y) and best < nll(temperature_scaled(z, t * 1.1), y)
+    assert best < nll(temperature_scaled(z, t / 1.1), y)
+    with pytest.raises(ValueError, match="temperature"):
+        temperature_scaled(z, 0.0)

@@ -199,6 +199,26 @@ def test_swin_checkpoint_runs_through_the_recipe(tmp_path, local_data):
         torch.testing.assert_close(root.state_dict()[key], value, msg=key)
 
 
+# ------------------------------------------------------------------------------ cycle_learning_rate auto
+
+
+def test_auto_cycle_lr_is_judged_on_the_held_out_split_and_reported(tmp_path, local_data, local_vit):
+    """Issue 9 through the recipe: the probes see the held-out part of TRAIN (9 of 36 images, never the 12
+    test images); the choice reaches metrics.json, ensemble_config.json, the card and the plot."""
+    out = tmp_path / "run"
+    extra = ["--num_members", "2", "--cycle_epochs", "4", "--cycle_learning_rate", "auto"]
+    metrics = vit_cifar.main(tiny_run_args(out, local_vit, local_data, *extra, "--cycle_lr_grid", "0.5", "1"))
+    probe = metrics["basin_probe"]
+    assert probe["eval_samples"] == 9 and probe["probe_steps"] == 3  # 12-step cycles, 2 probes of 1/4
+    assert probe["chosen_multiplier"] in (0.5, 1.0)
+    assert json.loads((out / "metrics.json").read_text())["basin_probe"]["table"] == probe["table"]
+    meta = json.loads((out / "ensemble_repo" / "ensemble_config.json").read_text())["metadata"]
+    assert meta["cycle_learning_rate"] == pytest.approx(probe["chosen_multiplier"] * 3e-3)
+    assert meta["cycle_learning_rate_mode"] == "auto" and meta["basin_probe"]["table"] == probe["table"]
+    assert "chosen automatically" in (out / "ensemble_repo" / "README.md").read_text()
+    assert (out / "plots" / "basin_probe.png").read_bytes()[:4] == b"\x89PNG"
+
+
 # -------------------------------------------------------------------------------------- two processes
 
 

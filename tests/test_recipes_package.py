@@ -23,22 +23,19 @@ def test_recipes_import_as_a_package_without_touching_sys_path_and_report_withou
         import recipes.compare_methods, recipes.report_results, recipes.vit_cifar
         assert sys.path == before, sorted(set(sys.path) - set(before))
 
-        curve = {{"sizes": [1, 2, 3], "accuracy": [0.7, 0.75, 0.78], "nll": [0.9, 0.8, 0.7]}}
-        records = [
-            {{"kind": "method", "mult": 1.0, "method": m, "seed": 0, "key": m + "/x1/seed=0",
-              "metrics": {{"ensemble_size_curve": curve}}}}
-            for m in ("starsse", "sse")
-        ]
-        cell = lambda v: (v, 0.01)
-        summary = {{
-            f"{{m}}/x{{k}}": {{"ensemble/accuracy": cell(0.8), "soup/accuracy": cell(0.79),
-                             "basin/midpoint_accuracy": cell(0.78), "basin/mean_distance_to_model1": cell(k)}}
-            for m in ("starsse", "sse") for k in (1, 4)
-        }}
-        single = {{"model1/held_out_accuracy": cell(0.7), "ensemble/accuracy": cell(0.7)}}
-        summary["single/pretrained/lr=0.001"] = single
-        files = recipes.report_results.write_figures(records, summary, Path({str(tmp_path)!r}))
-        assert files == ["accuracy_vs_k.png", "cycle_lr_sweep.png"], files
+        def rec(method, seed, f=1.0, m=1.0, acc=0.8):
+            curve = {{"size_curve/accuracy": [0.7, 0.75, 0.78], "size_curve/nll": [0.9, 0.8, 0.7]}}
+            metrics = {{"ensemble/accuracy": acc, "ensemble/nll": 0.5, "soup/accuracy": acc - 0.01, **curve}}
+            if method == "model1":
+                metrics = {{"member_0/accuracy": 0.7, "member_0/nll": 0.6}}
+            return {{"regime": "main", "method": method, "seed": seed, "cycle_factor": f, "mult": m,
+                     "metrics": metrics}}
+
+        records = [rec("model1", s) for s in (0, 1)] + [rec("local_de", s) for s in (0, 1)]
+        records += [rec(me, s, 1.0, m) for me in ("starsse", "sse") for s in (0, 1) for m in (1.0, 4.0)]
+        chosen = {{"starsse": "starsse/F=1E/x1", "sse": "sse/F=1E/x4"}}
+        files = recipes.report_results.write_figures(records, chosen, [0, 1], Path({str(tmp_path)!r}))
+        assert files == ["cycle_lr_sweep.png", "ensemble_size.png"], files
         for name in files:
             assert (Path({str(tmp_path)!r}) / name).read_bytes()[:4] == b"\\x89PNG"
         assert "matplotlib.pyplot" not in sys.modules

@@ -141,10 +141,13 @@ class BranchData:
         loader = trainer.get_train_dataloader()
         return cls(loader.dataset, loader.collate_fn, trainer.args)
 
-    def steps(self, k: int, start: int, stop: int) -> Iterator[tuple[int, list]]:
-        """(step, micro-batches) for optimizer steps ``start..stop-1`` of member k; resuming at ``start``
-        skips the earlier batches by index, so no skipped batch is collated (no augmentation RNG consumed)."""
-        sampler = MemberSeededSampler(len(self.dataset), branch_seed(self.seed, k))
+    def steps(self, k: int, start: int, stop: int, seed: int | None = None) -> Iterator[tuple[int, list]]:
+        """(step, micro-batches) for optimizer steps ``start..stop-1`` of member k (data order from
+        ``branch_seed(data seed, k)``, or from `seed`: the probes of ``trainers.probe``); resuming at
+        ``start`` skips the earlier batches by index, so no skipped batch is collated (no augmentation RNG
+        consumed)."""
+        seed = branch_seed(self.seed, k) if seed is None else seed
+        sampler = MemberSeededSampler(len(self.dataset), seed)
         args, step = self.args, start
         while step < stop:
             epoch, step_in_epoch = divmod(step, self.steps_per_epoch)
@@ -220,19 +223,10 @@ def train_branch(trainer, k: int, data: BranchData, progress=None) -> float:
     model.train()
     for step, micro_batches in data.steps(k, start, total):
         scheduler.sync(first_global + step)
-        loss = 0.0
-        for inputs in micro_batches:
-            inputs = send_to_device(inputs, args.device)
-            with trainer.accelerator.autocast():
-                micro_loss = trainer.compute_loss(model, inputs) / len(micro_batches)
-            micro_loss.backward()
-            loss += micro_loss.detach()
+        loss = accumulate_gradients(trainer, model, micro_batches)
         if not bool(torch.isfinite(loss)):
             raise NonFiniteError(trainer._diverged_message(float(loss), first_global + step, k))
-        if args.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        apply_update(args, model, optimizer)
         losses.append(float(loss))
         done = step + 1
         if done % log_every == 0 or done == total:
@@ -248,6 +242,27 @@ def train_branch(trainer, k: int, data: BranchData, progress=None) -> float:
     discard([directory])  # the member replaces its checkpoints
     logger.info(f"{where}: member {k:02d} written in {time.perf_counter() - began:.1f} s")
     return float(np.mean(losses)) if losses else 0.0
+
+
+def accumulate_gradients(trainer, model: torch.nn.Module, micro_batches: list) -> torch.Tensor:
+    """Forward and backward every micro-batch of one optimizer step (the Trainer's ``compute_loss`` under its
+    autocast); returns the step's loss, the mean over micro-batches."""
+    loss = torch.zeros((), device=trainer.args.device)
+    for inputs in micro_batches:
+        inputs = send_to_device(inputs, trainer.args.device)
+        with trainer.accelerator.autocast():
+            micro_loss = trainer.compute_loss(model, inputs) / len(micro_batches)
+        micro_loss.backward()
+        loss += micro_loss.detach().float()
+    return loss
+
+
+def apply_update(args, model: torch.nn.Module, optimizer) -> None:
+    """Clip (``max_grad_norm``), step, clear the gradients: the end of an optimizer step outside the loop."""
+    if args.max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def _branch_state(trainer, k: int, step: int) -> dict[str, Any]:

@@ -59,11 +59,15 @@ RUN_FIELDS = (
     "max_grad_norm",
     "parallel_members",
 )
+# With cycle_learning_rate="auto" these decide the chosen LR too. Recorded only then, so that checkpoints of
+# runs with a numeric cycle LR (also those made before these fields existed) keep resuming.
+AUTO_RUN_FIELDS = ("cycle_lr_grid", "probe_fraction", "basin_tolerance")
 
 
 def run_config(args) -> dict[str, Any]:
     """The values of :data:`RUN_FIELDS` as JSON would store them (enums as their value)."""
-    values = {name: getattr(args, name, None) for name in RUN_FIELDS}
+    names = RUN_FIELDS + (AUTO_RUN_FIELDS if getattr(args, "cycle_learning_rate", None) == "auto" else ())
+    values = {name: getattr(args, name, None) for name in names}
     values = {k: getattr(v, "value", v) for k, v in values.items()}
     return json.loads(json.dumps(values, default=str))
 
@@ -186,14 +190,15 @@ def discard(paths: list[Path]) -> None:
 
 def remove_leftovers(output_dir: str | os.PathLike, member_paths: list[str]) -> list[Path]:
     """Delete what a killed run left: trash, half-written members (``.member_XX.*``, also the older
-    ``.old_member_XX.*`` names) and the writability probe. Returns what was removed."""
+    ``.old_member_XX.*`` names), a half-written ``basin_probe.json`` and the writability probe. Returns what
+    was removed."""
     removed: list[Path] = []
     for member in member_paths:
         removed += _io.remove_leftovers(member)  # first puts back a member cut between two renames
     members_dir = Path(member_paths[0]).parent if member_paths else None
     out = Path(output_dir)
     patterns = [(members_dir, ".member_*"), (members_dir, ".old_member_*")]
-    patterns += [(out, f"{TRASH_PREFIX}*"), (out, ".write_test.*")]
+    patterns += [(out, f"{TRASH_PREFIX}*"), (out, ".write_test.*"), (out, ".basin_probe.json.tmp-*")]
     for folder, pattern in patterns:
         if folder is not None and folder.is_dir():
             for leftover in folder.glob(pattern):

@@ -72,14 +72,15 @@ def starsse_lr_lambda(
     cycle_steps: int,
     num_members: int,
     model1_lambda: Callable[[int], float],
-    cycle_lr_ratio: float = 1.0,
+    cycle_lr_ratio: float | None = 1.0,
     cycle_warmup_steps: int = 0,
     repeat_model1: bool = False,
 ) -> float:
     """LR factor (multiplier of ``learning_rate``) at optimizer step ``step`` (0-based, before the update).
 
-    ``cycle_lr_ratio`` is ``cycle_learning_rate / learning_rate``. With ``repeat_model1`` (Local DE) every
-    later cycle replays model 1's schedule instead of the cosine restart. Steps past the last cycle return 0.
+    ``cycle_lr_ratio`` is ``cycle_learning_rate / learning_rate``; None while ``cycle_learning_rate="auto"``
+    has not chosen it yet (later cycles then get NaN). With ``repeat_model1`` (Local DE) every later
+    cycle replays model 1's schedule instead of the cosine restart. Steps past the last cycle return 0.
     """
     if step < model1_steps:
         return float(model1_lambda(step))
@@ -88,18 +89,23 @@ def starsse_lr_lambda(
         return 0.0
     if repeat_model1:
         return float(model1_lambda(step_in_cycle))
+    if cycle_lr_ratio is None:
+        return math.nan  # the Trainer asks one step ahead, before the probes; never trained with
     return cycle_lr_ratio * cosine_cycle_factor(step_in_cycle, cycle_steps, cycle_warmup_steps)
 
 
 @dataclass(frozen=True)
 class CyclePlan:
-    """Where every cycle of a run starts and ends, in optimizer steps, plus the LR at any step."""
+    """Where every cycle of a run starts and ends, in optimizer steps, plus the LR at any step.
+
+    ``cycle_learning_rate`` is None until ``cycle_learning_rate="auto"`` has chosen it (after model 1).
+    """
 
     model1_steps: int
     cycle_steps: int
     num_members: int
     learning_rate: float
-    cycle_learning_rate: float
+    cycle_learning_rate: float | None
     cycle_warmup_steps: int
     lr_scheduler_type: str = "linear"
     model1_warmup_steps: int = 0
@@ -132,7 +138,10 @@ class CyclePlan:
             self.model1_warmup_steps,
             dict(self.lr_scheduler_kwargs),
         )
-        ratio = self.cycle_learning_rate / self.learning_rate if self.learning_rate > 0 else 0.0
+        if self.cycle_learning_rate is None:
+            ratio = None
+        else:
+            ratio = self.cycle_learning_rate / self.learning_rate if self.learning_rate > 0 else 0.0
 
         def lr_lambda(step: int) -> float:
             return starsse_lr_lambda(
@@ -150,6 +159,8 @@ class CyclePlan:
 
     def learning_rates(self) -> list[float]:
         """LR of every optimizer step of the run (for plots and tests)."""
+        if self.cycle_learning_rate is None and self.num_members > 1:
+            raise ValueError("cycle_learning_rate='auto' has not chosen the cycle LR yet (after model 1).")
         fn = self.lr_lambda()
         return [self.learning_rate * fn(step) for step in range(self.total_steps)]
 
@@ -192,7 +203,11 @@ def plan_cycles(args, num_update_steps_per_epoch: int) -> CyclePlan:
         cycle_steps=cycle_steps,
         num_members=args.num_members,
         learning_rate=args.learning_rate,
-        cycle_learning_rate=args.learning_rate if local_de else args.cycle_learning_rate,
+        cycle_learning_rate=args.learning_rate
+        if local_de
+        else None
+        if args.cycle_learning_rate == "auto"
+        else args.cycle_learning_rate,
         cycle_warmup_steps=0 if local_de else cycle_warmup,
         lr_scheduler_type=str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),
         model1_warmup_steps=model1_warmup,

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 METHODS = ("starsse", "sse", "local_de")
+AUTO = "auto"
+DEFAULT_CYCLE_LR_GRID = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 
 
 @dataclass
@@ -22,6 +24,11 @@ class StarSSEConfig(TrainingArguments):
     ``"starsse"`` from model 1 (Sadrtdinov et al., NeurIPS 2023), ``"local_de"`` from the original pre-trained
     weights with a fresh head, a member-specific seed and model 1's full schedule. ``parallel_members`` trains
     the members that do not depend on each other (StarSSE's after model 1, all of Local DE's) one per process.
+
+    ``cycle_learning_rate="auto"`` (StarSSE, SSE) lets the run choose the cycle LR itself: after model 1,
+    short probe cycles from model 1 at ``cycle_lr_grid`` x ``learning_rate`` are judged on the trainer's
+    ``eval_dataset`` (:mod:`trainers.probe`), and the largest LR that stays in the pre-train basin within
+    ``basin_tolerance`` trains cycles 2..K.
     """
 
     method: str = field(
@@ -42,12 +49,38 @@ class StarSSEConfig(TrainingArguments):
             "Ignored by 'local_de', whose members all follow model 1's schedule."
         },
     )
-    cycle_learning_rate: float | None = field(
+    # `float | str | None`: HfArgumentParser then hands the command line's value over as a string ("auto" or
+    # "3e-4"), which __post_init__ turns into "auto" or a float.
+    cycle_learning_rate: float | str | None = field(
         default=None,
         metadata={
-            "help": "Peak LR of cycles 2..K (cosine annealed to ~0 inside each cycle). "
-            "Default: learning_rate. Too high leaves the pre-train basin and loses the transfer "
-            "benefit; ignored by 'local_de'."
+            "help": "Peak LR of cycles 2..K (cosine annealed to ~0 inside each cycle): a number, or 'auto' "
+            "to choose it after model 1 with short probe cycles (the largest LR of cycle_lr_grid that stays "
+            "in the pre-train basin on eval_dataset; 'starsse' and 'sse' only). Default: learning_rate. Too "
+            "high leaves the pre-train basin and loses the transfer benefit; ignored by 'local_de'."
+        },
+    )
+    cycle_lr_grid: list[float] = field(
+        default_factory=lambda: list(DEFAULT_CYCLE_LR_GRID),
+        metadata={
+            "help": "cycle_learning_rate='auto': the candidate cycle LRs, as multiples of learning_rate "
+            "(at least two, each > 0). Probed in increasing order until one leaves the basin."
+        },
+    )
+    probe_fraction: float = field(
+        default=0.25,
+        metadata={
+            "help": "cycle_learning_rate='auto': length of one probe cycle as a fraction of a cycle, in "
+            "(0, 0.25]. All probes together never exceed one cycle: each is at most 1/len(cycle_lr_grid)."
+        },
+    )
+    basin_tolerance: float = field(
+        default=0.1,
+        metadata={
+            "help": "cycle_learning_rate='auto': how far a probe may go and still count as inside the basin, "
+            "as a fraction of model 1's eval loss (mean cross-entropy, nats): the loss barrier on the "
+            "straight path model 1 -> probe end (max_t L(t) - ((1-t) L(0) + t L(1))) and the probe's eval "
+            "loss minus model 1's must both be <= basin_tolerance x model 1's eval loss (0.1: a tenth)."
         },
     )
     cycle_warmup_steps: float = field(
@@ -91,9 +124,12 @@ class StarSSEConfig(TrainingArguments):
             self.cycle_epochs = self.num_train_epochs
         if self.cycle_learning_rate is None:
             self.cycle_learning_rate = self.learning_rate
+        self.cycle_learning_rate = _cycle_learning_rate(self.cycle_learning_rate)
         # An LR of 0 would make every member the initial weights while the metadata says otherwise.
         for name in ("learning_rate", "cycle_learning_rate", "num_train_epochs", "cycle_epochs"):
-            _check_real(name, getattr(self, name), low=0.0, inclusive=False)
+            if not (name == "cycle_learning_rate" and self.cycle_learning_rate == AUTO):
+                _check_real(name, getattr(self, name), low=0.0, inclusive=False)
+        _check_probe_settings(self)
         for name in ("cycle_warmup_steps", "warmup_steps", "weight_decay"):
             _check_real(name, getattr(self, name), low=0.0, inclusive=True)
         if self.max_grad_norm is not None:
@@ -116,6 +152,70 @@ class StarSSEConfig(TrainingArguments):
         super().__post_init__()
         if self.parallel_members:
             _check_parallel_members(self)
+        if self.auto_cycle_learning_rate:
+            _check_auto(self)
+
+    @property
+    def auto_cycle_learning_rate(self) -> bool:
+        """Whether the run chooses the cycle LR itself after model 1 (``cycle_learning_rate="auto"``)."""
+        return self.cycle_learning_rate == AUTO
+
+
+def _cycle_learning_rate(value):
+    """``"auto"`` (any case), or the number a string spells (the command line's); the rest checked later."""
+    if isinstance(value, str):
+        if value.strip().lower() == AUTO:
+            return AUTO
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(
+                f"cycle_learning_rate must be a finite number > 0 or 'auto', got {value!r}."
+            ) from None
+    return value
+
+
+def _check_probe_settings(args: StarSSEConfig) -> None:
+    """The basin guard's own fields: checked whatever cycle_learning_rate is, so a typo never waits."""
+    grid = args.cycle_lr_grid
+    if not isinstance(grid, (list, tuple)) or isinstance(grid, str):
+        raise ValueError(f"cycle_lr_grid must be a list of multipliers of learning_rate, got {grid!r}.")
+    for value in grid:
+        _check_real("cycle_lr_grid", value, low=0.0, inclusive=False)
+    if len(grid) < 2:
+        raise ValueError(
+            f"cycle_lr_grid={list(grid)} has {len(grid)} point(s); cycle_learning_rate='auto' chooses among "
+            "at least two candidate cycle LRs (for one known LR, set cycle_learning_rate to it)."
+        )
+    if len(set(map(float, grid))) != len(grid):
+        raise ValueError(f"cycle_lr_grid={list(grid)} repeats a multiplier.")
+    args.cycle_lr_grid = sorted(float(v) for v in grid)
+    _check_real("probe_fraction", args.probe_fraction, low=0.0, inclusive=False)
+    if args.probe_fraction > 0.25:
+        raise ValueError(
+            f"probe_fraction must be in (0, 0.25] (a probe costs at most a quarter of a cycle), got "
+            f"{args.probe_fraction!r}."
+        )
+    _check_real("basin_tolerance", args.basin_tolerance, low=0.0, inclusive=True)
+
+
+def _check_auto(args: StarSSEConfig) -> None:
+    """What cycle_learning_rate='auto' cannot honour (an eval_dataset is checked when training starts)."""
+    if args.method == "local_de":
+        raise ValueError(
+            "cycle_learning_rate='auto' chooses the LR of StarSSE / SSE cycles after model 1; method="
+            "'local_de' has no cycle LR (every member replays model 1's schedule). Use method='starsse' or "
+            "'sse', or a numeric cycle_learning_rate."
+        )
+    if args.num_members < 2:
+        raise ValueError(
+            "cycle_learning_rate='auto' chooses the LR of cycles 2..K; num_members=1 has none. Use "
+            "num_members >= 2 or a numeric cycle_learning_rate."
+        )
+    if args.fp16:
+        raise ValueError(
+            "cycle_learning_rate='auto' runs its probe cycles without fp16 loss scaling; use bf16 or fp32."
+        )
 
 
 def _check_parallel_members(args: StarSSEConfig) -> None:

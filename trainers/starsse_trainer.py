@@ -25,11 +25,17 @@ and head from ``(seed, k)``, and :meth:`StarSSETrainer.soup` is the exact merged
 Everything needed to continue (anchor weights, members written, cycles started, the plan, the run settings)
 is stored inside each Trainer checkpoint, so ``train(resume_from_checkpoint=...)`` reproduces an uninterrupted
 run; :mod:`trainers.checkpoints` makes checkpoints kill-safe and refuses to resume another run's checkpoint.
+
+With ``cycle_learning_rate="auto"`` the cycle LR is chosen right after model 1 is written
+(:mod:`trainers.probe`: in the loop, or before the branches under ``parallel_members``); the choice travels in
+the checkpoints too.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import math
 import os
 import time
@@ -44,7 +50,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, set_s
 from transformers.utils import logging
 
 from hf_ens import adapters
-from hf_ens._io import atomic_directory, ensure_writable
+from hf_ens._io import atomic_directory, atomic_file, ensure_writable
 from hf_ens.checks import NonFiniteError, assert_finite
 from hf_ens.heads import reinit_task_head
 
@@ -68,6 +74,7 @@ from .checkpoints import (
     write_cycle_state,
 )
 from .parallel import MemberProgress, assigned_members, wait_for_members
+from .probe import PROBE_FILE, ProbeRun, check_eval_dataset, format_table, probe_steps
 from .schedule import CyclePlan, plan_cycles
 from .starsse_config import StarSSEConfig
 
@@ -120,6 +127,12 @@ class StarSSETrainer(Trainer):
             )
         if self.is_peft:
             adapters.check_lora(self.model)  # members must merge to W0 + scale B A, and re-draw exactly
+            if self.args.auto_cycle_learning_rate:
+                raise ValueError(
+                    "cycle_learning_rate='auto' judges the basin by interpolating whole weights; LoRA "
+                    "members would need their adapters merged first, which the probe does not do yet. Give "
+                    "cycle_learning_rate a number."
+                )
         self.plan: CyclePlan | None = None
         self.snapshot_seconds = 0.0  # time spent writing members (and copying the StarSSE anchor)
         self.cycle_start_seconds = 0.0  # time spent reloading anchors / resetting the optimizer
@@ -129,6 +142,8 @@ class StarSSETrainer(Trainer):
         self.branch_seconds = 0.0  # parallel_members: wall time of the branch phase
         self.branches_resumed: dict[int, int] = {}  # parallel_members: member -> step its branch resumed at
         self._cycles_started = 0  # cycle 0 starts with training; cycle k >= 1 once its start was applied
+        # cycle_learning_rate="auto": the probe table and the chosen LR (trainers.probe), once model 1 exists
+        self.basin_probe: dict[str, Any] | None = None
         self._resumed_state: dict[str, Any] | None = None
         self._train_sampler: MemberSeededSampler | None = None
         # First in line, before the user's callbacks (``callbacks=[...]`` are registered by Trainer.__init__,
@@ -161,9 +176,16 @@ class StarSSETrainer(Trainer):
         return list(range(self.plan.total_steps)), self.plan.learning_rates(), self.plan.boundaries
 
     def ensemble_metadata(self) -> dict[str, Any]:
-        """The metadata stored with the ensemble (``ensemble_config.json`` and the model card)."""
+        """The metadata stored with the ensemble (``ensemble_config.json`` and the model card).
+
+        With ``cycle_learning_rate="auto"``, ``cycle_learning_rate`` is the chosen number, beside
+        ``cycle_learning_rate_mode: "auto"`` and the probe table (``basin_probe``).
+        """
         args = self.args
         config = getattr(self.model, "config", None)
+        auto = {}
+        if args.auto_cycle_learning_rate:
+            auto = {"cycle_learning_rate_mode": "auto", "basin_probe": self.basin_probe}
         return {
             "method": args.method,
             "num_members": args.num_members,
@@ -172,7 +194,8 @@ class StarSSETrainer(Trainer):
             "lr_scheduler_type": str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),
             "warmup_steps": args.warmup_steps,
             "cycle_epochs": args.cycle_epochs,
-            "cycle_learning_rate": args.cycle_learning_rate,
+            "cycle_learning_rate": self.chosen_cycle_learning_rate,
+            **auto,
             "cycle_warmup_steps": args.cycle_warmup_steps,
             "reset_optimizer": args.reset_optimizer,
             "model1_steps": self.plan.model1_steps if self.plan else None,
@@ -193,6 +216,13 @@ class StarSSETrainer(Trainer):
             "lora_target_modules": targets if isinstance(targets, str) else ",".join(sorted(targets)),
             "lora_modules_to_save": ",".join(lora.modules_to_save or []),
         }
+
+    @property
+    def chosen_cycle_learning_rate(self) -> float | None:
+        """The peak LR of cycles 2..K: the configured one, or the one ``"auto"`` chose (None before)."""
+        if not self.args.auto_cycle_learning_rate:
+            return self.args.cycle_learning_rate
+        return self.basin_probe["cycle_learning_rate"] if self.basin_probe else None
 
     def ensemble(self):
         """The trained members as an ``hf_ens.EnsembleModel`` (LoRA members: an
@@ -230,7 +260,10 @@ class StarSSETrainer(Trainer):
 
     # ------------------------------------------------------------------ training set-up
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs):
+        if self.args.auto_cycle_learning_rate:
+            check_eval_dataset(self.eval_dataset)
         self._resumed_state = None
+        self.basin_probe = None  # a resumed checkpoint (or, for branches, basin_probe.json) brings it back
         checkpoint = self._prepare_output_dir(resume_from_checkpoint)
         if not self.args.parallel_members:
             return super().train(resume_from_checkpoint=checkpoint, trial=trial, **kwargs)
@@ -261,6 +294,12 @@ class StarSSETrainer(Trainer):
             del loaded
         self.model_wrapped = self.model  # no DDP wrapper: a branch exchanges nothing with other processes
         self.accelerator.free_memory()
+        if args.auto_cycle_learning_rate:  # after model 1, before any branch: every process probes
+            result = self._read_probe_file()
+            if result is None:
+                adapters.load_member_weights(self.model, self._anchor)
+                result = self._run_probes()
+            self._apply_probe_result(result)
         members = range(1 if args.method == "starsse" else 0, args.num_members)
         mine = assigned_members(members, args.process_index, args.world_size)
         progress = MemberProgress(
@@ -297,10 +336,12 @@ class StarSSETrainer(Trainer):
                 self._check_model1_run()
         elif self.args.overwrite_output_dir:
             if self.args.should_save:  # checkpoints first: a kill in between cannot resume them
-                discard(list_checkpoints(out) + [Path(out) / BRANCHES_DIR, Path(self.members_dir)])
+                old = [Path(out) / BRANCHES_DIR, Path(self.members_dir), Path(out) / PROBE_FILE]
+                discard(list_checkpoints(out) + old)
         else:
             existing = [p.name for p in reversed(list_checkpoints(out))]
-            existing += [d for d in (BRANCHES_DIR, MEMBERS_DIR) if os.path.exists(os.path.join(out, d))]
+            ours = (BRANCHES_DIR, MEMBERS_DIR, PROBE_FILE)
+            existing += [d for d in ours if os.path.exists(os.path.join(out, d))]
             if existing:
                 raise ValueError(
                     f"output_dir {out!r} already holds {existing}; pass resume_from_checkpoint=... to "
@@ -388,10 +429,14 @@ class StarSSETrainer(Trainer):
                 )
             if self._train_sampler is not None:
                 self._train_sampler.epochs_per_member = plan.model1_steps // steps_per_epoch
+        if args.auto_cycle_learning_rate:
+            probe_steps(args, plan.cycle_steps)  # a cycle too short to probe: refused now, not after model 1
         if self._resumed_state is not None:
             self._check_resumed_state(self._resumed_state, plan)
         self.plan = plan
         self._lr_lambda = plan.lr_lambda()
+        if self._resumed_state is not None and self._resumed_state.get("basin_probe"):
+            self._apply_probe_result(self._resumed_state["basin_probe"])  # probed before the checkpoint
         # parallel_members: this loop trains model 1 only; the branches follow, one process each.
         total = plan.model1_steps if args.parallel_members else plan.total_steps
         num_train_epochs = math.ceil(total / steps_per_epoch)
@@ -428,9 +473,10 @@ class StarSSETrainer(Trainer):
             self._created_lr_scheduler = True
         return self.lr_scheduler
 
-    def _new_lr_scheduler(self, optimizer) -> _GlobalStepLR:
-        """The run's one schedule (``trainers.schedule``), indexed by the global optimizer step."""
-        return _GlobalStepLR(optimizer, self._lr_lambda)
+    def _new_lr_scheduler(self, optimizer, lr_lambda=None) -> _GlobalStepLR:
+        """The run's one schedule (``trainers.schedule``), indexed by the global optimizer step (or
+        `lr_lambda`: a probe's own). Looked up at every step: ``"auto"`` sets the cycles' LR after model 1."""
+        return _GlobalStepLR(optimizer, lr_lambda or (lambda step: self._lr_lambda(step)))
 
     # ------------------------------------------------------------------ cycle mechanics
     def _on_train_begin(self) -> None:
@@ -471,10 +517,13 @@ class StarSSETrainer(Trainer):
         self.cycle_start_seconds += time.perf_counter() - start
 
     def _maybe_snapshot(self, global_step: int) -> None:
-        self.lr_scheduler.sync(global_step)  # skipped fp16 steps must not shift the schedule
         k = self._members_written
-        if k >= self.args.num_members or global_step != self.plan.boundaries[k]:
-            return
+        if k < self.args.num_members and global_step == self.plan.boundaries[k]:
+            self._snapshot(k, global_step)
+        # after the snapshot: the probes that follow model 1 choose the LR of the next step
+        self.lr_scheduler.sync(global_step)  # skipped fp16 steps must not shift the schedule
+
+    def _snapshot(self, k: int, global_step: int) -> None:
         start = time.perf_counter()
         self._save_member(k, global_step, write=self.args.should_save)
         if k == 0 and self.args.method == "starsse":
@@ -482,6 +531,50 @@ class StarSSETrainer(Trainer):
         self._members_written = k + 1
         self.accelerator.wait_for_everyone()
         self.snapshot_seconds += time.perf_counter() - start
+        if k == 0 and self.args.auto_cycle_learning_rate and not self.args.parallel_members:
+            self._apply_probe_result(self._run_probes())
+
+    # ------------------------------------------------------------------ cycle_learning_rate="auto"
+    def _run_probes(self) -> dict[str, Any]:
+        """Probe from the current weights (model 1) on every process together; write ``basin_probe.json``."""
+        result = ProbeRun(self).run()
+        if self.args.should_save:
+            with atomic_file(os.path.join(self.args.output_dir, PROBE_FILE)) as f:
+                json.dump({"run": run_config(self.args), **result}, f, indent=2)
+        self.accelerator.wait_for_everyone()
+        if self.is_world_process_zero():
+            print(format_table(result), flush=True)
+        self.log(
+            {
+                "basin_probe/chosen_multiplier": result["chosen_multiplier"],
+                "basin_probe/cycle_learning_rate": result["cycle_learning_rate"],
+                "basin_probe/seconds": result["seconds"],
+            }
+        )
+        return result
+
+    def _apply_probe_result(self, result: dict[str, Any]) -> None:
+        """Cycles 2..K use the chosen LR from now on (the scheduler looks ``_lr_lambda`` up at every step)."""
+        self.basin_probe = result
+        self.plan = dataclasses.replace(self.plan, cycle_learning_rate=result["cycle_learning_rate"])
+        self._lr_lambda = self.plan.lr_lambda()
+        if self.lr_scheduler is not None:  # the Trainer already asked for the next step's LR: NaN until now
+            self.lr_scheduler.sync(self.state.global_step, force=True)
+
+    def _read_probe_file(self) -> dict[str, Any] | None:
+        """Under ``parallel_members``, the probes an earlier launch of this run finished (None if none)."""
+        path = os.path.join(self.args.output_dir, PROBE_FILE)
+        if not os.path.isfile(path):
+            return None
+        with open(path) as f:
+            saved = json.load(f)
+        differences = config_differences(saved.pop("run", {}), run_config(self.args))
+        if differences:
+            raise ValueError(
+                f"{path} was made by a run with other settings: {'; '.join(differences)}. Resume with the "
+                "same settings, or start a new run with overwrite_output_dir=True."
+            )
+        return saved
 
     def _save_member(self, k: int, global_step: int, write: bool = True) -> None:
         """Refuse non-finite weights, then write member k (``write``: this process writes it)."""
@@ -542,6 +635,7 @@ class StarSSETrainer(Trainer):
             "members_written": self._members_written,
             "cycles_started": self._cycles_started,
             "has_anchor": self._anchor is not None,
+            "basin_probe": self.basin_probe,
         }
 
     def _rotate_checkpoints_safely(self, run_dir: str) -> None:
@@ -636,9 +730,10 @@ class _GlobalStepLR(torch.optim.lr_scheduler.LambdaLR):
     global_step.
     """
 
-    def sync(self, global_step: int) -> None:
-        """Set the LR of ``global_step`` (``LambdaLR``'s formula), also before the first optimizer step."""
-        if self.last_epoch != global_step:
+    def sync(self, global_step: int, force: bool = False) -> None:
+        """Set the LR of ``global_step`` (``LambdaLR``'s formula), also before the first optimizer step;
+        `force`: also when already there (the LR function changed)."""
+        if force or self.last_epoch != global_step:
             self.last_epoch = global_step
             self._last_lr = [
                 base * fn(global_step) for base, fn in zip(self.base_lrs, self.lr_lambdas, strict=True)

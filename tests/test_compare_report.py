@@ -1,0 +1,87 @@
+"""The fair comparison's statistics and bookkeeping (recipes/compare_methods.py, recipes/report_results.py):
+t intervals for any number of seeds, settings chosen on held-out never on test, paired-by-seed contrasts
+against model 1, task keys and member seeds that never collide."""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import pytest
+
+from recipes.compare_methods import CompareArguments, Task, choose_settings, grid_tasks
+from recipes.report_results import choose, demo_criterion, mean_ci, paired, t_quantile
+from trainers.branches import branch_seed
+
+
+@pytest.mark.parametrize(("df", "expected"), [(1, 12.7062), (4, 2.7764), (11, 2.2010), (30, 2.0423)])
+def test_t_quantile_matches_the_table(df, expected):
+    assert t_quantile(0.975, df) == pytest.approx(expected, abs=2e-4)
+
+
+def test_interval_uses_t_past_eleven_seeds_not_the_normal_1_96():
+    values = [0.1 * i for i in range(12)]
+    mean, half = mean_ci(values)
+    assert mean == pytest.approx(statistics.fmean(values))
+    assert half == pytest.approx(2.2010 * statistics.stdev(values) / math.sqrt(12), rel=1e-4)
+    assert math.isnan(mean_ci([1.0])[1])
+
+
+def _rec(method, seed, mult=1.0, factor=1.0, regime="main", **metrics):
+    return {"regime": regime, "method": method, "seed": seed, "cycle_factor": factor, "mult": mult,
+            "metrics": metrics}  # fmt: skip
+
+
+def _grid(seeds=(0, 1, 2)):
+    """x1 is best on held-out, x4 is best on TEST: a selection that peeks at test picks x4."""
+    model1 = {"member_0/nll": 0.80, "held_out/member_0/accuracy": 0.79, "held_out/member_0/nll": 0.6}
+    recs = [_rec("model1", s, **{"member_0/accuracy": 0.70 + s / 100, **model1}) for s in seeds]
+    for s in seeds:
+        recs.append(_rec("starsse", s, 1.0, **{"held_out/ensemble/nll": 0.50, "ensemble/nll": 0.70,
+                    "ensemble/accuracy": 0.72 + s / 100, "soup/accuracy": 0.71 + s / 100,
+                    "held_out/ensemble/accuracy": 0.80, "held_out/soup/accuracy": 0.795}))  # fmt: skip
+        recs.append(_rec("starsse", s, 4.0, **{"held_out/ensemble/nll": 0.60, "ensemble/nll": 0.40,
+                    "ensemble/accuracy": 0.90, "soup/accuracy": 0.5, "held_out/ensemble/accuracy": 0.7,
+                    "held_out/soup/accuracy": 0.5}))  # fmt: skip
+    return recs
+
+
+def test_settings_are_chosen_on_held_out_not_on_test():
+    records = _grid()
+    assert choose(records, [0, 1, 2], "held_out/ensemble/nll") == {"starsse": "starsse/F=1E/x1"}
+    cmp = CompareArguments(seeds=[0, 1, 2], contrast_seeds=[5])
+    assert choose_settings(records, cmp) == {"starsse": (1.0, 1.0)}
+    # a setting missing on one grid seed cannot win
+    partial = [r for r in records if not (r["mult"] == 1.0 and r["seed"] == 2 and r["method"] == "starsse")]
+    assert choose(partial, [0, 1, 2], "held_out/ensemble/nll") == {"starsse": "starsse/F=1E/x4"}
+
+
+def test_paired_contrast_against_model1_takes_model1_from_its_own_record():
+    records = _grid()
+    p = paired(records, "main", "starsse/F=1E/x1", "ensemble/accuracy", "model1", "ensemble/accuracy")
+    assert p["n"] == 3 and p["wins"] == 3
+    assert p["diffs"] == pytest.approx([0.02, 0.02, 0.02])
+    assert p["mean"] == pytest.approx(0.02) and p["half"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_demo_criterion_counts_seeds_on_held_out_and_test_separately():
+    _, counts = demo_criterion(_grid(), [0, 1, 2])
+    x1, x4 = counts["starsse/F=1E/x1"], counts["starsse/F=1E/x4"]
+    assert (x1["held_out"], x1["test"], x1["n"]) == (3, 3, 3)  # acc up, NLL down, soup >= model 1
+    assert (x4["held_out"], x4["test"]) == (0, 0)  # soup far below model 1
+
+
+def test_task_keys_are_unique_and_member_seeds_never_collide():
+    cmp = CompareArguments()
+    keys = [t.key for t in grid_tasks(cmp)]
+    assert len(keys) == len(set(keys)) == 5 * (2 + 2 * (7 + 3))
+    assert Task("main", 0, "sse", 0.5, 4.0).key == "main/sse/F=0.5E/x4/seed=0"
+    seeds = list(range(10))
+    member_seeds = [branch_seed(s, k) for s in seeds for k in range(1, 5)]
+    assert len(set(member_seeds)) == len(member_seeds)
+    assert not set(member_seeds) & set(seeds)  # no member shares a replicate's model-1 seed
+
+
+def test_contrast_and_grid_seeds_may_not_overlap():
+    with pytest.raises(ValueError, match="overlap"):
+        CompareArguments(seeds=[0, 1], contrast_seeds=[1, 2])

@@ -1,0 +1,308 @@
+"""The basin guard: choose the cycle LR after model 1 from short probes (``cycle_learning_rate="auto"``).
+
+Too low a cycle LR gives members that copy model 1, too high a one leaves the pre-train basin and loses the
+transfer benefit (Sadrtdinov et al., NeurIPS 2023). So once model 1 exists, the run tries the candidates of
+``cycle_lr_grid`` (multiples of ``learning_rate``) in increasing order, each as a *probe*: a short cycle from
+model 1 with the cycles' shape (warmup + cosine, ``probe_steps`` long), a fresh optimizer and its own seed,
+``probe_seed(seed, i)``. Each probe's end is judged on the trainer's ``eval_dataset`` against model 1:
+
+* the loss barrier of the straight path model 1 -> probe end (``hf_ens.basin.barrier``: the largest excess of
+  the path over the line between its ends, at ``PATH_POINTS`` evenly spaced points, BatchNorm statistics
+  recomputed at every point as the soups do);
+* the probe's eval loss and error vs model 1's.
+
+A probe stays in the basin when both the barrier and its eval-loss increase are at most ``basin_tolerance`` x
+model 1's eval loss. Probing stops at the first probe that leaves (or diverges); the chosen LR is the largest
+one before it (the smallest candidate, with a warning, if even that one left). A grid that is not monotone in
+its outcome is thus cut at the first failure, never stepped over.
+
+Probes are branches (``trainers.branches``): trained alone in a process with the member batch, so with N
+processes they go round-robin, N at a time, and the result does not depend on N. Everything a probe changes
+(weights, global RNG states) is put back afterwards, so the cycles that follow are those of a run with the
+chosen LR set by hand. The result (a JSON-ready dict) goes into checkpoints, ``ensemble_config``
+metadata, the model card and ``{output_dir}/basin_probe.json``.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+import time
+import warnings
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+from transformers.trainer_utils import set_seed
+from transformers.utils import logging
+
+from hf_ens.basin import barrier, interpolation_profile
+from hf_ens.evaluation import predict_logits
+from hf_ens.soups import has_batchnorm, recompute_batchnorm
+
+from .branches import BranchData, _rng_state, _set_rng_state, accumulate_gradients, apply_update
+from .schedule import CyclePlan, cosine_cycle_factor
+
+logger = logging.get_logger("transformers.trainer.probe")
+
+PROBE_FILE = "basin_probe.json"
+PATH_POINTS = 5  # alphas 0, 0.25, 0.5, 0.75, 1 on the path model 1 -> probe end
+BN_BATCHES = 32  # training batches that re-estimate BatchNorm statistics at each path point
+
+
+def probe_seed(seed: int, i: int) -> int:
+    """The seed of probe i (data order, dropout, augmentation): a hash of ``(seed, i)``, unlike members'."""
+    return int.from_bytes(hashlib.sha256(f"hf-ens/probe/{seed}/{i}".encode()).digest()[:4], "little")
+
+
+def probe_steps(args, cycle_steps: int) -> int:
+    """Optimizer steps of one probe: ``probe_fraction`` of a cycle, and at most 1/len(grid) of it, so that all
+    probes together never cost more than one cycle."""
+    fraction = min(args.probe_fraction, 1.0 / len(args.cycle_lr_grid))
+    steps = math.floor(fraction * cycle_steps)
+    if steps < 1:
+        raise ValueError(
+            f"cycle_learning_rate='auto': a cycle of {cycle_steps} optimizer steps is too short for "
+            f"{len(args.cycle_lr_grid)} probes of at most {fraction:.3g} of a cycle each; lengthen "
+            "cycle_epochs, raise probe_fraction or shorten cycle_lr_grid."
+        )
+    return steps
+
+
+def probe_warmup_steps(plan: CyclePlan, steps: int) -> int:
+    """The cycles' warmup scaled to the probe: the same fraction of it, always leaving one annealing step."""
+    if plan.cycle_warmup_steps == 0:
+        return 0
+    return min(steps - 1, math.ceil(plan.cycle_warmup_steps / plan.cycle_steps * steps))
+
+
+def in_basin(row: dict[str, Any], model1_loss: float, tolerance: float) -> bool:
+    """The decision: barrier and eval-loss increase both within ``tolerance`` x model 1's eval loss."""
+    if row["diverged"]:
+        return False
+    return max(row["loss_barrier"], row["eval_loss"] - model1_loss) <= tolerance * model1_loss
+
+
+def choose(table: list[dict[str, Any]]) -> tuple[int, str]:
+    """(index of the chosen row, why): the last row before the first one outside the basin."""
+    cut = next((i for i, row in enumerate(table) if not row["in_basin"]), len(table))
+    if cut == 0:
+        return 0, "every probed LR left the basin; the smallest candidate is used"
+    if cut == len(table):
+        return cut - 1, "every candidate stayed in the basin; the largest is used"
+    return cut - 1, f"x{table[cut]['multiplier']:g} left the basin; the largest LR below it is used"
+
+
+class ProbeRun:
+    """Runs the probes of one trainer from model 1 (the trainer's current weights) and chooses the LR."""
+
+    def __init__(self, trainer):
+        args = trainer.args
+        check_eval_dataset(trainer.eval_dataset)
+        self.trainer, self.args, self.plan = trainer, args, trainer.plan
+        self.steps = probe_steps(args, self.plan.cycle_steps)
+        self.warmup = probe_warmup_steps(self.plan, self.steps)
+        self.alphas = [i / (PATH_POINTS - 1) for i in range(PATH_POINTS)]
+        self.data = BranchData.from_trainer(trainer)
+        eval_loader = trainer.get_eval_dataloader()
+        # this process alone evaluates the whole set (the Trainer's loader is sharded across processes)
+        self.eval_batches = DataLoader(
+            eval_loader.dataset,
+            batch_size=args.eval_batch_size,
+            collate_fn=eval_loader.collate_fn,
+            num_workers=args.dataloader_num_workers,
+        )
+        self.bn_batches = None
+        if has_batchnorm(trainer.model):
+            self.bn_batches = DataLoader(
+                self.data.dataset, batch_size=self.data.batch_size, collate_fn=self.data.collate_fn
+            )
+
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        """Eval loss (cross-entropy, nats) and error of `model`, BatchNorm statistics recomputed first."""
+        if self.bn_batches is not None:
+            with self.trainer.accelerator.autocast():
+                recompute_batchnorm(model, self.bn_batches, max_batches=BN_BATCHES)
+        with self.trainer.accelerator.autocast():
+            logits, labels = predict_logits(model, self.eval_batches)
+        return {
+            "loss": torch.nn.functional.cross_entropy(logits, labels).item(),
+            "error": (logits.argmax(-1) != labels).float().mean().item(),
+        }
+
+    def run(self) -> dict[str, Any]:
+        """Probe in increasing LR order until one leaves the basin; returns the result (JSON-ready)."""
+        trainer, args = self.trainer, self.args
+        began = time.perf_counter()
+        model = trainer.model
+        rng = _rng_state()
+        model1_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        model1 = copy.deepcopy(model).eval()
+        model1_metrics = self.evaluate(copy.deepcopy(model1))
+        grid, world, rank = list(args.cycle_lr_grid), args.world_size, args.process_index
+        table: list[dict[str, Any]] = []
+        try:
+            for first in range(0, len(grid), world):  # one round: probes first .. first + world - 1
+                mine = [i for i in range(first, min(first + world, len(grid))) if i % world == rank]
+                rows = [self._probe(i, grid[i], model1, model1_state, model1_metrics) for i in mine]
+                round_rows = sorted(_gather(rows, world), key=lambda row: row["index"])
+                for row in round_rows:
+                    table.append(row)
+                    if not row["in_basin"]:
+                        break
+                if not table[-1]["in_basin"]:
+                    break
+        finally:
+            model.load_state_dict(model1_state, strict=True)
+            model.zero_grad(set_to_none=True)
+            model.train()
+            _set_rng_state(rng)
+        chosen, why = choose(table)
+        for i, row in enumerate(table):
+            row["chosen"] = i == chosen
+        multiplier = table[chosen]["multiplier"]
+        if not table[chosen]["in_basin"]:
+            warnings.warn(
+                f"cycle_learning_rate='auto': even x{multiplier:g} (the smallest of cycle_lr_grid) left the "
+                f"basin within basin_tolerance={args.basin_tolerance:g}; training with it anyway. Add "
+                "smaller multipliers to cycle_lr_grid or raise basin_tolerance.",
+                stacklevel=2,
+            )
+        result = {
+            "mode": "auto",
+            "cycle_lr_grid": grid,
+            "chosen_multiplier": multiplier,
+            "cycle_learning_rate": multiplier * args.learning_rate,
+            "reason": why,
+            "basin_tolerance": args.basin_tolerance,
+            "probe_steps": self.steps,
+            "probe_warmup_steps": self.warmup,
+            "cycle_steps": self.plan.cycle_steps,
+            "path_points": PATH_POINTS,
+            "eval_samples": len(self.eval_batches.dataset)
+            if hasattr(self.eval_batches.dataset, "__len__")
+            else None,
+            "model1": {"eval_loss": model1_metrics["loss"], "eval_error": model1_metrics["error"]},
+            "table": table,
+            "seconds": time.perf_counter() - began,
+        }
+        logger.info(format_table(result))
+        return result
+
+    def _probe(self, i: int, multiplier: float, model1, model1_state, model1_metrics) -> dict[str, Any]:
+        """Train probe i from model 1 at ``multiplier`` x learning_rate, then measure the path to it."""
+        trainer, args, model = self.trainer, self.args, self.trainer.model
+        began = time.perf_counter()
+        model.load_state_dict(model1_state, strict=True)
+        seed = probe_seed(args.seed, i)
+        set_seed(seed)
+        optimizer = _fresh_optimizer(trainer)
+        steps, warmup = self.steps, self.warmup
+        scheduler = trainer._new_lr_scheduler(
+            optimizer, lambda s: multiplier * cosine_cycle_factor(s, steps, warmup)
+        )
+        model.train()
+        diverged, losses = False, []
+        data_seed = probe_seed(self.data.seed, i)
+        for step, micro_batches in self.data.steps(0, 0, steps, seed=data_seed):
+            scheduler.sync(step)
+            loss = accumulate_gradients(trainer, model, micro_batches)
+            if not bool(torch.isfinite(loss)):
+                diverged = True
+                break
+            apply_update(args, model, optimizer)
+            losses.append(float(loss))
+        model.zero_grad(set_to_none=True)
+        del optimizer, scheduler
+        row: dict[str, Any] = {
+            "index": i,
+            "multiplier": multiplier,
+            "learning_rate": multiplier * args.learning_rate,
+            "steps": steps,
+            "train_loss": sum(losses) / len(losses) if losses else None,
+            "diverged": diverged or not _finite(model),
+        }
+        if not row["diverged"]:
+            profile = interpolation_profile(model1, model, self.evaluate, alphas=self.alphas[1:])
+            losses_on_path = [model1_metrics["loss"], *profile["loss"]]
+            errors_on_path = [model1_metrics["error"], *profile["error"]]
+            row["diverged"] = not all(map(math.isfinite, losses_on_path))  # e.g. overflowing logits
+        if row["diverged"]:
+            # no number describes a diverged probe; None keeps the JSON strict
+            row.update(loss_barrier=None, error_barrier=None, eval_loss=None, eval_error=None)
+        else:
+            row.update(
+                loss_barrier=barrier(losses_on_path, self.alphas),
+                error_barrier=barrier(errors_on_path, self.alphas),
+                eval_loss=losses_on_path[-1],
+                eval_error=errors_on_path[-1],
+                path_loss=losses_on_path,
+                path_error=errors_on_path,
+            )
+        row["in_basin"] = in_basin(row, model1_metrics["loss"], args.basin_tolerance)
+        row["seconds"] = time.perf_counter() - began
+        return row
+
+
+def check_eval_dataset(eval_dataset) -> None:
+    """The probes need ONE held-out set: refused before training otherwise."""
+    if eval_dataset is None:
+        raise ValueError(
+            "cycle_learning_rate='auto' judges its probe cycles on held-out data: pass eval_dataset=<a "
+            "held-out split of the training data> to the trainer (never the test split), or set a numeric "
+            "cycle_learning_rate."
+        )
+    if isinstance(eval_dataset, dict):
+        raise ValueError(
+            "cycle_learning_rate='auto' judges the probes on ONE eval_dataset, got a dict of "
+            f"{len(eval_dataset)}; pass the held-out split alone."
+        )
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The probe table as text, for logs and the recipe's output."""
+    model1 = result["model1"]
+    lines = [
+        f"basin probe: {len(result['table'])} probe(s) of {result['probe_steps']} steps "
+        f"(cycle: {result['cycle_steps']}), tolerance {result['basin_tolerance']:g} x model 1's eval loss "
+        f"{model1['eval_loss']:.4f} (error {100 * model1['eval_error']:.2f}%)",
+        f"{'x LR':>8}{'LR':>11}{'barrier':>10}{'eval loss':>11}{'eval err %':>12}{'in basin':>10}",
+    ]
+    for row in result["table"]:
+        mark = "  <- chosen" if row.get("chosen") else ""
+        if row["diverged"]:
+            numbers = f"{'diverged':>33}"
+        else:
+            numbers = f"{row['loss_barrier']:>10.4f}{row['eval_loss']:>11.4f}{100 * row['eval_error']:>12.2f}"
+        lines.append(
+            f"{row['multiplier']:>8g}{row['learning_rate']:>11.3g}{numbers}{str(row['in_basin']):>10}{mark}"
+        )
+    lines.append(
+        f"chosen cycle_learning_rate = x{result['chosen_multiplier']:g} = "
+        f"{result['cycle_learning_rate']:.4g} ({result['reason']}; probes took {result['seconds']:.1f} s)"
+    )
+    return "\n".join(lines)
+
+
+def _fresh_optimizer(trainer) -> torch.optim.Optimizer:
+    """A new optimizer built the way the Trainer builds its own, leaving the Trainer's one untouched."""
+    saved = trainer.optimizer
+    trainer.optimizer = None
+    try:
+        return trainer.create_optimizer()
+    finally:
+        trainer.optimizer = saved
+
+
+def _finite(model: torch.nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.is_floating_point())
+
+
+def _gather(rows: list[dict[str, Any]], world: int) -> list[dict[str, Any]]:
+    """Every process's rows, on every process."""
+    if world == 1:
+        return rows
+    from accelerate.utils import gather_object
+
+    return list(gather_object(rows))
