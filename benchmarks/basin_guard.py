@@ -48,11 +48,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from recipes._cli import parse_config_and_args  # noqa: E402
+from recipes.report_results import mean_ci  # noqa: E402
 from recipes.vit_cifar import ScriptArguments, run  # noqa: E402
 from trainers import StarSSEConfig  # noqa: E402
 from trainers.probe import PROBE_FILE, choose, format_table, in_basin  # noqa: E402
 
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 SOUP_DROP_LIMIT = 0.02  # the issue: never an LR whose uniform soup is > 2 points below model 1
 
 
@@ -121,9 +121,8 @@ def read_records(pattern: str) -> list[dict]:
 
 
 def ci_half(values: list[float]) -> float:
-    if len(values) < 2:
-        return math.nan
-    return T95.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
+    """Half-width of the 95% t interval for any number of seeds (the report's, not a 1.96 fallback)."""
+    return mean_ci(values)[1]
 
 
 def compare(results: list[dict], records: list[dict], cycle_factor: float) -> list[str]:
