@@ -34,8 +34,17 @@ from pathlib import Path
 import torch
 
 from recipes._cli import parse_config_and_args, run_cli
-from recipes.vit_cifar import ScriptArguments, load_model, load_splits, prepare_data, resolve_checkpoint
+from recipes.vit_cifar import (
+    ScriptArguments,
+    apply_lora,
+    load_model,
+    load_splits,
+    prepare_data,
+    resolve_checkpoint,
+)
 from trainers import StarSSEConfig, StarSSETrainer
+
+PHASES = ("grid", "contrasts", "second", "convergence")
 
 
 @dataclass
@@ -65,8 +74,13 @@ class CompareArguments:
             "choices": ["held_out/ensemble/nll", "held_out/ensemble/accuracy"],
         },
     )
-    second_regime: bool = field(
-        default=True, metadata={"help": "Also run the key contrasts in the second regime."}
+    phases: list[str] = field(
+        default_factory=lambda: list(PHASES),
+        metadata={
+            "help": "What to run besides the grid: 'contrasts' (contrast_seeds), 'second' (the key contrasts "
+            "in the second regime), 'convergence' (model 1 trained longer, and from scratch: P1).",
+            "choices": list(PHASES),
+        },
     )
     second_regime_seeds: list[int] = field(
         default_factory=lambda: [0, 1, 2, 3, 4], metadata={"help": "Seeds of the second regime."}
@@ -101,6 +115,8 @@ class CompareArguments:
             raise ValueError("seeds is empty.")
         if self.workers < 1:
             raise ValueError(f"workers must be >= 1, got {self.workers}.")
+        if "grid" not in self.phases:
+            raise ValueError(f"phases must include 'grid' (the later phases build on it), got {self.phases}.")
         overlap = set(self.seeds) & set(self.contrast_seeds)
         if overlap:
             raise ValueError(f"seeds and contrast_seeds overlap: {sorted(overlap)}.")
@@ -145,14 +161,18 @@ def grid_tasks(cmp: CompareArguments) -> list[Task]:
 
 def independent_tasks(cmp: CompareArguments) -> list[Task]:
     """Tasks of the later phases that do not wait for the selection."""
-    tasks = [Task("main", s, m) for s in cmp.contrast_seeds for m in ("model1", "local_de")]
-    if cmp.second_regime:
+    tasks = []
+    if "contrasts" in cmp.phases:
+        tasks += [Task("main", s, m) for s in cmp.contrast_seeds for m in ("model1", "local_de")]
+    if "second" in cmp.phases:
         tasks += [Task("second", s, m) for s in cmp.second_regime_seeds for m in ("model1", "local_de")]
     return tasks
 
 
 def convergence_tasks(cmp: CompareArguments) -> list[Task]:
     """Model 1 trained longer, and one model trained from scratch (P1), on the grid seeds."""
+    if "convergence" not in cmp.phases:
+        return []
     tasks = [Task("main", s, "model1_long", f) for s in cmp.seeds for f in cmp.convergence_epoch_factors]
     return tasks + [Task("main", s, "scratch", 1.0, m) for s in cmp.seeds for m in cmp.scratch_lr_multipliers]
 
@@ -160,8 +180,9 @@ def convergence_tasks(cmp: CompareArguments) -> list[Task]:
 def chosen_tasks(cmp: CompareArguments, chosen: dict[str, tuple[float, float]]) -> list[Task]:
     tasks = []
     for method, (f, m) in chosen.items():
-        tasks += [Task("main", s, method, f, m) for s in cmp.contrast_seeds]
-        if cmp.second_regime:
+        if "contrasts" in cmp.phases:
+            tasks += [Task("main", s, method, f, m) for s in cmp.contrast_seeds]
+        if "second" in cmp.phases:
             tasks += [Task("second", s, method, f, m) for s in cmp.second_regime_seeds]
     return tasks
 
@@ -219,7 +240,8 @@ class SeedData:
         script = dataclasses.replace(self.script, init_from_scratch=True) if from_scratch else self.script
         model = load_model(self.checkpoint, self.label_names, script)
         self.preprocess.attach(model)
-        return model
+        # LoRA members (lora_r > 0): adapters drawn from the same seeded RNG, as in the recipe
+        return apply_lora(model, script) if script.lora_r > 0 else model
 
     def split(self, name: str):
         return self.preprocess.eval_batches(self.batches[name], "cpu")
@@ -235,6 +257,26 @@ def _load(path: Path):
     from hf_ens.members import load_member
 
     return load_member(path)
+
+
+def member_models(trainer: StarSSETrainer, data: SeedData) -> list:
+    """The trained members as plain models, ready for the tensor path: LoRA members merged into their base
+    (exact; soups, distances and paths need whole weights, not the A and B factors)."""
+    if trainer.is_peft:
+        models = trainer.ensemble().merged_members()
+    else:
+        models = [_load(Path(p)) for p in trainer.member_paths]
+    for model in models:
+        data.preprocess.attach(model)  # idempotent: the hook only converts uint8 batches
+    return models
+
+
+def _saved_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """The weights a member directory holds: a LoRA adapter's, or a whole model's."""
+    from safetensors.torch import load_file
+
+    adapter = directory / "adapter_model.safetensors"
+    return load_file(adapter if adapter.is_file() else directory / "model.safetensors")
 
 
 def train_members(task: Task, train: StarSSEConfig, data: SeedData, out: Path, model1_dir: Path | None):
@@ -287,16 +329,12 @@ def evaluate_members(task: Task, trainer: StarSSETrainer, data: SeedData, model1
         temperature_scaled,
     )
 
-    paths = [Path(p) for p in trainer.member_paths]
-    logits: list[dict] = []
-    for k, path in enumerate(paths):
-        if k == 0 and model1 is not None:
-            logits.append(model1["logits"])
-            continue
-        member = _load(path)
-        data.preprocess.attach(member)
-        logits.append(_logits(member, data))
-    soup = uniform_soup(paths)
+    models = member_models(trainer, data)
+    logits = [
+        model1["logits"] if k == 0 and model1 is not None else _logits(member, data)
+        for k, member in enumerate(models)
+    ]
+    soup = uniform_soup(models)
     data.preprocess.attach(soup)
     soup_logits = _logits(soup, data)
     metrics: dict = {}
@@ -321,10 +359,9 @@ def evaluate_members(task: Task, trainer: StarSSETrainer, data: SeedData, model1
         scaled = classification_metrics(temperature_scaled(get("test"), t), logits[0]["test"][1])
         metrics.update({f"ts/{name}/{k}": v for k, v in scaled.items()})
     # basin: distance of each member to model 1; held-out loss/error barrier model 1 -> member 1
-    if len(paths) > 1 and task.method != "local_de":
-        first, second = _load(paths[0]), _load(paths[1])
-        data.preprocess.attach(first)
-        metrics["basin/distance_to_model1"] = [float(weight_distance(first, _load(p))) for p in paths[1:]]
+    if len(models) > 1 and task.method != "local_de":
+        first, second = models[0], models[1]
+        metrics["basin/distance_to_model1"] = [float(weight_distance(first, m)) for m in models[1:]]
 
         def eval_fn(model):
             from hf_ens.evaluation import predict_logits
@@ -340,13 +377,11 @@ def evaluate_members(task: Task, trainer: StarSSETrainer, data: SeedData, model1
     return metrics
 
 
-def evaluate_model1(path: Path, data: SeedData) -> tuple[dict, dict]:
+def evaluate_model1(member, data: SeedData) -> tuple[dict, dict]:
     """Model 1's metrics (train, held-out, test; raw and temperature-scaled) and its logits, kept per seed."""
     from hf_ens.evaluation import predict_logits
     from hf_ens.metrics import accuracy, classification_metrics, fit_temperature, temperature_scaled
 
-    member = _load(path)
-    data.preprocess.attach(member)
     logits = _logits(member, data)
     z, y = predict_logits(member, data.split("train"))
     metrics = {
@@ -364,7 +399,7 @@ def evaluate_model1(path: Path, data: SeedData) -> tuple[dict, dict]:
 
 
 def _max_abs_diff(a: Path, b: Path) -> float:
-    ours, theirs = _load(a).state_dict(), _load(b).state_dict()
+    ours, theirs = _saved_weights(a), _saved_weights(b)
     return max(float((ours[k].float() - theirs[k].float()).abs().max()) for k in ours)
 
 
@@ -390,9 +425,9 @@ def run_task(
         if task.method == "starsse":
             record["steps_trained_here"] = sum(per_member[1:])  # model 1's steps were paid by its own task
         if task.method in ("model1_long", "scratch"):
-            metrics, _ = evaluate_model1(Path(trainer.member_paths[0]), data)
+            metrics, _ = evaluate_model1(member_models(trainer, data)[0], data)
         elif task.method == "model1":
-            metrics, logits = evaluate_model1(Path(trainer.member_paths[0]), data)
+            metrics, logits = evaluate_model1(member_models(trainer, data)[0], data)
             shutil.rmtree(model1_dir, ignore_errors=True)
             shutil.copytree(trainer.member_paths[0], model1_dir)
             torch.save({"logits": logits}, logits_file)

@@ -411,24 +411,40 @@ def write_report(records: list[dict], cmp, epochs: float) -> Path:
     chosen = choose(records, seeds, cmp.selection_metric)
     contrast_seeds = seeds + list(cmp.contrast_seeds)
     demo_table, demo_counts = demo_criterion(records, seeds)
+    phases = set(getattr(cmp, "phases", ("grid", "contrasts", "second", "convergence")))
     parts = [
         "# Fair comparison: tables (written by recipes/report_results.py; do not edit)\n",
         f"Chosen on held-out `{cmp.selection_metric}` (mean over grid seeds {seeds}): "
         + ", ".join(f"{k}: `{v}`" for k, v in chosen.items()),
         "\n## Model 1\n",
         model1_table(records),
-        "\n## P1: pre-trained vs from scratch (grid seeds; scratch LR chosen on held-out)\n",
-        premise_table(records, seeds),
-        "\n## Model 1 trained longer (convergence check, grid seeds)\n",
-        convergence_table(records, seeds, epochs),
+    ]
+    if "convergence" in phases:
+        parts += [
+            "\n## P1: pre-trained vs from scratch (grid seeds; scratch LR chosen on held-out)\n",
+            premise_table(records, seeds),
+            "\n## Model 1 trained longer (convergence check, grid seeds)\n",
+            convergence_table(records, seeds, epochs),
+        ]
+    parts += [
         f"\n## Grid (main regime, seeds {seeds}; mean ± 95% t interval)\n",
         grid_table(records, seeds),
-        f"\n## Key contrasts, main regime (seeds {contrast_seeds})\n",
-        contrast_table(records, "main", chosen, contrast_seeds),
+    ]
+    if "contrasts" in phases and cmp.contrast_seeds:
+        parts += [
+            f"\n## Key contrasts, main regime (seeds {contrast_seeds})\n",
+            contrast_table(records, "main", chosen, contrast_seeds),
+        ]
+    parts += [
         f"\n## Key contrasts, main regime, grid seeds only ({seeds})\n",
         contrast_table(records, "main", chosen, seeds),
-        "\n## Key contrasts, second regime (source and target classes swapped)\n",
-        contrast_table(records, "second", chosen, None),
+    ]
+    if "second" in phases:
+        parts += [
+            "\n## Key contrasts, second regime (source and target classes swapped)\n",
+            contrast_table(records, "second", chosen, None),
+        ]
+    parts += [
         "\n## Demo criterion per StarSSE setting\n\nEnsemble beats model 1 in accuracy AND NLL, and the "
         "uniform soup is at least as accurate as model 1 (seeds where it holds).\n",
         demo_table,
