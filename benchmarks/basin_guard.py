@@ -20,9 +20,11 @@ plus the probes only (stopped right after the choice). Per seed it prints
 
 Works on whatever records exist (none, some seeds, some multipliers) and says what it could not compare.
 
-Calibrating ``basin_tolerance``: run with ``--set basin_tolerance=1e9`` (every candidate is probed) and
-``--what_if 0.05 0.1 0.2 0.5``: each seed's full probe table is re-judged with each tolerance and the
-multiplier it would choose is printed (the choice rule of ``trainers.probe``, applied to recorded numbers).
+Calibrating ``basin_tolerance``: run with ``--set basin_tolerance=1e9 probe_loss_ratio=1e9`` (every
+candidate is probed), ``--json calib.json`` and ``--what_if 0.05 0.1 0.2 0.5 [--what_if_loss_ratio 1.5 2]``:
+each seed's full probe table is re-judged with each setting and the multiplier it would choose is printed
+(the choice rule of ``trainers.probe``, applied to recorded numbers); ``--from_json calib.json`` re-judges a
+saved run without training.
 
     PYTHONPATH=. python benchmarks/basin_guard.py --config recipes/configs/offline.yaml \\
         --seeds 0 1 2 3 4 [--cycle_factor 1.0] [--probe_only] [--records 'docs/results/fair/runs-*.jsonl'] \\
@@ -84,6 +86,9 @@ def one_seed(script, train, seed: int, probe_only: bool) -> dict:
         train.output_dir = tmp
         began = time.perf_counter()
         if probe_only:
+            # the stop needs the Trainer's step callbacks, which branches (parallel_members) do not call;
+            # model 1 and the probes are the same either way (the probes are branches in both)
+            train.parallel_members = False
             try:
                 run(script, train, callbacks=[StopAfterProbes()])
             except _ProbesDone as done:
@@ -104,11 +109,11 @@ def one_seed(script, train, seed: int, probe_only: bool) -> dict:
     }
 
 
-def what_if(probe: dict, tolerance: float) -> float:
-    """The multiplier the probe table would give with another tolerance (rows past the recorded ones are
-    unknown: a table cut by the run's own tolerance can only be re-judged up to its cut)."""
+def what_if(probe: dict, tolerance: float, loss_ratio: float) -> float:
+    """The multiplier the probe table would give with other settings (rows past the recorded ones are
+    unknown: a table cut by the run's own settings can only be re-judged up to its cut)."""
     loss1 = probe["model1"]["eval_loss"]
-    rows = [{**row, "in_basin": in_basin(row, loss1, tolerance)} for row in probe["table"]]
+    rows = [{**row, "in_basin": in_basin(row, loss1, tolerance, loss_ratio)} for row in probe["table"]]
     return float(rows[choose(rows)[0]]["multiplier"])
 
 
@@ -208,6 +213,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--what_if", type=float, nargs="*", default=[], help="tolerances to re-judge the probe tables with"
     )
+    parser.add_argument(
+        "--what_if_loss_ratio",
+        type=float,
+        nargs="+",
+        default=[2.0],
+        help="...and these probe_loss_ratio values",
+    )
+    parser.add_argument(
+        "--from_json", default=None, help="re-judge the results of an earlier --json instead of running"
+    )
     args = parser.parse_args(argv)
 
     overrides = []
@@ -220,8 +235,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     train.cycle_epochs = args.cycle_factor * train.num_train_epochs
     script.interpolation_points = 0  # not needed here
-    results = []
-    for seed in args.seeds:
+    results = json.loads(Path(args.from_json).read_text()) if args.from_json else []
+    for seed in [] if args.from_json else args.seeds:
         res = one_seed(script, train, seed, args.probe_only)
         results.append(res)
         share = res["probe"]["seconds"] / res["whole_seconds"]
@@ -235,8 +250,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=float))
     for tolerance in args.what_if:
-        picks = [what_if(r["probe"], tolerance) for r in results]
-        print(f"[basin_guard] what if basin_tolerance={tolerance:g}: chosen multipliers {picks}")
+        for ratio in args.what_if_loss_ratio:
+            picks = [what_if(r["probe"], tolerance, ratio) for r in results]
+            print(
+                f"[basin_guard] what if basin_tolerance={tolerance:g}, probe_loss_ratio={ratio:g}: chosen "
+                f"multipliers {picks}"
+            )
     records = read_records(args.records)
     print(f"[basin_guard] {len(records)} sweep records from {args.records}")
     for line in compare(results, records, args.cycle_factor):

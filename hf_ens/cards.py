@@ -216,6 +216,7 @@ def _basin_probe_rows(probe) -> dict | None:
         "chosen_multiplier": f"{float(probe['chosen_multiplier']):g}",
         "cycle_learning_rate": f"{float(probe['cycle_learning_rate']):.4g}",
         "tolerance": f"{float(probe.get('basin_tolerance', 0)):g}",
+        "loss_ratio": f"{float(probe['probe_loss_ratio']):g}" if "probe_loss_ratio" in probe else None,
         "model1_loss": number(model1.get("eval_loss")),
         "model1_error": number(model1.get("eval_error"), 100.0),
         "probe_steps": probe.get("probe_steps"),

@@ -125,13 +125,14 @@ def plot_vs_ensemble_size(
 def plot_basin_probe(
     probe: Mapping, path: str | os.PathLike = "basin_probe.png", title: str | None = None
 ) -> Path:
-    """The basin guard's probes (``cycle_learning_rate="auto"``): loss barrier and eval-loss increase (left,
-    with the tolerance line) and eval error (right) vs the cycle-LR multiplier, the chosen one marked.
+    """The basin guard's probes (``cycle_learning_rate="auto"``) vs the cycle-LR multiplier, the chosen one
+    marked: the loss barrier with its tolerance line (left; the decision), and the eval error with model 1's
+    (right); the eval loss / model 1's, with its backstop ``probe_loss_ratio``, on the right panel's own axis.
 
     `probe` is the JSON-ready probe result the trainer stores (``trainer.basin_probe``, or ``basin_probe`` in
     an ensemble's metadata): ``table`` rows with ``multiplier``, ``loss_barrier``, ``eval_loss``,
     ``eval_error``, ``in_basin``, ``chosen``; ``model1`` with ``eval_loss`` / ``eval_error``;
-    ``basin_tolerance``.
+    ``basin_tolerance`` (and ``probe_loss_ratio``, drawn when present).
     Diverged probes (no numbers) are marked at the top of each panel.
     """
     try:
@@ -148,14 +149,18 @@ def plot_basin_probe(
     rows = [r for r in table if not r.get("diverged")]
     x = [float(r["multiplier"]) for r in rows]
     left.plot(x, [float(r["loss_barrier"]) for r in rows], marker="o", ms=4, label="loss barrier (path)")
-    left.plot(
-        x, [float(r["eval_loss"]) - loss1 for r in rows], marker="s", ms=4, label="eval loss - model 1's"
-    )
     left.axhline(tolerance * loss1, color="tab:red", ls="--", lw=1, label=f"tolerance ({tolerance:g} x L1)")
     left.set_ylabel("nats (eval cross-entropy)")
     right.plot(x, [100 * float(r["eval_error"]) for r in rows], marker="o", ms=4, color="tab:purple")
     right.axhline(100 * error1, color="gray", ls=":", lw=1, label="model 1")
-    right.set_ylabel("eval error (%)")
+    right.set_ylabel("probe eval error (%)")
+    ratio_axis = right.twinx()
+    ratio_axis.plot(
+        x, [float(r["eval_loss"]) / loss1 for r in rows], marker="s", ms=3, color="tab:orange", alpha=0.7
+    )
+    if "probe_loss_ratio" in probe:
+        ratio_axis.axhline(float(probe["probe_loss_ratio"]), color="tab:orange", ls="--", lw=1)
+    ratio_axis.set_ylabel("probe eval loss / L1 (orange; dashed: backstop)", color="tab:orange", fontsize=7)
     for ax in (left, right):
         for r in table:
             m = float(r["multiplier"])

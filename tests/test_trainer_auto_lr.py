@@ -18,7 +18,7 @@ from hf_ens.plots import plot_basin_probe
 from tests._tiny import TinyImages, one_torch_thread
 from tests._trainer_utils import LR, RecordingCollator, load_member, max_diff, starsse_config, tiny_vit
 from trainers import StarSSEConfig, StarSSETrainer
-from trainers.probe import PROBE_FILE, choose, probe_steps
+from trainers.probe import PROBE_FILE, choose, in_basin, probe_steps
 
 _one_thread = pytest.fixture(autouse=True)(one_torch_thread)
 
@@ -253,6 +253,24 @@ def test_probe_sizing_and_choice_rule():
     rows = [{"multiplier": m, "in_basin": ok} for m, ok in ((1, True), (2, True), (4, False), (8, True))]
     assert choose(rows)[0] == 1  # cut at the first failure, never stepped over
     assert choose(rows[2:])[0] == 0  # even the smallest failed: the smallest
+
+
+def test_the_basin_rule_is_the_barrier_with_a_loose_loss_backstop():
+    """Numbers of the offline task's seed-0 probes (model 1's held-out loss 0.455): a short probe ends above
+    model 1 even at 0.25x, which must not count as leaving; a bump (barrier) does, and so does a path that
+    rises without a bump to more than probe_loss_ratio x model 1's loss."""
+
+    def row(barrier, loss):
+        return {"diverged": False, "loss_barrier": barrier, "eval_loss": loss}
+
+    loss1 = 0.455
+    assert in_basin(row(0.0, 0.502), loss1, 0.1, 2.0)  # 0.25x: +10% loss, no barrier
+    assert in_basin(row(0.0, 0.72), loss1, 0.1, 2.0)  # +58%: still only an unconverged probe
+    assert not in_basin(row(0.056, 0.72), loss1, 0.1, 2.0)  # 2x: a barrier of 0.12 x L1
+    assert in_basin(row(0.056, 0.72), loss1, 0.2, 2.0)
+    assert not in_basin(row(0.0, 0.95), loss1, 0.1, 2.0)  # no bump, but the loss more than doubled
+    assert in_basin(row(0.0, 0.95), loss1, 0.1, 2.5)
+    assert not in_basin({"diverged": True, "loss_barrier": None, "eval_loss": None}, loss1, 1e9, 1e9)
 
 
 def test_the_command_line_reads_auto_and_numbers():

@@ -77,10 +77,19 @@ class StarSSEConfig(TrainingArguments):
     basin_tolerance: float = field(
         default=0.1,
         metadata={
-            "help": "cycle_learning_rate='auto': how far a probe may go and still count as inside the basin, "
-            "as a fraction of model 1's eval loss (mean cross-entropy, nats): the loss barrier on the "
-            "straight path model 1 -> probe end (max_t L(t) - ((1-t) L(0) + t L(1))) and the probe's eval "
-            "loss minus model 1's must both be <= basin_tolerance x model 1's eval loss (0.1: a tenth)."
+            "help": "cycle_learning_rate='auto': the largest loss barrier a probe may show and still "
+            "count as inside the basin, as a fraction of model 1's eval loss (mean cross-entropy, nats): "
+            "the barrier of the straight path model 1 -> probe end, max_t L(t) - ((1-t) L(0) + t L(1)), "
+            "must be <= basin_tolerance x model 1's eval loss (0.1: a tenth)."
+        },
+    )
+    probe_loss_ratio: float = field(
+        default=2.0,
+        metadata={
+            "help": "cycle_learning_rate='auto': a backstop for paths without a bump; a probe whose eval "
+            "loss exceeds probe_loss_ratio x model 1's has left the basin whatever its barrier (>= 1). "
+            "A probe is short and unconverged, so its loss is above model 1's even at small LRs: keep "
+            "this loose."
         },
     )
     cycle_warmup_steps: float = field(
@@ -197,6 +206,7 @@ def _check_probe_settings(args: StarSSEConfig) -> None:
             f"{args.probe_fraction!r}."
         )
     _check_real("basin_tolerance", args.basin_tolerance, low=0.0, inclusive=True)
+    _check_real("probe_loss_ratio", args.probe_loss_ratio, low=1.0, inclusive=True)
 
 
 def _check_auto(args: StarSSEConfig) -> None:
