@@ -85,3 +85,39 @@ def test_task_keys_are_unique_and_member_seeds_never_collide():
 def test_contrast_and_grid_seeds_may_not_overlap():
     with pytest.raises(ValueError, match="overlap"):
         CompareArguments(seeds=[0, 1], contrast_seeds=[1, 2])
+
+
+def test_phases_decide_which_tasks_exist_and_the_grid_is_required():
+    from recipes.compare_methods import chosen_tasks, convergence_tasks, independent_tasks
+
+    full = CompareArguments(seeds=[0, 1], contrast_seeds=[5])
+    assert {t.regime for t in independent_tasks(full)} == {"main", "second"}
+    assert convergence_tasks(full) and {t.seed for t in chosen_tasks(full, {"starsse": (0.5, 1.0)})} == {
+        0,
+        1,
+        2,
+        3,
+        4,
+        5,
+    }  # fmt: skip  (second-regime seeds 0-4, contrast seed 5)
+    grid_only = CompareArguments(seeds=[0, 1], contrast_seeds=[5], phases=["grid"])
+    assert independent_tasks(grid_only) == [] and convergence_tasks(grid_only) == []
+    assert chosen_tasks(grid_only, {"starsse": (0.5, 1.0)}) == []
+    assert len(grid_tasks(grid_only)) == len(grid_tasks(full))
+    with pytest.raises(ValueError, match="grid"):
+        CompareArguments(phases=["contrasts"])
+
+
+def test_a_grid_only_report_has_no_sections_of_phases_not_run(tmp_path):
+    """On the committed records of two grid seeds (real runs), read as a grid-only comparison."""
+    from pathlib import Path
+
+    from recipes.compare_methods import read_records
+    from recipes.report_results import write_report
+
+    fair = Path(__file__).resolve().parent.parent / "docs" / "results" / "fair"
+    records = [r for r in read_records(fair) if r["regime"] == "main" and r["seed"] in (0, 1)]
+    cmp = CompareArguments(seeds=[0, 1], contrast_seeds=[5], phases=["grid"], results_dir=str(tmp_path))
+    text = write_report(records, cmp, 15).read_text()
+    assert "## Grid" in text and "grid seeds only ([0, 1])" in text and "starsse/F=0.5E/x1 (n=2)" in text
+    assert "second regime" not in text and "P1" not in text and "seeds [0, 1, 5]" not in text
