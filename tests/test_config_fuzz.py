@@ -26,6 +26,7 @@ BAD = {
     "probe_fraction": [0, 0.5, NAN, -0.1],
     "basin_tolerance": [-0.1, NAN, INF],
     "probe_loss_ratio": [0.5, -1.0, NAN, INF],
+    "probe_search": ["binary", "", None],
     "num_train_epochs": [0, -2.0, INF, NAN, "2", 1e308],
     "cycle_epochs": [0, -0.5, INF, NAN, "1", 1e308],
     "cycle_warmup_steps": [-1, NAN, INF, 6, 1e12, "0"],

@@ -5,6 +5,7 @@ during or after probing, and is refused where it cannot work."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -18,7 +19,7 @@ from hf_ens.plots import plot_basin_probe
 from tests._tiny import TinyImages, one_torch_thread
 from tests._trainer_utils import LR, RecordingCollator, load_member, max_diff, starsse_config, tiny_vit
 from trainers import StarSSEConfig, StarSSETrainer
-from trainers.probe import PROBE_FILE, choose, in_basin, probe_steps
+from trainers.probe import PROBE_FILE, choose, in_basin, next_probes, probe_steps
 
 _one_thread = pytest.fixture(autouse=True)(one_torch_thread)
 
@@ -81,8 +82,9 @@ def reference(tmp_path_factory):
 def test_a_grid_that_leaves_the_basin_is_cut_there_and_the_cycles_use_the_choice(reference):
     probe, members, trainer = reference
     rows = {row["multiplier"]: row for row in probe["table"]}
-    assert [row["multiplier"] for row in probe["table"]] == [0.5, 2.0, 100.0]
-    assert rows[0.5]["in_basin"] and rows[2.0]["in_basin"]
+    # bisection: the middle candidate first, then the bracket above it; x0.5 is never needed
+    assert [row["multiplier"] for row in probe["table"]] == [2.0, 100.0] and probe["probe_search"] == "bisect"
+    assert rows[2.0]["in_basin"]
     assert not rows[100.0]["in_basin"]  # x100 visibly leaves: a large barrier or loss jump, or divergence
     assert rows[100.0]["diverged"] or rows[100.0]["eval_loss"] > 1.5 * probe["model1"]["eval_loss"]
     assert probe["chosen_multiplier"] == 2.0 and rows[2.0]["chosen"] and not rows[100.0]["chosen"]
@@ -253,6 +255,44 @@ def test_probe_sizing_and_choice_rule():
     rows = [{"multiplier": m, "in_basin": ok} for m, ok in ((1, True), (2, True), (4, False), (8, True))]
     assert choose(rows)[0] == 1  # cut at the first failure, never stepped over
     assert choose(rows[2:])[0] == 0  # even the smallest failed: the smallest
+
+
+def _outcomes(*in_basin: bool) -> dict[int, dict]:
+    return {i: {"in_basin": ok} for i, ok in enumerate(in_basin)}
+
+
+def _search(outcome, n: int, world: int, search: str) -> tuple[list[list[int]], int]:
+    """Rounds of probes and the chosen index for a grid whose candidate i stays iff outcome(i)."""
+    probed, rounds = {}, []
+    while todo := next_probes(probed, n, world, search):
+        rounds.append(todo)
+        probed.update({i: {"in_basin": outcome(i)} for i in todo})
+    table = [{"multiplier": i, **probed[i]} for i in sorted(probed)]
+    return rounds, table[choose(table)[0]]["multiplier"]
+
+
+def test_bisection_finds_the_linear_choice_in_fewer_probes_on_monotone_grids():
+    for n in (2, 3, 7, 10):
+        for edge in range(-1, n):  # candidates 0..edge stay, the rest leave
+            stays = lambda i, edge=edge: i <= edge  # noqa: E731
+            _, linear = _search(stays, n, 1, "linear")
+            for world in (1, 2, 3):
+                rounds, choice = _search(stays, n, world, "bisect")
+                assert choice == linear == max(edge, 0), (n, edge, world)
+                assert all(len(r) <= world for r in rounds)
+            assert len(_search(stays, n, 1, "bisect")[0]) <= math.ceil(math.log2(n + 1))
+        # worst cases: every candidate probed in order, vs log2
+        assert len(_search(lambda i: True, n, 1, "linear")[0]) == n
+    # the default grid with 2x staying and 4x leaving (the offline task): 3 probes instead of 5
+    assert _search(lambda i: i <= 3, 7, 1, "bisect")[0] == [[3], [5], [4]]
+    assert _search(lambda i: i <= 3, 7, 1, "linear")[0] == [[0], [1], [2], [3], [4]]
+
+
+def test_linear_search_never_steps_over_a_failure_bisection_may():
+    holes = lambda i: i != 1  # noqa: E731  (a non-monotone grid: x index 1 leaves, the rest stay)
+    assert _search(holes, 7, 1, "linear")[1] == 0
+    assert _search(holes, 7, 1, "bisect")[1] == 6  # documented: bisection assumes monotone outcomes
+    assert next_probes(_outcomes(True, False), 2, 1, "bisect") == []  # bracket closed: nothing to probe
 
 
 def test_the_basin_rule_is_the_barrier_with_a_loose_loss_backstop():

@@ -61,7 +61,7 @@ RUN_FIELDS = (
 )
 # With cycle_learning_rate="auto" these decide the chosen LR too. Recorded only then, so that checkpoints of
 # runs with a numeric cycle LR (also those made before these fields existed) keep resuming.
-AUTO_RUN_FIELDS = ("cycle_lr_grid", "probe_fraction", "basin_tolerance", "probe_loss_ratio")
+AUTO_RUN_FIELDS = ("cycle_lr_grid", "probe_search", "probe_fraction", "basin_tolerance", "probe_loss_ratio")
 
 
 def run_config(args) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 Too low a cycle LR gives members that copy model 1, too high a one leaves the pre-train basin and loses the
 transfer benefit (Sadrtdinov et al., NeurIPS 2023). So once model 1 exists, the run tries the candidates of
-``cycle_lr_grid`` (multiples of ``learning_rate``) in increasing order, each as a *probe*: a short cycle from
+``cycle_lr_grid`` (multiples of ``learning_rate``), each as a *probe*: a short cycle from
 model 1 with the cycles' shape (warmup + cosine, ``probe_steps`` long), a fresh optimizer and its own seed,
 ``probe_seed(seed, i)``. Each probe's end is judged on the trainer's ``eval_dataset`` against model 1:
 
@@ -15,12 +15,17 @@ A probe stays in the basin when its barrier is at most ``basin_tolerance`` x mod
 backstop for paths that rise without a bump, its eval loss is at most ``probe_loss_ratio`` x model 1's. The
 probe's own loss is no tighter signal: a probe is short and unconverged, so on the offline task even 0.25x
 ended 10% above model 1 while the swept members at 1-2x were the best ensembles (docs/results.md).
-Probing stops at the first probe that leaves (or diverges); the chosen LR is the largest
-one before it (the smallest candidate, with a warning, if even that one left). A grid that is not monotone in
-its outcome is thus cut at the first failure, never stepped over.
+The chosen LR is the candidate just below the smallest one known to leave (or diverge), once that one is
+probed and stays (the smallest candidate, with a warning, if even that one left). ``probe_search`` decides
+which candidates are probed (``next_probes``): ``"bisect"`` (default) halves the bracket each round, assuming
+that the barrier grows with the LR (3 probes for the default 7 candidates instead of up to 7: the probes'
+path evaluations dominated the guard's cost); ``"linear"`` probes in increasing order up to the first
+failure, so a grid whose outcome is not monotone is cut at its first failure, never stepped over, and the
+table holds every candidate up to it (as calibration wants).
 
 Probes are branches (``trainers.branches``): trained alone in a process with the member batch, so with N
-processes they go round-robin, N at a time, and the result does not depend on N. Everything a probe changes
+processes N of them run per round. The choice does not depend on N for a monotone grid (nor ever under
+``"linear"``); which candidates are probed does under ``"bisect"``. Everything a probe changes
 (weights, global RNG states) is put back afterwards, so the cycles that follow are those of a run with the
 chosen LR set by hand. The result (a JSON-ready dict) goes into checkpoints, ``ensemble_config``
 metadata, the model card and ``{output_dir}/basin_probe.json``.
@@ -88,8 +93,27 @@ def in_basin(row: dict[str, Any], model1_loss: float, tolerance: float, loss_rat
     return row["loss_barrier"] <= tolerance * model1_loss and row["eval_loss"] <= loss_ratio * model1_loss
 
 
+def next_probes(probed: dict[int, dict[str, Any]], n: int, world: int, search: str) -> list[int]:
+    """Grid indices to probe next (at most `world`, one per process), or [] once the choice is known.
+
+    The choice is the candidate below the smallest index known to leave (``hi``), once every index between it
+    and the largest one known to stay below ``hi`` (``lo``) is probed. ``"linear"`` probes the next indices
+    in order; ``"bisect"`` splits (lo, hi) evenly, assuming the barrier grows with the LR: ceil(log2(n + 1))
+    probes for one process instead of up to n. A non-monotone grid can hide a failure from bisection, never
+    from linear search.
+    """
+    hi = min((i for i, row in probed.items() if not row["in_basin"]), default=n)
+    lo = max((i for i, row in probed.items() if row["in_basin"] and i < hi), default=-1)
+    if hi - lo <= 1:
+        return []
+    if search == "linear":
+        return list(range(lo + 1, min(lo + 1 + world, hi)))
+    return sorted({lo + k * (hi - lo) // (world + 1) for k in range(1, world + 1)} - {lo, hi})
+
+
 def choose(table: list[dict[str, Any]]) -> tuple[int, str]:
-    """(index of the chosen row, why): the last row before the first one outside the basin."""
+    """(index of the chosen row, why): the last row before the first one outside the basin (`table` sorted by
+    multiplier; `next_probes` probes until that row is the grid neighbour of the failing one)."""
     cut = next((i for i, row in enumerate(table) if not row["in_basin"]), len(table))
     if cut == 0:
         return 0, "every probed LR left the basin; the smallest candidate is used"
@@ -138,7 +162,7 @@ class ProbeRun:
         }
 
     def run(self) -> dict[str, Any]:
-        """Probe in increasing LR order until one leaves the basin; returns the result (JSON-ready)."""
+        """Probe (``probe_search``) until the largest LR in the basin is known; the result, JSON-ready."""
         trainer, args = self.trainer, self.args
         began = time.perf_counter()
         model = trainer.model
@@ -147,23 +171,21 @@ class ProbeRun:
         model1 = copy.deepcopy(model).eval()
         model1_metrics = self.evaluate(copy.deepcopy(model1))
         grid, world, rank = list(args.cycle_lr_grid), args.world_size, args.process_index
-        table: list[dict[str, Any]] = []
+        probed: dict[int, dict[str, Any]] = {}
         try:
-            for first in range(0, len(grid), world):  # one round: probes first .. first + world - 1
-                mine = [i for i in range(first, min(first + world, len(grid))) if i % world == rank]
-                rows = [self._probe(i, grid[i], model1, model1_state, model1_metrics) for i in mine]
-                round_rows = sorted(_gather(rows, world), key=lambda row: row["index"])
-                for row in round_rows:
-                    table.append(row)
-                    if not row["in_basin"]:
-                        break
-                if not table[-1]["in_basin"]:
+            while True:  # one round: up to `world` probes, one per process
+                todo = next_probes(probed, len(grid), world, args.probe_search)
+                if not todo:
                     break
+                mine = [i for j, i in enumerate(todo) if j % world == rank]
+                rows = [self._probe(i, grid[i], model1, model1_state, model1_metrics) for i in mine]
+                probed.update({row["index"]: row for row in _gather(rows, world)})
         finally:
             model.load_state_dict(model1_state, strict=True)
             model.zero_grad(set_to_none=True)
             model.train()
             _set_rng_state(rng)
+        table = [probed[i] for i in sorted(probed)]
         chosen, why = choose(table)
         for i, row in enumerate(table):
             row["chosen"] = i == chosen
@@ -179,6 +201,7 @@ class ProbeRun:
         result = {
             "mode": "auto",
             "cycle_lr_grid": grid,
+            "probe_search": args.probe_search,
             "chosen_multiplier": multiplier,
             "cycle_learning_rate": multiplier * args.learning_rate,
             "reason": why,

@@ -67,6 +67,16 @@ class StarSSEConfig(TrainingArguments):
             "(at least two, each > 0). Probed in increasing order until one leaves the basin."
         },
     )
+    probe_search: str = field(
+        default="bisect",
+        metadata={
+            "help": "cycle_learning_rate='auto': which candidates to probe. 'bisect' halves the bracket "
+            "each round (3 probes for 7 candidates; assumes the barrier grows with the LR); 'linear' probes "
+            "in increasing order up to the first that leaves (every candidate up to it, never stepping over "
+            "a failure).",
+            "choices": ["bisect", "linear"],
+        },
+    )
     probe_fraction: float = field(
         default=0.25,
         metadata={
@@ -206,6 +216,8 @@ def _check_probe_settings(args: StarSSEConfig) -> None:
             f"{args.probe_fraction!r}."
         )
     _check_real("basin_tolerance", args.basin_tolerance, low=0.0, inclusive=True)
+    if args.probe_search not in ("bisect", "linear"):
+        raise ValueError(f"probe_search must be 'bisect' or 'linear', got {args.probe_search!r}.")
     _check_real("probe_loss_ratio", args.probe_loss_ratio, low=1.0, inclusive=True)
 
 
