@@ -27,7 +27,7 @@ each seed's full probe table is re-judged with each setting and the multiplier i
 saved run without training.
 
     PYTHONPATH=. python benchmarks/basin_guard.py --config recipes/configs/offline.yaml \\
-        --seeds 0 1 2 3 4 [--cycle_factor 1.0] [--probe_only] [--records 'docs/results/fair/runs-*.jsonl'] \\
+        --seeds 0 1 2 3 4 [--cycle_factor 0.5] [--probe_only] [--records 'docs/results/fair/runs-*.jsonl'] \\
         [--set basin_tolerance=0.1 ...]
 """
 
@@ -205,7 +205,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(ROOT / "recipes" / "configs" / "offline.yaml"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--cycle_factor", type=float, default=1.0, help="cycle_epochs / num_train_epochs")
+    parser.add_argument(
+        "--cycle_factor",
+        type=float,
+        default=None,
+        help="cycle_epochs / num_train_epochs (default: the config's)",
+    )
     parser.add_argument("--probe_only", action="store_true", help="model 1 + probes only (fast)")
     parser.add_argument("--records", default=str(ROOT / "docs" / "results" / "fair" / "runs-*.jsonl"))
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="recipe overrides")
@@ -233,6 +238,8 @@ def main(argv: list[str] | None = None) -> None:
         (ScriptArguments, StarSSEConfig),
         ["--config", args.config, "--cycle_learning_rate", "auto", "--method", "starsse", *overrides],
     )
+    if args.cycle_factor is None:
+        args.cycle_factor = train.cycle_epochs / train.num_train_epochs
     train.cycle_epochs = args.cycle_factor * train.num_train_epochs
     script.interpolation_points = 0  # not needed here
     results = json.loads(Path(args.from_json).read_text()) if args.from_json else []
