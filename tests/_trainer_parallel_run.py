@@ -4,8 +4,9 @@ benchmarks/parallel_members.py: a StarSSE / Local DE run with ``parallel_members
 Usage: ``_trainer_parallel_run.py OUT JSON [OUT JSON ...]``, one run per pair. JSON holds ``StarSSEConfig``
 overrides plus the script's own keys: ``resume`` (resume_from_checkpoint=True), ``slow`` (seconds the
 collator sleeps per batch, so that a test can kill a process mid-branch), ``samples``, ``model`` (tiny_vit
-overrides), ``image_size``. Each process writes ``OUT/pid{rank}`` at start and ``OUT/rank{rank}.json``
-(members it wrote, branches it resumed, timings) at the end.
+overrides), ``image_size``, ``lora`` (peft ``LoraConfig`` keywords: members are LoRA adapters). Each process
+writes ``OUT/pid{rank}`` at start and ``OUT/rank{rank}.json`` (members it wrote, branches it resumed, timings)
+at the end.
 """
 
 from __future__ import annotations
@@ -53,12 +54,17 @@ def main(out: str, options: dict) -> dict:
     samples = options.pop("samples", 24)
     image_size = options.pop("image_size", 16)
     model_overrides = options.pop("model", {})
+    lora = options.pop("lora", None)
     rank = int(os.environ.get("RANK", "0"))
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, f"pid{rank}"), "w") as f:
         f.write(str(os.getpid()))
     args = starsse_config(out, **options)
     model = tiny_vit(0, train=True, image_size=image_size, **model_overrides)
+    if lora is not None:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(**lora))
     trainer = StarSSETrainer(
         model=model,
         args=args,

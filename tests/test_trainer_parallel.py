@@ -108,6 +108,33 @@ def test_two_processes_give_the_members_of_one_process(tmp_path):
     assert min(max_diff(star[i], star[j]) for i in range(1, K) for j in range(i + 1, K)) > 1e-4
 
 
+@pytest.mark.slow
+def test_two_processes_with_lora_members_give_the_adapters_of_one_process(tmp_path):
+    """Issue 12 under a real 2-process launch: StarSSE branches over LoRA adapters, one per process."""
+    import safetensors.torch
+
+    lora = {
+        "lora": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["classifier"])
+    }
+    two, one = tmp_path / "two", tmp_path / "one"
+    proc = subprocess.run(
+        torchrun((two, {**TWO, **lora})), env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert [r["written"] for r in ranks(two)] == [[0, 1, 3], [2, 4]]
+    run_here(str(one), {**ONE, **lora})
+
+    def adapter(out: Path, k: int) -> dict:
+        directory = out / "members" / f"member_{k:02d}"
+        assert sorted(os.listdir(directory)) == ["adapter_config.json", "adapter_model.safetensors"]
+        return safetensors.torch.load_file(str(directory / "adapter_model.safetensors"))
+
+    for k in range(K):
+        a, b = adapter(two, k), adapter(one, k)
+        assert a.keys() == b.keys() and max((a[n] - b[n]).abs().max().item() for n in a) <= 1e-6, k
+    assert max((adapter(two, 1)[n] - adapter(two, 2)[n]).abs().max().item() for n in adapter(two, 1)) > 1e-4
+
+
 def ranks_written(out: Path) -> list[int]:
     return json.loads((out / "rank0.json").read_text())["written"]
 
