@@ -3,14 +3,19 @@
 Prints the throughput ratio (plain time / StarSSE time; goal >= 0.98) and the share of a cycle spent writing
 members and reloading model 1 (goal <= 1% for cycles of >= 200 steps), for a ~2.7M-parameter ViT on CPU.
 
-    python benchmarks/trainer_overhead.py [--steps-per-cycle 200] [--members 3] [--repeats 2]
+Each run is a fresh process and the order alternates (in one process the second run was up to 12% slower,
+whichever trainer it was).
+
+    python benchmarks/trainer_overhead.py [--steps-per-cycle 200] [--members 3] [--repeats 4]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -101,47 +106,69 @@ def run_starsse(dataset, batch: int, members: int) -> tuple[float, StarSSETraine
         return time.perf_counter() - start, trainer, timer
 
 
+def measure(side: str, steps: int, batch: int, members: int) -> dict:
+    """One side's run in THIS process: wall time, median step time, StarSSE's snapshot/cycle-start time."""
+    dataset = TinyImages(  # one epoch == one cycle
+        steps * batch, with_index=False, image_size=VIT["image_size"], num_labels=VIT["num_labels"]
+    )
+    total = steps * members
+    if side == "plain":
+        seconds, timer = run_plain(dataset, batch, total)
+        extra = 0.0
+    else:
+        seconds, trainer, timer = run_starsse(dataset, batch, members)
+        extra = trainer.snapshot_seconds + trainer.cycle_start_seconds
+    return {"seconds": seconds, "median_step": statistics.median(timer.times), "extra": extra}
+
+
+def measure_in_subprocess(side: str, opts) -> dict:
+    """`measure` in a fresh interpreter, so that neither side inherits the other's allocator or cache state
+    (in one process the second run was up to 12% slower, whichever side it was)."""
+    cmd = [sys.executable, __file__, "--one", side, "--steps-per-cycle", str(opts.steps_per_cycle)]
+    cmd += ["--members", str(opts.members), "--batch-size", str(opts.batch_size)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps-per-cycle", type=int, default=200)
     parser.add_argument("--members", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=4)
+    parser.add_argument("--one", choices=["plain", "starsse"], help=argparse.SUPPRESS)  # internal
     opts = parser.parse_args()
     hf_logging.set_verbosity_error()
-
     steps, batch, members = opts.steps_per_cycle, opts.batch_size, opts.members
-    dataset = TinyImages(  # one epoch == one cycle
-        steps * batch, with_index=False, image_size=VIT["image_size"], num_labels=VIT["num_labels"]
-    )
+    if opts.one:
+        print(json.dumps(measure(opts.one, steps, batch, members)))
+        return
+
     total = steps * members
     params = sum(p.numel() for p in make_model().parameters())
     print(f"ViT {params / 1e6:.2f}M params, batch {batch}, {members} members x {steps} steps = {total} steps")
     print(f"torch threads: {torch.get_num_threads()}, cpus: {os.cpu_count()}, load avg: {os.getloadavg()}")
+    print("each run in its own process; the order alternates between repeats")
 
     ratios, robust, shares = [], [], []
     for r in range(opts.repeats):
-        if r % 2 == 0:  # alternate the order so that drifting background load does not favour one side
-            plain, plain_timer = run_plain(dataset, batch, total)
-            ours, trainer, our_timer = run_starsse(dataset, batch, members)
-        else:
-            ours, trainer, our_timer = run_starsse(dataset, batch, members)
-            plain, plain_timer = run_plain(dataset, batch, total)
-        extra = trainer.snapshot_seconds + trainer.cycle_start_seconds
-        per_cycle = extra / members
-        cycle_time = ours / total * steps
+        order = ("plain", "starsse") if r % 2 == 0 else ("starsse", "plain")
+        res = {side: measure_in_subprocess(side, opts) for side in order}
+        plain, ours = res["plain"]["seconds"], res["starsse"]["seconds"]
+        extra = res["starsse"]["extra"]
+        per_cycle, cycle_time = extra / members, ours / total * steps
         # Load-robust estimate: median step time of each run, plus StarSSE's snapshot/cycle-start time.
-        plain_step = statistics.median(plain_timer.times)
-        our_step = statistics.median(our_timer.times)
-        robust_ratio = (plain_step * total) / (our_step * total + extra)
+        robust_ratio = (res["plain"]["median_step"] * total) / (res["starsse"]["median_step"] * total + extra)
         ratios.append(plain / ours)
         robust.append(robust_ratio)
         shares.append(per_cycle / cycle_time)
+        step_plain, step_ours = 1000 * res["plain"]["median_step"], 1000 * res["starsse"]["median_step"]
         print(
-            f"repeat {r}: wall plain {total / plain:.2f} steps/s, StarSSE {total / ours:.2f} steps/s, ratio "
-            f"{plain / ours:.3f}; median step {1000 * plain_step:.1f} ms vs {1000 * our_step:.1f} ms, "
-            f"load-robust ratio {robust_ratio:.3f}; snapshots {trainer.snapshot_seconds:.3f}s + cycle starts "
-            f"{trainer.cycle_start_seconds:.3f}s = {100 * per_cycle / cycle_time:.2f}% of a cycle"
+            f"repeat {r} ({order[0]} first): wall plain {total / plain:.2f} steps/s, StarSSE "
+            f"{total / ours:.2f} steps/s, ratio {plain / ours:.3f}; median step {step_plain:.1f} ms vs "
+            f"{step_ours:.1f} ms, load-robust ratio {robust_ratio:.3f}; snapshots + cycle starts "
+            f"{extra:.3f}s = {100 * per_cycle / cycle_time:.2f}% of a cycle",
+            flush=True,
         )
     print(
         f"throughput ratio (median over repeats): wall {statistics.median(ratios):.3f}, load-robust "
