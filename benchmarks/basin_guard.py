@@ -20,8 +20,9 @@ plus the probes only (stopped right after the choice). Per seed it prints
 
 Works on whatever records exist (none, some seeds, some multipliers) and says what it could not compare.
 
-Calibrating ``basin_tolerance``: run with ``--set basin_tolerance=1e9 probe_loss_ratio=1e9`` (every
-candidate is probed), ``--json calib.json`` and ``--what_if 0.05 0.1 0.2 0.5 [--what_if_loss_ratio 1.5 2]``:
+Calibrating ``basin_tolerance``: run with ``--set basin_tolerance=1e9 probe_loss_ratio=1e9
+probe_search=linear`` (every candidate is probed, in order; a bisection table is too sparse to re-judge),
+``--json calib.json`` and ``--what_if 0.05 0.1 0.2 0.5 [--what_if_loss_ratio 1.5 2]``:
 each seed's full probe table is re-judged with each setting and the multiplier it would choose is printed
 (the choice rule of ``trainers.probe``, applied to recorded numbers); ``--from_json calib.json`` re-judges a
 saved run without training.

@@ -413,7 +413,7 @@ def write_report(records: list[dict], cmp, epochs: float) -> Path:
     chosen = choose(records, seeds, cmp.selection_metric)
     contrast_seeds = seeds + list(cmp.contrast_seeds)
     demo_table, demo_counts = demo_criterion(records, seeds)
-    phases = set(getattr(cmp, "phases", ("grid", "contrasts", "second", "convergence")))
+    phases = set(cmp.phases)
     parts = [
         "# Fair comparison: tables (written by recipes/report_results.py; do not edit)\n",
         f"Chosen on held-out `{cmp.selection_metric}` (mean over grid seeds {seeds}): "

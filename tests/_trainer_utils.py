@@ -59,6 +59,19 @@ class RecordingCollator:
         }
 
 
+class StopAfter(RecordingCollator):
+    """Stands in for a kill inside a branch: raises at the n-th batch it collates."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.n = n
+
+    def __call__(self, features):
+        if len(self.seen) // len(features) + 1 == self.n:
+            raise RuntimeError(f"stopped at batch {self.n}")
+        return super().__call__(features)
+
+
 def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone().float() for k, v in model.state_dict().items()}
 

@@ -15,7 +15,7 @@ from transformers import ViTForImageClassification
 from hf_ens import uniform_soup
 from hf_ens.adapters import AdapterEnsembleModel, member_weights, reinit_adapter
 from tests._tiny import one_torch_thread
-from tests._trainer_utils import Recorder, RecordingCollator, TinyImages, starsse_config, tiny_vit
+from tests._trainer_utils import Recorder, RecordingCollator, StopAfter, TinyImages, starsse_config, tiny_vit
 from trainers import StarSSETrainer
 from trainers.branches import branch_seed
 
@@ -185,19 +185,6 @@ def test_local_de_branches_equal_the_sequential_loop(tmp_path):
     loop.train()
     for k, (a, b) in enumerate(zip(branch.member_paths, loop.member_paths, strict=True)):
         assert diff(adapter_file(a), adapter_file(b)) <= 1e-6, k
-
-
-class StopAfter(RecordingCollator):
-    """Stands in for a kill inside a branch: raises at the n-th batch it collates."""
-
-    def __init__(self, n: int):
-        super().__init__()
-        self.n = n
-
-    def __call__(self, features):
-        if len(self.seen) // len(features) + 1 == self.n:
-            raise RuntimeError(f"stopped at batch {self.n}")
-        return super().__call__(features)
 
 
 def test_a_stopped_starsse_branch_resumes_from_its_adapter_checkpoint(tmp_path):

@@ -21,7 +21,7 @@ import pytest
 
 from tests._tiny import one_torch_thread
 from tests._trainer_parallel_run import main as run_here
-from tests._trainer_utils import RecordingCollator, load_member, make_trainer, max_diff, starsse_config
+from tests._trainer_utils import StopAfter, load_member, make_trainer, max_diff, starsse_config
 from trainers.branches import BRANCHES_DIR, MemberSeededSampler, branch_config, branch_seed
 from trainers.checkpoints import CYCLE_STATE_NAME
 from trainers.parallel import assigned_members
@@ -152,19 +152,6 @@ def test_local_de_parallel_equals_the_sequential_trainer_loop(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------- resume
-class StopAfter(RecordingCollator):
-    """Stands in for a kill inside a branch: raises at the n-th batch it collates."""
-
-    def __init__(self, n: int):
-        super().__init__()
-        self.n = n
-
-    def __call__(self, features):
-        if len(self.seen) // len(features) + 1 == self.n:
-            raise RuntimeError(f"stopped at batch {self.n}")
-        return super().__call__(features)
-
-
 def test_a_stopped_branch_resumes_from_its_checkpoint_to_the_same_members(tmp_path):
     save = dict(ONE, save_strategy="steps", save_steps=1, cycle_epochs=2)
     reference, _, _ = make_trainer(tmp_path / "reference", **save)
