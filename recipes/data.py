@@ -178,9 +178,19 @@ def resample_boxes(
     resampled to `size`, mirrored where `flip`.
 
     The sampling grid is the one `interpolate(crop, (H, W), mode="bilinear", align_corners=False)` uses; only
-    the half-pixel border of a box reads its neighbours instead of repeating its own edge."""
+    the half-pixel border of a box reads its neighbours instead of repeating its own edge.
+
+    At the batch's own size this is one `grid_sample`. When the boxes are also resized (CIFAR's 32 px to
+    224), the same bilinear map is applied as two batched matmuls, one per axis (`_box_weights`): grid_sample
+    gathers four source pixels per output pixel and is ~6x slower on a CPU core there. The two agree to float
+    rounding; grid_sample stays for same-size crops so that runs recorded with it reproduce bit for bit."""
     b = pixels.shape[0]
     h, w = size if size is not None else pixels.shape[-2:]
+    if (h, w) != tuple(pixels.shape[-2:]):
+        rows = _box_weights(top, height, torch.zeros_like(flip), h, pixels.shape[-2])  # [B, h, H_in]
+        cols = _box_weights(left, width, flip, w, pixels.shape[-1])  # [B, w, W_in]
+        out = torch.matmul(pixels.float(), cols.transpose(1, 2).unsqueeze(1))  # [B, C, H_in, w]
+        return torch.matmul(rows.unsqueeze(1), out).to(pixels.dtype)
     theta = torch.zeros(b, 2, 3, device=pixels.device, dtype=torch.float32)
     theta[:, 0, 0] = torch.where(flip, -width / w, width / w)
     theta[:, 0, 2] = (2 * left + width) / w - 1
@@ -191,13 +201,30 @@ def resample_boxes(
     return out.to(pixels.dtype)
 
 
+def _box_weights(
+    start: torch.Tensor, length: torch.Tensor, flip: torch.Tensor, out_size: int, in_size: int
+) -> torch.Tensor:
+    """[B, out_size, in_size] bilinear weights along one axis: output pixel o of box i reads the source where
+    `grid_sample(align_corners=False, padding_mode="border")` would (`resample_boxes`'s grid, one axis)."""
+    base = (2 * torch.arange(out_size, device=start.device, dtype=torch.float32) + 1) / out_size - 1
+    scale = torch.where(flip, -length / out_size, length / out_size)
+    grid = scale[:, None] * base + ((2 * start + length) / out_size - 1)[:, None]
+    source = (((grid + 1) * in_size - 1) / 2).clamp(0, in_size - 1)  # source pixel coordinate, border-clamped
+    low = source.floor()
+    frac = source - low
+    low = low.long()
+    weights = torch.zeros(*source.shape, in_size, device=start.device, dtype=torch.float32)
+    weights.scatter_add_(2, low[..., None], (1 - frac)[..., None])
+    return weights.scatter_add_(2, (low + 1).clamp(max=in_size - 1)[..., None], frac[..., None])
+
+
 class DevicePreprocessor:
     """uint8 ``[B, 3, H, W]`` pixels -> the processor's float ``pixel_values``, on the pixels' device.
 
-    Evaluation: resize (antialiased `interpolate`, rounded to uint8 levels as the processor's uint8 resize
-    is), rescale, normalize: the processor's numbers. Training (``train=True`` and `augment`): rescale and
-    normalize the small source, then resize + random resized crop + flip as ONE bilinear resampling
-    (`_resized_crop_flip`): the processor path's boxes and flips, one interpolation instead of two.
+    Evaluation: resize (PIL's 8-bit filters: `_resize_like_pil`), rescale, normalize: the processor's
+    numbers. Training (``train=True`` and `augment`): rescale and normalize the small source, then resize +
+    random resized crop + flip as ONE bilinear resampling (`_resized_crop_flip`): the processor path's boxes
+    and flips, one interpolation instead of two.
     """
 
     def __init__(self, spec: PixelSpec, augment: bool = False, min_scale: float = 0.08):
@@ -230,14 +257,27 @@ class DevicePreprocessor:
                 "DevicePreprocessor takes uint8 [B, 3, H, W] pixels, got "
                 f"{pixels.dtype} {tuple(pixels.shape)}."
             )
-        x = pixels.float()
-        size = self.spec.size or tuple(x.shape[-2:])
-        if train and self.augment:  # normalize the small source, then resize + crop + flip in one pass
-            x = torch.addcmul(self._add.to(x.device), x, self._mul.to(x.device))
-            return _resized_crop_flip(x, size, min_scale=self.min_scale)
-        if tuple(x.shape[-2:]) != size:
-            x = _resize_like_pil(x, size, self.spec.resample)
-        return torch.addcmul(self._add.to(x.device), x, self._mul.to(x.device))
+        # float32 whatever autocast the model's forward runs under (bf16 would round the resampling weights)
+        with torch.autocast(pixels.device.type, enabled=False):
+            size = self.spec.size or tuple(pixels.shape[-2:])
+            if train and self.augment:  # normalize the small source, then resize + crop + flip in one pass
+                x = self._normalize(pixels.float())
+                return _resized_crop_flip(x, size, min_scale=self.min_scale)
+            if tuple(pixels.shape[-2:]) != size:
+                return self._normalize(_resize_like_pil(pixels, size, self.spec.resample))
+            return self._normalize(pixels.float())
+
+    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """x * rescale, then (x - mean) / std, in place on float `x` (a tensor this class made)."""
+        mul, add = self._mul.to(x.device), self._add.to(x.device)
+        if x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
+            return torch.addcmul(add, x, mul, out=x)
+        # channels_last: per-channel factors tiled along each pixel row, so the inner loop is a whole row
+        # (broadcasting [1, 3, 1, 1] there runs an inner loop of 3 elements: ~3x slower)
+        b, c, h, w = x.shape
+        rows = x.permute(0, 2, 3, 1).view(b, h, w * c)
+        torch.addcmul(add.view(c).repeat(w), rows, mul.view(c).repeat(w), out=rows)
+        return x
 
     def attach(self, model: torch.nn.Module) -> torch.utils.hooks.RemovableHandle:
         """Run this step inside `model`'s forward on uint8 ``pixel_values``; returns the hook's handle.
@@ -261,10 +301,26 @@ class DevicePreprocessor:
         return _EvalBatches(batches, self, torch.device(device))
 
 
-def _resize_like_pil(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
-    """Resize float [B, C, H, W] holding uint8 levels as PIL does: width first, then height, each pass rounded
-    and clipped to 0..255 (PIL keeps 8-bit images between passes; bicubic overshoot is clipped there).
-    Antialiased interpolate is PIL's filter for bilinear/bicubic, upsampling and downsampling alike."""
+def _resize_like_pil(pixels: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
+    """uint8 [B, C, H, W] resized as PIL resizes 8-bit images with its bilinear/bicubic filters (up and down
+    alike), as float holding uint8 levels: torch's uint8 kernel on a CPU, float passes elsewhere (torch has no
+    uint8 antialiased kernel on other devices)."""
+    if pixels.device.type == "cpu":
+        return _resize_uint8_kernel(pixels, size, mode)
+    return _resize_float_passes(pixels, size, mode)
+
+
+def _resize_uint8_kernel(pixels: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
+    """CPU: torch's uint8 antialiased kernel computes PIL's fixed-point filters (channels_last in and out; the
+    float result stays channels_last, which the model's patch convolution takes as it is)."""
+    pixels = pixels.contiguous(memory_format=torch.channels_last)
+    return F.interpolate(pixels, size=size, mode=mode, antialias=True, align_corners=False).float()
+
+
+def _resize_float_passes(pixels: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
+    """Any device: width first, then height, each pass rounded and clipped to 0..255 as PIL keeps 8-bit images
+    between passes (bicubic overshoot is clipped there)."""
+    x = pixels.float()
     for pass_size in ((x.shape[-2], size[1]), size):
         if tuple(x.shape[-2:]) != tuple(pass_size):
             x = F.interpolate(x, size=pass_size, mode=mode, antialias=True, align_corners=False)

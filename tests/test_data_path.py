@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from recipes.data import (
     DevicePreprocessor,
+    _resize_float_passes,
     attach_transforms,
     collate,
     decode_images,
@@ -23,22 +24,18 @@ from recipes.data import (
 from tests._recipe_utils import ROOT, tiny_cifar
 from tests._tiny import tiny_vit
 
-# Measured max |tensor path - processor path| after normalization (std 0.5: one uint8 level = 2/255):
+# Measured max |tensor path - processor path| after normalization, in uint8 levels (a level is 1/255/std:
+# 2/255 at std 0.5), for both resizes (the CPU's uint8 kernel, and the float passes other devices use):
 # upsampling 32 -> 224 bilinear is exact to float rounding (1.2e-7); bicubic up and bilinear/bicubic down
 # differ by at most two levels on <2% of pixels (PIL's fixed-point filter weights).
-LEVEL = 2 / 255
+IMAGENET = dict(image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])  # per-channel statistics
 
 
 def _processor(size: int, resample: int = 2, **kwargs):
     from transformers import ViTImageProcessor
 
-    return ViTImageProcessor(
-        size={"height": size, "width": size},
-        resample=resample,
-        image_mean=[0.5] * 3,
-        image_std=[0.5] * 3,
-        **kwargs,
-    )
+    kwargs = {"image_mean": [0.5] * 3, "image_std": [0.5] * 3, **kwargs}
+    return ViTImageProcessor(size={"height": size, "width": size}, resample=resample, **kwargs)
 
 
 def _images(n: int, size: int, seed: int = 0):
@@ -52,17 +49,23 @@ def _uint8(images) -> torch.Tensor:
     return torch.from_numpy(np.stack([np.asarray(i.convert("RGB")).transpose(2, 0, 1) for i in images]))
 
 
+@pytest.mark.parametrize("resize", ["cpu-uint8-kernel", "float-passes"])
 @pytest.mark.parametrize("resample", [2, 3], ids=["bilinear", "bicubic"])
 @pytest.mark.parametrize("case,source,target", [("cifar-up", 32, 224), ("down", 64, 24)], ids=["up", "down"])
-def test_pixels_match_the_processor(resample, case, source, target):
+def test_pixels_match_the_processor(resize, resample, case, source, target):
     images = _images(16, source)
-    processor = _processor(target, resample)
+    processor = _processor(target, resample, **(IMAGENET if resample == 3 else {}))
+    level = 1 / 255 / min(processor.image_std)
     expected = processor(images=images, return_tensors="pt")["pixel_values"]
-    got = DevicePreprocessor.from_processor(processor)(_uint8(images))
+    pre = DevicePreprocessor.from_processor(processor)
+    if resize == "cpu-uint8-kernel":  # what a CPU batch gets
+        got = pre(_uint8(images))
+    else:  # what a GPU batch gets, computed here on the CPU
+        got = pre._normalize(_resize_float_passes(_uint8(images), (target, target), pre.spec.resample))
     diff = (got - expected).abs()
     assert got.shape == expected.shape and got.dtype == torch.float32
     exact = case == "cifar-up" and resample == 2
-    assert diff.max() <= (1e-5 if exact else 2 * LEVEL + 1e-5), float(diff.max())
+    assert diff.max() <= (1e-5 if exact else 2 * level + 1e-5), float(diff.max())
     assert (diff > 1e-4).float().mean() < 0.02  # only a few pixels differ at all
 
 
@@ -142,6 +145,32 @@ def test_training_step_is_one_resampling_of_resize_then_crop():
     assert once.shape == twice.shape == (8, 3, 224, 224)
     assert (once - twice).abs().mean() < 0.02
     assert not torch.equal(pre(pixels, train=True), once)  # a new draw each call
+    torch.manual_seed(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as inside a bf16 model's forward: still float32
+        under_autocast = pre(pixels, train=True)
+    assert under_autocast.dtype == torch.float32 and torch.equal(under_autocast, once)
+
+
+def test_resized_boxes_as_two_matmuls_equal_grid_sample():
+    """Boxes resized to another size go through per-axis weight matrices; they sample where grid_sample
+    samples (same grid, border clamping), to float rounding, flips and edge boxes included."""
+    x = torch.randn(64, 3, 32, 32)
+    top, left, h, w, flip = draw_crop_boxes(64, 224, 224, generator=torch.Generator().manual_seed(0))
+    h[:3], w[:3], top[:3], left[:3] = 224.0, 224.0, 0.0, 0.0  # whole images (one mirrored below)
+    flip[0], flip[1] = True, False
+    got = resample_boxes(x, top, left, h, w, flip, size=(224, 224))
+    theta = torch.zeros(64, 2, 3)
+    theta[:, 0, 0] = torch.where(flip, -w / 224, w / 224)
+    theta[:, 0, 2] = (2 * left + w) / 224 - 1
+    theta[:, 1, 1] = h / 224
+    theta[:, 1, 2] = (2 * top + h) / 224 - 1
+    grid = F.affine_grid(theta, [64, 1, 224, 224], align_corners=False)
+    expected = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    whole = F.interpolate(x[1:2], size=(224, 224), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(got[1:2], whole, atol=5e-5, rtol=0)  # a whole box is the plain resize
+    mirrored = F.interpolate(x[0:1], size=(224, 224), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(got[0:1], mirrored.flip(-1), atol=5e-5, rtol=0)
 
 
 def test_forward_pre_hook_preprocesses_and_is_not_saved(tmp_path):
