@@ -10,20 +10,23 @@ random resized crop + flip included (`--augment`, as the real job trains):
   is cached), batches sliced from it, then `DevicePreprocessor` (resize, rescale, normalize, augmentation) run
   here on the CPU, as it runs on the training device when that is a CPU.
 
-Single process, `--threads` torch threads (default 1). The last line is the ratio of the two training paths,
-everything on this CPU. On a GPU only the slicing of uint8 batches stays on the CPU: that rate is printed too.
+Single process, `--threads` torch threads (default 1); each rate is the median of `--repeats` passes over the
+split, in turn (one pass times a few batches and varies by ~20% on a shared machine). The last line is the
+ratio of the two training paths, everything on this CPU. On a GPU only the slicing of uint8 batches stays on
+the CPU: that rate is printed too.
 
 torch's CPU tensors get transparent huge pages (`THP_MEM_ALLOC_ENABLE=1`, set here unless already set), as
 numpy's large arrays on the processor path get them by default: a [256, 3, 224, 224] float32 batch is 154 MB,
 and without huge pages a fresh one costs ~37,000 page faults. `THP_MEM_ALLOC_ENABLE=0` measures without.
 
-    python benchmarks/data_path.py [--images 1024] [--batch-size 256] [--threads 1]
+    python benchmarks/data_path.py [--images 1024] [--batch-size 256] [--threads 1] [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 
@@ -57,6 +60,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=1024, help="CIFAR-shaped images in the split")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--repeats", type=int, default=3, help="passes per path; the median is reported")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     hf_logging.set_verbosity_error()
@@ -75,18 +79,26 @@ def main() -> None:
     def loader(dataset):
         return DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate)
 
-    rates = {}
-    for augment in (False, True):
-        processor_ds = attach_transforms(ds, processor, augment=augment)
-        rates["processor", augment] = images_per_second(loader(processor_ds), lambda b: b["pixel_values"])
-        rates["device step", augment] = images_per_second(
-            loader(decoded), lambda b, a=augment: pre(b["pixel_values"], train=a)
+    passes = {}
+    for _ in range(args.repeats):  # interleaved, so that a busy moment of the machine hits every path
+        for augment in (False, True):
+            processor_ds = attach_transforms(ds, processor, augment=augment)
+            passes.setdefault(("processor", augment), []).append(
+                images_per_second(loader(processor_ds), lambda b: b["pixel_values"])
+            )
+            passes.setdefault(("device step", augment), []).append(
+                images_per_second(loader(decoded), lambda b, a=augment: pre(b["pixel_values"], train=a))
+            )
+        passes.setdefault("loader", []).append(
+            images_per_second(loader(decoded), lambda b: b["pixel_values"])
         )
-    loader_rate = images_per_second(loader(decoded), lambda b: b["pixel_values"])
+    rates = {key: statistics.median(values) for key, values in passes.items()}
+    loader_rate = rates["loader"]
 
     print(
         f"{len(ds)} CIFAR-shaped images (32x32 PNG) -> [{args.batch_size}, 3, 224, 224] float32, "
-        f"batch {args.batch_size}, {torch.get_num_threads()} torch thread(s), one process, "
+        f"batch {args.batch_size}, {torch.get_num_threads()} torch thread(s), one process, median of "
+        f"{args.repeats} passes, "
         f"THP_MEM_ALLOC_ENABLE={os.environ['THP_MEM_ALLOC_ENABLE']}"
     )
     print(f"tensor path, once per dataset: decode to uint8 at {decode_rate:,.0f} images/s (then cached)")
