@@ -3,8 +3,9 @@
 ViT-B/16 (random init from `ViTConfig`, nothing downloaded), bf16 autocast, batch 256, synthetic CIFAR-shaped
 uint8 images (32x32) resized to 224, normalized and augmented (random resized crop + flip) on the GPU by
 `recipes/data.py`'s `DevicePreprocessor` (a forward pre-hook, as in the recipe). Both loops see the same
-model init, data, optimizer (AdamW, fused on CUDA), loader settings (workers, pinned memory, non-blocking
-copies) and number of steps; the first `--warmup` steps are excluded, the clock is synchronised with the GPU.
+model init, data, optimizer (AdamW, fused on CUDA), gradient clipping (max norm 1), loader settings (workers,
+pinned memory, non-blocking copies) and number of steps; the first `--warmup` steps are excluded, the clock is
+synchronised with the GPU. The trainer makes no host synchronisation per step (tests/test_host_syncs.py).
 Goals on an H200: StarSSETrainer >= 0.98 x the plain loop, and >= 2,780 images/s.
 
 Needs torch, transformers and accelerate only (no `datasets`/`evaluate`). One command, ~2 min on an H200:
@@ -33,6 +34,7 @@ from recipes.data import DevicePreprocessor, PixelSpec, collate  # noqa: E402
 from trainers import StarSSEConfig, StarSSETrainer  # noqa: E402
 
 GOAL_RATIO, GOAL_IMAGES_PER_SECOND = 0.98, 2780
+MAX_GRAD_NORM = 1.0  # TrainingArguments' default: both loops clip
 SMOKE_VIT = dict(image_size=64, patch_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=2)
 
 
@@ -115,6 +117,7 @@ def plain_loop(args, device: torch.device, data, total_steps: int, clock: Clock)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
                 loss = model(**batch).loss
             loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)  # as the Trainer does
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -134,6 +137,7 @@ def starsse_run(args, device: torch.device, data, total_steps: int, clock: Clock
             per_device_train_batch_size=args.batch_size,
             learning_rate=1e-4,
             weight_decay=0.0,
+            max_grad_norm=MAX_GRAD_NORM,
             lr_scheduler_type="constant",
             optim="adamw_torch_fused" if device.type == "cuda" else "adamw_torch",
             bf16=args.bf16,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -19,7 +20,7 @@ from transformers import TrainerCallback
 from hf_ens.checks import NonFiniteError, nonfinite_tensors
 from tests._tiny import one_torch_thread
 from tests._trainer_utils import load_member, make_trainer, max_diff
-from trainers.checkpoints import CYCLE_STATE_NAME, checkpoint_problems, list_checkpoints
+from trainers.checkpoints import CYCLE_STATE_NAME, checkpoint_problems, checkpoint_step, list_checkpoints
 
 _one_thread = pytest.fixture(autouse=True)(one_torch_thread)
 
@@ -200,13 +201,25 @@ def test_leftovers_of_a_killed_run_are_removed_and_members_get_plain_modes(tmp_p
 
 
 # ----------------------------------------------------------------------------------------------- NaN / Inf
-def test_a_diverging_run_stops_clearly_and_writes_no_nan_member(tmp_path):
-    trainer, rec, _ = make_trainer(tmp_path, cycle_learning_rate=1e6)
-    with pytest.raises(NonFiniteError, match=r"optimizer step \d+ \(cycle 2 of 3, member 01\)"):
+@pytest.mark.parametrize("saves", [False, True], ids=["no-checkpoints", "checkpoint-every-2-steps"])
+def test_a_diverging_run_stops_clearly_and_writes_no_nan_member(tmp_path, saves):
+    """The loss is watched on the device and read at checkpoint, logging and member steps (no host sync per
+    step): the run stops at the first of those after the divergence, naming the first non-finite step, and
+    writes no NaN member and no NaN checkpoint."""
+    trainer, rec, _ = make_trainer(tmp_path, cycle_learning_rate=1e6, **(SAVE if saves else {}))
+    with pytest.raises(NonFiniteError, match=r"optimizer step \d+ \(cycle 2 of 3, member 01\)") as error:
         trainer.train()
-    assert 12 < trainer.state.global_step < 18  # model 1 done, cycle 2 diverged
+    first = int(re.search(r"optimizer step (\d+)", str(error.value)).group(1))
+    assert (
+        12 < first <= trainer.state.global_step <= (first + 1 if saves else 18)
+    )  # model 1 done, cycle 2 diverged
     assert sorted(os.listdir(trainer.members_dir)) == ["member_00"]
     assert nonfinite_tensors(load_member(trainer.member_paths[0])) == []
+    checkpoints = list_checkpoints(tmp_path)
+    assert bool(checkpoints) == saves
+    for checkpoint in checkpoints:  # only steps before the first non-finite loss, all finite
+        assert checkpoint_step(checkpoint) < first, checkpoint.name
+        assert nonfinite_tensors(load_member(checkpoint)) == [], checkpoint.name
 
 
 class PoisonAfterOptimizerStep(TrainerCallback):

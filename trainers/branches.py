@@ -47,6 +47,7 @@ from .checkpoints import (
     run_config,
     write_cycle_state,
 )
+from .nonfinite import LossWatch
 
 # In transformers' logger tree: log_level / log_level_replica decide per process, as for the Trainer.
 logger = logging.get_logger("transformers.trainer.branches")
@@ -219,29 +220,39 @@ def train_branch(trainer, k: int, data: BranchData, progress=None) -> float:
     began = time.perf_counter()
     save_every = _save_interval(args, data, total)
     log_every = _interval(args.logging_steps, total)
-    losses = []
+    # losses stay on the device between log lines, checkpoints and the member (trainers.nonfinite)
+    watch, loss_sum, steps_done = LossWatch(), torch.zeros((), device=args.device), 0
+
+    def check_losses() -> None:
+        found = watch.first_nonfinite()
+        if found is not None:
+            raise NonFiniteError(trainer._diverged_message(found[1], found[0], k))
+
     model.train()
     for step, micro_batches in data.steps(k, start, total):
         scheduler.sync(first_global + step)
         loss = accumulate_gradients(trainer, model, micro_batches)
-        if not bool(torch.isfinite(loss)):
-            raise NonFiniteError(trainer._diverged_message(float(loss), first_global + step, k))
+        watch.update(loss, first_global + step)
         apply_update(args, model, optimizer)
-        losses.append(float(loss))
+        loss_sum += loss
+        steps_done += 1
         done = step + 1
         if done % log_every == 0 or done == total:
+            check_losses()
             logger.info(
                 f"{where}: member {k:02d} step {done}/{total} loss {float(loss):.4f} "
                 f"lr {optimizer.param_groups[0]['lr']:.3g}"
             )
         if save_every and done % save_every == 0 and done < total:
+            check_losses()
             _save_branch_checkpoint(trainer, directory, k, done, optimizer)
         if progress is not None:
             progress.refresh()
+    check_losses()
     trainer._save_member(k, first_global + total)
     discard([directory])  # the member replaces its checkpoints
     logger.info(f"{where}: member {k:02d} written in {time.perf_counter() - began:.1f} s")
-    return float(np.mean(losses)) if losses else 0.0
+    return float(loss_sum) / steps_done if steps_done else 0.0
 
 
 def accumulate_gradients(trainer, model: torch.nn.Module, micro_batches: list) -> torch.Tensor:

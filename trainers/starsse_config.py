@@ -133,6 +133,15 @@ class StarSSEConfig(TrainingArguments):
             "before training (other files stay)."
         },
     )
+    logging_nan_inf_filter: bool = field(
+        default=False,
+        metadata={
+            "help": "TrainingArguments' filter, off by default here: a NaN/Inf loss stops the run with "
+            "NonFiniteError (checked at logging, evaluation, checkpoint and member steps) instead of being "
+            "left out of the logged loss, and the filter would make the host wait for the device after "
+            "every step."
+        },
+    )
 
     def __post_init__(self):
         """Refuse every value that would fail (or silently mislead) later, before any model is touched."""

@@ -73,6 +73,7 @@ from .checkpoints import (
     run_config,
     write_cycle_state,
 )
+from .nonfinite import LossWatch
 from .parallel import MemberProgress, assigned_members, wait_for_members
 from .probe import PROBE_FILE, ProbeRun, check_eval_dataset, format_table, probe_steps
 from .schedule import CyclePlan, plan_cycles
@@ -102,6 +103,19 @@ class _CycleCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self.trainer.accelerator.wait_for_everyone()
+
+
+class _LossCheckCallback(TrainerCallback):
+    """Last in line: once the other callbacks decided whether this step logs, evaluates, saves or stops, read
+    the device-side loss watch there (`trainers.nonfinite`) and stop a diverged run."""
+
+    def __init__(self, trainer: StarSSETrainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        c = control
+        if c.should_log or c.should_evaluate or c.should_save or c.should_training_stop:
+            self.trainer._check_losses()
 
 
 class StarSSETrainer(Trainer):
@@ -149,6 +163,8 @@ class StarSSETrainer(Trainer):
         # First in line, before the user's callbacks (``callbacks=[...]`` are registered by Trainer.__init__,
         # ``add_callback`` appends): a user's ``on_step_begin`` sees the weights the step trains from.
         self.callback_handler.callbacks.insert(0, _CycleCallback(self))
+        self._loss_watch = LossWatch()
+        self.add_callback(_LossCheckCallback(self))
 
     # ------------------------------------------------------------------ public API
     @property
@@ -451,13 +467,19 @@ class StarSSETrainer(Trainer):
         )
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
-        """Stop at the first non-finite loss: training on would only write NaN members."""
+        """Note a non-finite loss on the device (`trainers.nonfinite`): the run stops at the next logging,
+        evaluation, checkpoint or member snapshot (`_check_losses`), before it writes NaN weights, without a
+        host synchronisation per step."""
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if not bool(torch.isfinite(loss).all()):
-            step = self.state.global_step
-            k = self.plan.cycle_of_step(step)
-            raise NonFiniteError(self._diverged_message(loss.item(), step, k))
+        self._loss_watch.update(loss, self.state.global_step)
         return loss
+
+    def _check_losses(self) -> None:
+        """Raise `NonFiniteError` naming the first step whose loss was NaN or Inf (waits for the device)."""
+        found = self._loss_watch.first_nonfinite()
+        if found is not None:
+            step, loss = found
+            raise NonFiniteError(self._diverged_message(loss, step, self.plan.cycle_of_step(step)))
 
     def _diverged_message(self, loss: float, global_step: int, k: int) -> str:
         return (
@@ -519,6 +541,7 @@ class StarSSETrainer(Trainer):
     def _maybe_snapshot(self, global_step: int) -> None:
         k = self._members_written
         if k < self.args.num_members and global_step == self.plan.boundaries[k]:
+            self._check_losses()
             self._snapshot(k, global_step)
         # after the snapshot: the probes that follow model 1 choose the LR of the next step
         self.lr_scheduler.sync(global_step)  # skipped fp16 steps must not shift the schedule
@@ -608,6 +631,7 @@ class StarSSETrainer(Trainer):
         state, which lists every file, is written last, once every process has written its files; older
         checkpoints are rotated out (``save_total_limit``) only after that, each out of the way in one rename.
         """
+        self._check_losses()  # a diverged run keeps its last finite checkpoint
         run_dir = self._get_output_dir(trial=trial)
         output_dir = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
         if self.args.should_save:
