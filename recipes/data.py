@@ -28,6 +28,7 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Iterable, Iterator, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -238,6 +239,9 @@ class DevicePreprocessor:
         # x * scale, then (x - mean) / std, as one multiply-add per element
         self._mul = (scale / std).view(1, 3, 1, 1)
         self._add = (-mean / std).view(1, 3, 1, 1)
+        # the factors on each device, copied there once: a host-to-device copy in every step would make the
+        # host wait for the GPU (a blocking copy synchronises the stream)
+        self._factors: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
     def from_processor(
@@ -258,7 +262,8 @@ class DevicePreprocessor:
                 f"{pixels.dtype} {tuple(pixels.shape)}."
             )
         # float32 whatever autocast the model's forward runs under (bf16 would round the resampling weights)
-        with torch.autocast(pixels.device.type, enabled=False):
+        kind = pixels.device.type
+        with torch.autocast(kind, enabled=False) if torch.amp.is_autocast_available(kind) else nullcontext():
             size = self.spec.size or tuple(pixels.shape[-2:])
             if train and self.augment:  # normalize the small source, then resize + crop + flip in one pass
                 x = self._normalize(pixels.float())
@@ -269,7 +274,9 @@ class DevicePreprocessor:
 
     def _normalize(self, x: torch.Tensor) -> torch.Tensor:
         """x * rescale, then (x - mean) / std, in place on float `x` (a tensor this class made)."""
-        mul, add = self._mul.to(x.device), self._add.to(x.device)
+        if x.device not in self._factors:
+            self._factors[x.device] = (self._mul.to(x.device), self._add.to(x.device))
+        mul, add = self._factors[x.device]
         if x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
             return torch.addcmul(add, x, mul, out=x)
         # channels_last: per-channel factors tiled along each pixel row, so the inner loop is a whole row

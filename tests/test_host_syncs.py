@@ -1,5 +1,6 @@
 """Training steps never make the host wait for the device: no ``.item()``, ``bool(tensor)``, ``float(tensor)``
-(... ) per optimizer step, in the Trainer loop and in the branch loop, with the tensor data path attached.
+(... ) per optimizer step, in the Trainer loop and in the branch loop, with the tensor data path attached, and
+the data step copies nothing from the host after its first batch (a blocking copy synchronises the stream).
 
 On a GPU each such call drains the queue, so the GPU idles while Python prepares the next step. On this CPU
 nothing waits, but the calls are the same: a `TorchFunctionMode` counts them where they happen. The plain
@@ -37,6 +38,24 @@ class CountSyncs(TorchFunctionMode):
             frames = [f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename]
             self.calls.append((name, f"{frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].name}"))
         return func(*args, **(kwargs or {}))
+
+
+class CountHostToDevice(TorchFunctionMode):
+    """Calls that take a host tensor (not a 0-dim scalar: kernels get those by value) and return a tensor
+    on another device."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = [*args, *(kwargs or {}).values()]
+        host = [a for a in inputs if isinstance(a, torch.Tensor) and a.device.type == "cpu" and a.dim() > 0]
+        from_host = bool(host)
+        if from_host and isinstance(out, torch.Tensor) and out.device.type != "cpu":
+            self.calls.append(getattr(func, "__name__", str(func)))
+        return out
 
 
 class StepWindows(TrainerCallback):
@@ -128,3 +147,18 @@ def test_branch_steps_make_no_host_sync(tmp_path):
     in_loop = [c for c in counter.calls if c[1].split(":")[1] in {"train_branch", "accumulate_gradients"}]
     # per member: the loss check and the loss of the last log line, the check before the member, the mean
     assert branch_steps >= 32 and len(in_loop) <= 4 * 2, Counter(in_loop)
+
+
+def test_the_data_step_copies_nothing_from_the_host_after_its_first_batch():
+    """On "meta", a device that is not the host (the same code runs on a GPU): the normalization factors go
+    over once, then every batch is preprocessed from device tensors only."""
+    spec = PixelSpec(size=(16, 16), mean=(0.5, 0.4, 0.3), std=(0.2, 0.3, 0.4))
+    pre = DevicePreprocessor(spec, augment=True)
+    pixels = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8).to("meta")
+    with CountHostToDevice() as first:
+        assert pre(pixels, train=True).shape == (4, 3, 16, 16)
+    assert first.calls  # the control: the factors' first copy is seen
+    with CountHostToDevice() as later:
+        for train in (True, False, True, False):
+            assert pre(pixels, train=train).device.type == "meta"
+    assert later.calls == []
