@@ -50,9 +50,8 @@ class CountHostToDevice(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        inputs = [*args, *(kwargs or {}).values()]
-        host = [a for a in inputs if isinstance(a, torch.Tensor) and a.device.type == "cpu" and a.dim() > 0]
-        from_host = bool(host)
+        tensors = [a for a in (*args, *(kwargs or {}).values()) if isinstance(a, torch.Tensor)]
+        from_host = any(a.device.type == "cpu" and a.dim() > 0 for a in tensors)
         if from_host and isinstance(out, torch.Tensor) and out.device.type != "cpu":
             self.calls.append(getattr(func, "__name__", str(func)))
         return out

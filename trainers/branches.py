@@ -35,7 +35,6 @@ from torch.utils.data import DataLoader, Sampler
 from transformers.utils import logging
 
 from hf_ens import adapters
-from hf_ens.checks import NonFiniteError
 
 from .checkpoints import (
     TRASH_PREFIX,
@@ -221,12 +220,10 @@ def train_branch(trainer, k: int, data: BranchData, progress=None) -> float:
     save_every = _save_interval(args, data, total)
     log_every = _interval(args.logging_steps, total)
     # losses stay on the device between log lines, checkpoints and the member (trainers.nonfinite)
-    watch, loss_sum, steps_done = LossWatch(), torch.zeros((), device=args.device), 0
+    watch, loss_sum = LossWatch(), torch.zeros((), device=args.device)
 
     def check_losses() -> None:
-        found = watch.first_nonfinite()
-        if found is not None:
-            raise NonFiniteError(trainer._diverged_message(found[1], found[0], k))
+        watch.check(lambda loss, step: trainer._diverged_message(loss, step, k))
 
     model.train()
     for step, micro_batches in data.steps(k, start, total):
@@ -235,7 +232,6 @@ def train_branch(trainer, k: int, data: BranchData, progress=None) -> float:
         watch.update(loss, first_global + step)
         apply_update(args, model, optimizer)
         loss_sum += loss
-        steps_done += 1
         done = step + 1
         if done % log_every == 0 or done == total:
             check_losses()
@@ -252,7 +248,7 @@ def train_branch(trainer, k: int, data: BranchData, progress=None) -> float:
     trainer._save_member(k, first_global + total)
     discard([directory])  # the member replaces its checkpoints
     logger.info(f"{where}: member {k:02d} written in {time.perf_counter() - began:.1f} s")
-    return float(loss_sum) / steps_done if steps_done else 0.0
+    return float(loss_sum) / (total - start) if total > start else 0.0
 
 
 def accumulate_gradients(trainer, model: torch.nn.Module, micro_batches: list) -> torch.Tensor:

@@ -10,7 +10,11 @@ before it saves NaN weights, and the error still names the step where the loss f
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+
+from hf_ens.checks import NonFiniteError
 
 
 class LossWatch:
@@ -36,3 +40,11 @@ class LossWatch:
             return None
         step = int(self._step)
         return None if step < 0 else (step, float(self._loss))
+
+    def check(self, describe: Callable[[float, int], str]) -> None:
+        """Raise `NonFiniteError` with ``describe(loss, step)`` if a non-finite loss was noted (waits for the
+        device)."""
+        found = self.first_nonfinite()
+        if found is not None:
+            step, loss = found
+            raise NonFiniteError(describe(loss, step))

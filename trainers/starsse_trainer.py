@@ -51,7 +51,7 @@ from transformers.utils import logging
 
 from hf_ens import adapters
 from hf_ens._io import atomic_directory, atomic_file, ensure_writable
-from hf_ens.checks import NonFiniteError, assert_finite
+from hf_ens.checks import assert_finite
 from hf_ens.heads import reinit_task_head
 
 from .branches import (
@@ -106,16 +106,15 @@ class _CycleCallback(TrainerCallback):
 
 
 class _LossCheckCallback(TrainerCallback):
-    """Last in line: once the other callbacks decided whether this step logs, evaluates, saves or stops, read
-    the device-side loss watch there (`trainers.nonfinite`) and stop a diverged run."""
+    """Last in line: once the other callbacks decided whether this step logs, evaluates or stops, read the
+    device-side loss watch there (`trainers.nonfinite`) and stop a diverged run."""
 
     def __init__(self, trainer: StarSSETrainer):
         self.trainer = trainer
 
     def on_step_end(self, args, state, control, **kwargs):
-        c = control
-        if c.should_log or c.should_evaluate or c.should_save or c.should_training_stop:
-            self.trainer._check_losses()
+        if control.should_log or control.should_evaluate or control.should_training_stop:
+            self.trainer._check_losses()  # saves check in _save_checkpoint, whoever asked for them
 
 
 class StarSSETrainer(Trainer):
@@ -476,10 +475,9 @@ class StarSSETrainer(Trainer):
 
     def _check_losses(self) -> None:
         """Raise `NonFiniteError` naming the first step whose loss was NaN or Inf (waits for the device)."""
-        found = self._loss_watch.first_nonfinite()
-        if found is not None:
-            step, loss = found
-            raise NonFiniteError(self._diverged_message(loss, step, self.plan.cycle_of_step(step)))
+        self._loss_watch.check(
+            lambda loss, step: self._diverged_message(loss, step, self.plan.cycle_of_step(step))
+        )
 
     def _diverged_message(self, loss: float, global_step: int, k: int) -> str:
         return (
