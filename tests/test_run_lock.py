@@ -1,0 +1,87 @@
+"""One run per output_dir (issue 25, item 5): a second run, overwrite_output_dir included, is refused with one
+line naming the holder; the lock goes when the run ends, however it ends."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from transformers import TrainerCallback
+
+from tests._tiny import one_torch_thread
+from tests._trainer_utils import make_trainer
+from trainers.run_lock import LOCK_NAME, OWNER_NAME, RunLockedError, run_lock
+
+_one_thread = pytest.fixture(autouse=True)(one_torch_thread)
+
+
+class StartSecondRun(TrainerCallback):
+    """At the first step of run A, start run B into the same directory and record what happens."""
+
+    def __init__(self, out, **overrides):
+        self.out, self.overrides, self.error = out, overrides, None
+
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step == 1 and self.error is None:
+            second, _, _ = make_trainer(self.out, model_seed=1, seed=1, **self.overrides)
+            with pytest.raises(RunLockedError) as err:
+                second.train()
+            self.error = str(err.value)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"overwrite_output_dir": True}], ids=["fresh", "overwrite"])
+def test_a_second_run_into_a_busy_output_dir_is_refused_naming_the_holder(tmp_path, overrides):
+    probe = StartSecondRun(tmp_path, **overrides)
+    first, _, _ = make_trainer(
+        tmp_path, num_members=2, num_train_epochs=1, cycle_epochs=0.5, callbacks=[probe]
+    )
+    first.train()
+    assert probe.error is not None and "\n" not in probe.error
+    assert f"pid {os.getpid()} on host {socket.gethostname()}" in probe.error
+    assert sorted(os.listdir(first.members_dir)) == ["member_00", "member_01"]  # A's members, untouched
+    assert not {LOCK_NAME, OWNER_NAME} & set(os.listdir(tmp_path))  # released and removed
+
+
+def test_the_lock_is_released_when_training_fails(tmp_path):
+    trainer, _, _ = make_trainer(tmp_path, num_members=2, num_train_epochs=1, cycle_epochs=0.5)
+    trainer.train_dataset = None
+    with pytest.raises(ValueError):
+        trainer.train()
+    with run_lock(tmp_path):  # free again in this very process
+        pass
+    assert os.listdir(tmp_path) == []
+
+
+HOLD = """
+import sys, time
+from trainers.run_lock import run_lock
+with run_lock(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_a_killed_runs_lock_is_not_stale(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(HOLD), str(tmp_path)],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        with pytest.raises(RunLockedError, match=rf"pid {proc.pid} on host"):
+            with run_lock(tmp_path):
+                pass
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert OWNER_NAME in os.listdir(tmp_path)  # a killed holder leaves its owner file...
+    with run_lock(tmp_path):  # ...but no lock: the kernel dropped it
+        pass
