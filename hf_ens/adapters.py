@@ -44,7 +44,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from . import hub
-from .checks import assert_finite
+from .checks import assert_finite, nonfinite_tensors
 from .ensemble import EnsembleConfig, EnsembleModel
 from .members import EnsembleLoadError, member_class, refuse_remote_code
 
@@ -236,6 +236,13 @@ def load_adapter_weights(model: PeftModel, directory: str | os.PathLike, adapter
         state = safetensors.torch.load_file(str(weights_file))
     except Exception as e:
         raise EnsembleLoadError(f"Could not load adapter file {weights_file}: {type(e).__name__}: {e}") from e
+    retyped = sorted(k for k, v in state.items() if not v.is_floating_point())
+    bad = retyped or nonfinite_tensors(state)
+    if bad:  # LoRA factors and heads are floats: integers are rewritten dtypes, NaN/Inf a diverged run
+        raise EnsembleLoadError(
+            f"Adapter weights in {weights_file} hold {'non-float' if retyped else 'non-finite (NaN/Inf)'} "
+            f"tensors, e.g. {bad[0]!r}: damaged or tampered with; refused."
+        )
     result = set_peft_model_state_dict(model, state, adapter_name=adapter)
     missing = sorted(set(result.missing_keys) & set(_adapter_keys(model, adapter)))
     if missing or result.unexpected_keys:

@@ -383,3 +383,18 @@ def test_12_real_mounts_are_refused_and_their_files_kept(saved, tmp_path):
         proc.stdout + proc.stderr
     )
     assert EnsembleModel.from_pretrained(saved).num_members == 2  # untouched
+
+
+@pytest.mark.parametrize("damage", ["retyped", "nan"])
+def test_6_adapter_weights_retyped_or_nonfinite_are_refused(tmp_path, damage):
+    saved = _lora_repo(tmp_path)
+    weights = saved / "member_01" / "adapter_model.safetensors"
+    if damage == "retyped":
+        _retype(weights)
+    else:
+        state = load_file(weights)
+        next(iter(state.values())).view(-1)[0] = float("nan")
+        save_file(state, weights, metadata={"format": "pt"})
+    _rehash(saved)
+    with pytest.raises(EnsembleLoadError, match=r"member_01[/\\]adapter_model\.safetensors hold non-"):
+        EnsembleModel.from_pretrained(saved, base_model=tiny_vit(0))

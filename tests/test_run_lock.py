@@ -3,12 +3,14 @@ line naming the holder; the lock goes when the run ends, however it ends."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 from transformers import TrainerCallback
@@ -85,3 +87,57 @@ def test_a_killed_runs_lock_is_not_stale(tmp_path):
     assert OWNER_NAME in os.listdir(tmp_path)  # a killed holder leaves its owner file...
     with run_lock(tmp_path):  # ...but no lock: the kernel dropped it
         pass
+
+
+TWO_RUNS = """
+import os, sys, time
+from transformers import TrainerCallback
+from tests._trainer_utils import make_trainer
+from trainers.run_lock import RunLockedError
+
+out, seed, go = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+
+class Slow(TrainerCallback):  # keeps the run busy long enough for the other to start
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step == 1:
+            time.sleep(3)
+
+trainer, _, _ = make_trainer(out, model_seed=seed, seed=seed, num_members=2, num_train_epochs=1,
+                             cycle_epochs=0.5, callbacks=[Slow()])
+while not os.path.exists(go):
+    time.sleep(0.01)
+try:
+    trainer.train()
+    import hashlib
+    files = sorted(p for p in __import__("pathlib").Path(out, "members").rglob("*") if p.is_file())
+    print("trained", seed, hashlib.sha256(b"".join(p.read_bytes() for p in files)).hexdigest())
+except RunLockedError as e:
+    print("refused", e)
+"""
+
+
+@pytest.mark.slow
+def test_two_runs_started_together_one_trains_one_is_refused(tmp_path):
+    out, go = tmp_path / "out", tmp_path / "go"
+    env = {**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(TWO_RUNS), str(out), str(seed), str(go)],
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for seed in (0, 1)
+    ]
+    time.sleep(1)
+    go.touch()
+    results = [p.communicate(timeout=300)[0].strip().splitlines()[-1] for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert sorted(r.split()[0] for r in results) == ["refused", "trained"], results
+    winner = next(r for r in results if r.startswith("trained")).split()[2]
+    loser = next(p for p, r in zip(procs, results, strict=True) if r.startswith("refused"))
+    holder = procs[1 - procs.index(loser)]
+    assert f"pid {holder.pid} on host" in next(r for r in results if r.startswith("refused"))
+    assert sorted(os.listdir(out / "members")) == ["member_00", "member_01"]
+    files = sorted(p for p in (out / "members").rglob("*") if p.is_file())
+    assert hashlib.sha256(b"".join(p.read_bytes() for p in files)).hexdigest() == winner  # its members only
