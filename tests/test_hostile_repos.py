@@ -266,6 +266,29 @@ def test_10_files_another_process_writes_during_a_save_are_kept(saved, monkeypat
     assert EnsembleModel.from_pretrained(saved).num_members == 1
 
 
+@pytest.mark.slow
+def test_10_a_busy_writer_loses_no_file_over_five_saves(saved):
+    """Another writer creates files in the directory without pause while it is saved into 5 times."""
+    stop, written = threading.Event(), []
+
+    def writer():
+        while not stop.is_set():
+            name = saved / f"log_{len(written):05d}.txt"
+            name.write_text("x")
+            written.append(name.name)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        for seed in range(5):
+            EnsembleModel.from_members([tiny_vit(seed)]).save_pretrained(saved)
+    finally:
+        stop.set()
+        thread.join()
+    assert len(written) > 100
+    assert sorted(written) == sorted(p.name for p in saved.glob("log_*.txt"))
+
+
 @pytest.mark.parametrize("mode", [0o700, 0o2775])
 def test_11_directory_mode_owner_and_group_are_kept(saved, mode):
     os.chown(saved, 1234, 4321)
