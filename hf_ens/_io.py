@@ -149,7 +149,9 @@ def _link_copy(src: Path, dst: Path) -> None:
         except OSError:
             shutil.copy2(s, d)
 
-    if src.is_dir() and not src.is_symlink():
+    if src.is_symlink():  # the link itself, not what it points to
+        os.symlink(os.readlink(src), dst)
+    elif src.is_dir():
         shutil.copytree(src, dst, symlinks=True, copy_function=link_or_copy)
     else:
         link_or_copy(str(src), str(dst))

@@ -247,6 +247,7 @@ def test_9_a_soup_that_is_not_the_members_model_is_refused(tmp_path, soup):
 def test_10_files_another_process_writes_during_a_save_are_kept(saved, monkeypatch):
     """A writer adds a file and replaces another after the save linked the old entries, before its swap."""
     (saved / "log.txt").write_text("v1")
+    os.symlink("/nonexistent/elsewhere", saved / "link")  # a user's link stays a link
     real_install = _io._install
 
     def racing_install(tmp, target):
@@ -263,6 +264,7 @@ def test_10_files_another_process_writes_during_a_save_are_kept(saved, monkeypat
     assert (saved / "late.txt").read_text() == "late"
     assert (saved / "log.txt").read_text() == "v2"
     assert (saved / "runs" / "x" / "event").read_text() == "e"
+    assert os.readlink(saved / "link") == "/nonexistent/elsewhere"
     assert EnsembleModel.from_pretrained(saved).num_members == 1
 
 

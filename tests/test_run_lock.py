@@ -141,3 +141,31 @@ def test_two_runs_started_together_one_trains_one_is_refused(tmp_path):
     assert sorted(os.listdir(out / "members")) == ["member_00", "member_01"]
     files = sorted(p for p in (out / "members").rglob("*") if p.is_file())
     assert hashlib.sha256(b"".join(p.read_bytes() for p in files)).hexdigest() == winner  # its members only
+
+
+@pytest.mark.slow
+def test_a_refused_distributed_run_stops_every_process(tmp_path):
+    """torchrun, 2 processes (gloo): the main process is refused; the other stops too instead of hanging."""
+    from tests.test_trainer_ddp import ROOT, free_port
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+    ]
+    cmd += [
+        "--master_port",
+        str(free_port()),
+        os.path.join(ROOT, "tests", "_trainer_ddp_run.py"),
+        str(tmp_path),
+    ]
+    with run_lock(tmp_path):
+        proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0
+    assert proc.stderr.count(f"RunLockedError: output_dir {str(tmp_path)!r} is in use by another run") == 2
+    assert not os.path.exists(tmp_path / "members")

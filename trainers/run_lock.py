@@ -13,7 +13,7 @@ import json
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from filelock import FileLock, Timeout
@@ -55,24 +55,44 @@ def _holder(output_dir: str) -> str:
 
 
 @contextmanager
-def run_lock(output_dir: str | os.PathLike, enabled: bool = True) -> Iterator[None]:
+def run_lock(
+    output_dir: str | os.PathLike,
+    enabled: bool = True,
+    share: Callable[[str | None], str | None] | None = None,
+) -> Iterator[None]:
     """Hold `output_dir` for one run; raise `RunLockedError` naming the holder if another run holds it.
 
     `enabled=False` (the non-main processes of a distributed run, which share their main process's
-    directory) does nothing."""
-    if not enabled:
+    directory) takes nothing. `share(refusal)`, called on every process of a distributed run, returns the
+    main process's refusal (None when it got the lock), so that all processes stop together instead of the
+    others waiting forever for a main process that was refused."""
+    output_dir = os.fspath(output_dir)
+    lock, refusal = None, None
+    if enabled:
+        ensure_writable(output_dir)
+        lock = FileLock(os.path.join(output_dir, LOCK_NAME), timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            lock = None
+            refusal = (
+                f"output_dir {output_dir!r} is in use by another run: {_holder(output_dir)}. Wait for it "
+                "to end, or choose another output_dir."
+            )
+    if share is not None:
+        try:
+            refusal = share(refusal)
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+    if refusal is not None:
+        if lock is not None:
+            lock.release()
+        raise RunLockedError(refusal)
+    if lock is None:
         yield
         return
-    output_dir = os.fspath(output_dir)
-    ensure_writable(output_dir)
-    lock = FileLock(os.path.join(output_dir, LOCK_NAME), timeout=0)
-    try:
-        lock.acquire()
-    except Timeout:
-        raise RunLockedError(
-            f"output_dir {output_dir!r} is in use by another run: {_holder(output_dir)}. Wait for it to end, "
-            "or choose another output_dir."
-        ) from None
     owner = os.path.join(output_dir, OWNER_NAME)
     try:
         with open(owner, "w") as f:

@@ -277,8 +277,16 @@ class StarSSETrainer(Trainer):
     # ------------------------------------------------------------------ training set-up
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs):
         # one run per output_dir (trainers.run_lock): a second one is refused before it touches anything
-        with run_lock(self.args.output_dir, enabled=self.args.should_save):
+        with run_lock(self.args.output_dir, enabled=self.args.should_save, share=self._main_process_says):
             return self._train_locked(resume_from_checkpoint, trial, **kwargs)
+
+    def _main_process_says(self, message: str | None) -> str | None:
+        """The main process's `message`, on every process (a refusal must stop all of them, not hang them)."""
+        if self.args.world_size <= 1:
+            return message
+        from accelerate.utils import broadcast_object_list
+
+        return broadcast_object_list([message], from_process=0)[0]
 
     def _train_locked(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs):
         if self.args.auto_cycle_learning_rate:
