@@ -54,11 +54,12 @@ def _allowed_roots(root: str | os.PathLike) -> list[str]:
     ``snapshots/<commit>`` folder of the HF cache, whose files link to ``../../blobs``) that repo's blobs."""
     real = os.path.realpath(root)
     roots = [real]
-    parent = os.path.dirname(real)
-    if os.path.basename(parent) == "snapshots":
-        blobs = os.path.join(os.path.dirname(parent), "blobs")
-        if os.path.isdir(blobs) and os.path.realpath(blobs) == blobs:  # not itself a link elsewhere
-            roots.append(blobs)
+    for folder in (Path(real), *Path(real).parents):  # snapshots/<commit>[/member_00]
+        if folder.parent.name == "snapshots":
+            blobs = str(folder.parent.parent / "blobs")
+            if os.path.isdir(blobs) and os.path.realpath(blobs) == blobs:  # not itself a link elsewhere
+                roots.append(blobs)
+            break
     return roots
 
 

@@ -423,3 +423,18 @@ def test_6_adapter_weights_retyped_or_nonfinite_are_refused(tmp_path, damage):
     _rehash(saved)
     with pytest.raises(EnsembleLoadError, match=r"member_01[/\\]adapter_model\.safetensors hold non-"):
         EnsembleModel.from_pretrained(saved, base_model=tiny_vit(0))
+
+
+def test_a_member_of_a_hub_download_loads_alone(hub, saved, tmp_path):
+    """Hub snapshot files are links into the cache's blobs: allowed, for the repo and for one member of it."""
+    from huggingface_hub import snapshot_download
+
+    from hf_ens.members import load_member
+
+    HfApi().create_repo("test-user/plain")
+    HfApi().upload_folder(repo_id="test-user/plain", folder_path=saved)
+    snapshot = snapshot_download("test-user/plain", cache_dir=tmp_path / "cache")
+    assert os.path.islink(os.path.join(snapshot, "member_00", "model.safetensors"))
+    torch.testing.assert_close(
+        _logits(load_member(os.path.join(snapshot, "member_00"))), _logits(load_member(saved / "member_00"))
+    )
