@@ -178,7 +178,10 @@ def _check_dtypes(path: Path, config, model: PreTrainedModel, dtypes: dict[str, 
     if isinstance(recorded, str):
         recorded = getattr(torch, recorded, None)
     stored = {_FLOAT_DTYPES[dt] for dt in dtypes.values() if dt in _FLOAT_DTYPES}
-    if isinstance(recorded, torch.dtype) and stored and stored != {recorded}:
+    allowed = {recorded}
+    if getattr(model, "_keep_in_fp32_modules", None) or getattr(model, "_keep_in_fp32_modules_strict", None):
+        allowed.add(torch.float32)  # such classes save some modules in float32 whatever the model's dtype
+    if isinstance(recorded, torch.dtype) and stored - allowed:
         raise EnsembleLoadError(
             f"Member {path.name} ({path}): its config records dtype {recorded} but its weights are stored as "
             f"{sorted(map(str, stored))}: the files were damaged or tampered with; refused."

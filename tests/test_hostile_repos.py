@@ -438,3 +438,16 @@ def test_a_member_of_a_hub_download_loads_alone(hub, saved, tmp_path):
     torch.testing.assert_close(
         _logits(load_member(os.path.join(snapshot, "member_00"))), _logits(load_member(saved / "member_00"))
     )
+
+
+@pytest.mark.parametrize("family", ["vit_bf16", "bert"])
+def test_6_honest_repos_of_other_dtypes_and_families_load(tmp_path, family):
+    """The dtype checks refuse tampering only: a bf16 ensemble and a BERT one (int64 buffers) load."""
+    if family == "vit_bf16":
+        members = [tiny_vit(s).to(torch.bfloat16) for s in range(2)]
+    else:
+        members = [tiny_bert(s) for s in range(2)]
+    saved = EnsembleModel.from_members(members).save_pretrained(tmp_path / "ens")
+    loaded = EnsembleModel.from_pretrained(saved, require_digests=True)
+    assert loaded.num_members == 2
+    assert {p.dtype for p in loaded.members[1].parameters()} == {next(members[1].parameters()).dtype}
