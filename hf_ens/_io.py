@@ -11,7 +11,14 @@ pre-training cache) goes through `atomic_directory` or `atomic_file`:
   `recover` puts it back if a crash hits between the two renames;
 - files in an existing directory that the writer does not own (``keep``) are carried over by hard link, so
   a user's ``notes.txt`` beside a saved ensemble survives;
-- leftovers of a killed writer (``.NAME.tmp-*``, ``.NAME.old-*``) are removed by the next writer of NAME.
+- leftovers of a killed writer (``.NAME.tmp-*``, ``.NAME.old-*``) are removed by the next writer of NAME;
+  a live writer holds a lock on its temporary directory, so a concurrent writer of NAME never removes it
+  (two saves at once both complete; the later swap wins);
+- entries another process adds to the directory while it is being rewritten are moved into the new one
+  after the swap: nothing the writer does not own is deleted;
+- the new directory keeps the old one's mode, owner and group (``chmod 700``, a setgid group directory); a
+  target that is a symlink is written through (its link target is replaced); a target that is, or holds,
+  a mount point is refused (a mount point cannot be renamed, and its files are not the writer's).
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import os
 import shutil
 import stat
@@ -100,12 +108,36 @@ def remove_leftovers(target: str | os.PathLike) -> list[Path]:
     if target.parent.is_dir():
         for prefix in (_tmp_prefix(name), _old_prefix(name)):
             for p in target.parent.glob(prefix + "*"):
+                if _in_use(p):  # a live writer's (another save of the same directory, right now)
+                    continue
                 if p.is_dir() and not p.is_symlink():
                     shutil.rmtree(p, ignore_errors=True)
                 else:
                     p.unlink(missing_ok=True)
                 removed.append(p)
     return removed
+
+
+def _hold(path: Path) -> int:
+    """Open `path` and hold an exclusive lock on it for as long as the descriptor stays open."""
+    fd = os.open(path, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def _in_use(path: Path) -> bool:
+    """Whether a live writer holds `path` (see `_hold`); a killed writer's lock died with it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 def _link_copy(src: Path, dst: Path) -> None:
@@ -117,28 +149,87 @@ def _link_copy(src: Path, dst: Path) -> None:
         except OSError:
             shutil.copy2(s, d)
 
-    if src.is_dir() and not src.is_symlink():
+    if src.is_symlink():  # the link itself, not what it points to
+        os.symlink(os.readlink(src), dst)
+    elif src.is_dir():
         shutil.copytree(src, dst, symlinks=True, copy_function=link_or_copy)
     else:
         link_or_copy(str(src), str(dst))
 
 
-def _install(tmp: Path, target: Path) -> None:
+def _install(tmp: Path, target: Path) -> Path | None:
+    """Put `tmp` in place of `target`; returns where the old content now is (None for a new target)."""
     try:
         os.rename(tmp, target)  # a new target: one rename
-        return
+        return None
     except OSError as e:
         if e.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR, errno.ENOTDIR):
             raise
     if exchange_paths(tmp, target):  # tmp now holds the old content
-        shutil.rmtree(tmp, ignore_errors=True)
-        return
+        return tmp
     # No RENAME_EXCHANGE: move the old directory aside (rename onto an empty placeholder is atomic), then
     # the new one in. A crash between the two leaves only the .old- sibling, which `recover` renames back.
     old = tempfile.mkdtemp(prefix=_old_prefix(_hidden_name(target.name)), dir=target.parent)
     os.rename(target, old)
     os.rename(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
+    return Path(old)
+
+
+def _carry_late(old: Path, new: Path) -> None:
+    """Move into `new` what another process wrote into `old` after its entries were linked into `new`: a
+    name `new` lacks, or a file replaced in `old` since (a newer inode). What `new` has already is kept."""
+    for name in os.listdir(old):
+        src, dst = old / name, new / name
+        if not os.path.lexists(dst):
+            os.rename(src, dst)
+        elif src.is_dir() and not src.is_symlink() and dst.is_dir() and not dst.is_symlink():
+            _carry_late(src, dst)
+        elif not src.is_dir() and not os.path.samestat(os.lstat(src), os.lstat(dst)):
+            if os.lstat(src).st_mtime_ns > os.lstat(dst).st_mtime_ns:
+                os.replace(src, dst)
+
+
+def _drop_owned(old: Path, keep: Callable[[str], bool]) -> None:
+    """Delete the writer's own entries from the replaced directory (the new one holds their new content)."""
+    for name in os.listdir(old):
+        if not keep(name):
+            entry = old / name
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+
+
+def _refuse_mounts(target: Path) -> None:
+    """A mount point cannot be renamed (EBUSY) and one inside the directory would be moved away with it."""
+    if not target.is_dir():
+        return
+    inside = [p for p in target.iterdir() if p.is_dir() and not p.is_symlink() and os.path.ismount(p)]
+    if os.path.ismount(target) or inside:
+        where = f"{target} is a mount point" if os.path.ismount(target) else f"{inside[0]} is a mount point"
+        raise OSError(
+            errno.EBUSY,
+            f"{where}: hf-ens replaces the directory in one rename so that a crash leaves the old or the new "
+            "content, which a mounted volume does not allow; refused (nothing was written). Save into a "
+            "plain directory (e.g. a subdirectory of the mount).",
+            str(target),
+        )
+
+
+def _take_attributes(tmp: Path, target: Path) -> None:
+    """Give the new directory what the old one had (mode, setgid, owner, group) or, for a new one, what a
+    plain ``mkdir`` would give under the umask (the setgid bit of a group directory is inherited)."""
+    if not target.is_dir():
+        os.chmod(tmp, (0o777 & ~_umask()) | (os.stat(tmp).st_mode & stat.S_ISGID))
+        return
+    st = os.stat(target)
+    for uid, gid in ((st.st_uid, st.st_gid), (-1, st.st_gid)):  # a non-root writer can keep the group only
+        try:
+            os.chown(tmp, uid, gid)
+            break
+        except PermissionError:
+            continue
+    os.chmod(tmp, stat.S_IMODE(st.st_mode))
 
 
 def _umask_modes(root: Path) -> None:
@@ -162,19 +253,29 @@ def atomic_directory(target: str | os.PathLike, keep: Callable[[str], bool] | No
     exception nothing changes and the temporary directory is removed.
     """
     target = Path(target)
+    if target.is_symlink():  # write through the link, as a plain save_pretrained does
+        target = Path(os.path.realpath(target))
     target.parent.mkdir(parents=True, exist_ok=True)
+    _refuse_mounts(target)
     remove_leftovers(target)
     tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(_hidden_name(target.name)), dir=target.parent))
+    lock = _hold(tmp)
     try:
-        os.chmod(tmp, 0o777 & ~_umask())
+        _take_attributes(tmp, target)
         yield tmp
         _umask_modes(tmp)
         if keep is not None and target.is_dir():
             for entry in target.iterdir():
                 if keep(entry.name) and not (tmp / entry.name).exists():
                     _link_copy(entry, tmp / entry.name)
-        _install(tmp, target)
+        old = _install(tmp, target)
+        if old is not None:
+            if keep is not None:
+                _drop_owned(old, keep)
+                _carry_late(old, target)
+            shutil.rmtree(old, ignore_errors=True)
     finally:
+        os.close(lock)
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
 

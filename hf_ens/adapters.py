@@ -43,7 +43,8 @@ from peft.utils import ModulesToSaveWrapper
 from torch import nn
 from transformers import PreTrainedModel
 
-from .checks import assert_finite
+from . import hub
+from .checks import assert_finite, nonfinite_tensors
 from .ensemble import EnsembleConfig, EnsembleModel
 from .members import EnsembleLoadError, member_class, refuse_remote_code
 
@@ -99,6 +100,8 @@ def check_lora(model_or_config: PeftModel | LoraConfig, adapter: str | None = No
             problems.append("use_dora=True (a DoRA member is not W0 + scale B A)")
         if getattr(config, "lora_bias", False):
             problems.append("lora_bias=True")
+        if getattr(config, "layer_replication", None):
+            problems.append("layer_replication (it rebuilds the base model's layers)")
         if config.init_lora_weights not in _LINEAR_INITS:
             problems.append(
                 f"init_lora_weights={config.init_lora_weights!r} rewrites the base weights; use True or "
@@ -210,7 +213,7 @@ def load_adapter(model: PeftModel, directory: str | os.PathLike, adapter: str) -
     """Add the adapter saved in `directory` to `model` under the name `adapter`, strictly: every tensor
     present, nothing unexpected, safetensors only. The global RNG is left as it was (adding one draws)."""
     config = read_adapter_config(directory)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), _naming(directory):
         model.add_adapter(adapter, config)
     try:
         load_adapter_weights(model, directory, adapter)
@@ -233,6 +236,13 @@ def load_adapter_weights(model: PeftModel, directory: str | os.PathLike, adapter
         state = safetensors.torch.load_file(str(weights_file))
     except Exception as e:
         raise EnsembleLoadError(f"Could not load adapter file {weights_file}: {type(e).__name__}: {e}") from e
+    retyped = sorted(k for k, v in state.items() if not v.is_floating_point())
+    bad = retyped or nonfinite_tensors(state)
+    if bad:  # LoRA factors and heads are floats: integers are rewritten dtypes, NaN/Inf a diverged run
+        raise EnsembleLoadError(
+            f"Adapter weights in {weights_file} hold {'non-float' if retyped else 'non-finite (NaN/Inf)'} "
+            f"tensors, e.g. {bad[0]!r}: damaged or tampered with; refused."
+        )
     result = set_peft_model_state_dict(model, state, adapter_name=adapter)
     missing = sorted(set(result.missing_keys) & set(_adapter_keys(model, adapter)))
     if missing or result.unexpected_keys:
@@ -601,13 +611,29 @@ def _attach(
     base: PreTrainedModel, directories: Sequence[str | os.PathLike], names: Sequence[str]
 ) -> PeftModel:
     """Wrap `base` (in place) with the first adapter, then add the others by name; the first is active."""
-    with torch.random.fork_rng(devices=[]):
-        peft_model = PeftModel(base, read_adapter_config(directories[0]), adapter_name=names[0])
+    config = read_adapter_config(directories[0])
+    with torch.random.fork_rng(devices=[]), _naming(directories[0]):
+        peft_model = PeftModel(base, config, adapter_name=names[0])
     load_adapter_weights(peft_model, directories[0], names[0])
     for directory, name in zip(directories[1:], names[1:], strict=True):
         load_adapter(peft_model, directory, name)
     _activate(peft_model, names[0])
     return peft_model.eval()
+
+
+@contextlib.contextmanager
+def _naming(directory: str | os.PathLike):
+    """peft's errors for a config it cannot apply (``layer_replication``, target modules the base lacks) name
+    no file: re-raise them as `EnsembleLoadError` naming the adapter config."""
+    try:
+        yield
+    except EnsembleLoadError:
+        raise
+    except Exception as e:
+        raise EnsembleLoadError(
+            f"The adapter config {Path(directory) / ADAPTER_CONFIG_NAME} cannot be applied to the base "
+            f"model: {type(e).__name__}: {e}"
+        ) from e
 
 
 def _base_ref(saved, base_model) -> str:
@@ -628,6 +654,12 @@ def _load_base(saved, base_model, device_map, attn_implementation, hub_kwargs: d
         raise EnsembleLoadError(
             f"The adapters were trained on {ref!r}, a checkpoint that is not on the Hub; pass "
             "base_model=<its local path or Hub id> (its weights are checked against the recorded SHA-256)."
+        )
+    if base_model is None and not hub.is_hub_id(ref):
+        raise EnsembleLoadError(
+            f"ensemble_config.json names the base model {ref!r}, which is not a Hub repo id (a path of the "
+            "loading machine, or invalid): a repository may not make the loader open local files. Pass "
+            "base_model=<the checkpoint> explicitly if you trust it."
         )
     if Path(ref).is_dir():
         refuse_remote_code(ref)

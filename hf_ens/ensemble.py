@@ -34,6 +34,7 @@ import tempfile
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
@@ -55,12 +56,16 @@ from .checks import assert_finite
 from .evaluation import _predict
 from .hub import ENSEMBLE_CONFIG_NAME, HubPushError
 from .members import (
+    LOADER_READS,
     SUPPORTED_SUFFIXES,
     EnsembleLoadError,
+    check_repo_tree,
     load_member,
     load_processor,
     member_class,
     refuse_remote_code,
+    repo_path,
+    weight_dtypes,
 )
 
 __all__ = [
@@ -345,6 +350,7 @@ class EnsembleModel(PreTrainedModel):
         device_map: str | dict | torch.device | int | None = None,
         attn_implementation: str | None = None,
         base_model: str | os.PathLike | PreTrainedModel | None = None,
+        require_digests: bool = False,
         **kwargs,
     ) -> EnsembleModel:
         """Load a saved ensemble from a local directory or a Hub repo id, with transformers' usual keywords.
@@ -354,11 +360,14 @@ class EnsembleModel(PreTrainedModel):
         root soup weights), then loaded like a local directory; ``revision="main"`` on a local directory is
         ignored with a warning, any other revision there is an error. No repo code ever runs: a config with
         an ``auto_map`` is refused before transformers sees it (``trust_remote_code=True`` is refused). Every
-        file is checked against the SHA-256 recorded in ``ensemble_config.json`` (repos saved before digests
-        were recorded load unverified). `dtype` (or legacy `torch_dtype`), `device_map` (``"auto"``,
-        ``"cpu"``, a device) and `attn_implementation` go to each member's ``from_pretrained``. `config`: an
-        `EnsembleConfig` to use instead of the saved one (the Auto classes pass it); it must list the same
-        members. Non-finite member weights give a warning (see `hf_ens.members.load_member`).
+        file is checked against the SHA-256 recorded in ``ensemble_config.json``; a loaded file no digest
+        covers (a repo saved before digests were recorded, or whose digests were removed) gives a warning, an
+        error with ``require_digests=True``. Every path the repo names (members, shards, digest keys,
+        links) must lie inside it once symlinks are followed. `dtype` (or legacy `torch_dtype`),
+        `device_map` (``"auto"``, ``"cpu"``, a device) and `attn_implementation` go to each member's
+        ``from_pretrained``. `config`: an `EnsembleConfig` to use instead of the saved one (the Auto classes
+        pass it); it must list the same members. Non-finite member weights, or weights stored in another
+        dtype than the members' config, are refused (see `hf_ens.members.load_member`).
 
         A repo of LoRA members (``member_format: "peft_lora"``) gives an
         `hf_ens.adapters.AdapterEnsembleModel`: the base named in ``ensemble_config.json`` is loaded once
@@ -414,11 +423,15 @@ class EnsembleModel(PreTrainedModel):
                 f"Missing {path / ENSEMBLE_CONFIG_NAME}: not an hf-ens ensemble "
                 "(see EnsembleModel.save_pretrained)."
             )
+        for name in sorted(os.listdir(path)):  # what the loader may open: no link out of the repo
+            if name.startswith("member_") or any(fnmatch(name, p) for p in LOADER_READS):
+                repo_path(path, name, "file")
         refuse_remote_code(path)  # before anything else reads the configs
         saved = _read_config(path)
         for name in saved.members:
+            check_repo_tree(repo_path(path, name, "member directory"), path)
             refuse_remote_code(path / name)
-        hub.verify_digests(path, saved.files)
+        hub.verify_digests(path, saved.files, require=require_digests)
         if config is not None and list(config.members) != saved.members:
             raise EnsembleLoadError(
                 f"The config passed lists members {config.members}; {path / ENSEMBLE_CONFIG_NAME} lists "
@@ -443,7 +456,8 @@ class EnsembleModel(PreTrainedModel):
             )
         if base_model is not None:
             raise TypeError("base_model applies to ensembles of adapter members only.")
-        members = [load_member(path / name, **member_kwargs) for name in saved.members]
+        members = [load_member(path / name, root=path, **member_kwargs) for name in saved.members]
+        _check_same_dtypes(path, saved.members)
         model = cls(config if config is not None else saved, members=members, processor=load_processor(path))
         return model.eval()
 
@@ -544,7 +558,9 @@ class EnsembleModel(PreTrainedModel):
         ensemble, so members, soup config and soup weights always change together. In an existing directory
         only the ensemble's own entries (``member_XX/``, ``model.safetensors`` and its shards,
         ``ensemble_config.json``, the configs, processor files and card it writes) are replaced; anything else
-        (``training_args.bin``, ``model-best.safetensors``, ``notes.txt``) survives. Modes follow the umask.
+        (``training_args.bin``, ``model-best.safetensors``, ``notes.txt``) survives, including files another
+        process writes there during the save. The directory keeps its mode, owner and group (a new one
+        follows the umask); a symlinked target is written through; a mount point is refused (`OSError`).
 
         Refuses (`hf_ens.NonFiniteError`) a member or soup with NaN/Inf weights. `soup` replaces the uniform
         soup at the root (e.g. one with recomputed BatchNorm statistics); `metrics`
@@ -563,6 +579,8 @@ class EnsembleModel(PreTrainedModel):
         if not is_main_process:
             return target
         self._check_finite_members()
+        if soup is not None:
+            self._check_soup(soup)
         soup = soup if soup is not None else self.soup()
         assert_finite(soup, "the soup (root weights)")
         with atomic_directory(target, keep=lambda name: not hub.owned(name)) as tmp:
@@ -578,6 +596,25 @@ class EnsembleModel(PreTrainedModel):
         if push_to_hub:
             self._upload(target, repo_id or target.name, token=token, **push_kwargs)
         return target
+
+    def _check_soup(self, soup: PreTrainedModel) -> None:
+        """The root soup is the members' model: same class, labels and tensor shapes, or the repo would
+        give plain transformers a model that is not this ensemble's."""
+        problems = []
+        if type(soup).__name__ != self.config.architecture:
+            problems.append(f"it is a {type(soup).__name__}, the members are {self.config.architecture}")
+        labels = {int(k): v for k, v in (getattr(soup.config, "id2label", None) or {}).items()}
+        if labels != {int(k): v for k, v in self.config.id2label.items()}:
+            problems.append(f"its labels {labels} differ from the members' {self.config.id2label}")
+        reference = self.members[0] if isinstance(self.members[0], nn.Module) else None
+        if not problems and reference is not None:
+            ref = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
+            got = {k: tuple(v.shape) for k, v in soup.state_dict().items()}
+            diff = sorted(k for k in set(ref) | set(got) if ref.get(k) != got.get(k))
+            if diff:
+                problems.append(f"{len(diff)} tensor(s) differ in name or shape, e.g. {diff[0]!r}")
+        if problems:
+            raise ValueError(f"soup= does not match the ensemble's members: {'; '.join(problems)}.")
 
     def _check_finite_members(self) -> None:
         for k, member in enumerate(self.members):
@@ -653,6 +690,20 @@ def _check_save_kwargs(safe_serialization: bool, state_dict: dict | None, push_k
             f"EnsembleModel.save_pretrained got unexpected keyword argument(s) {unknown}; push options are "
             f"{list(_PUSH_KWARGS)}."
         )
+
+
+def _check_same_dtypes(path: Path, names: list[str]) -> None:
+    """Members of one ensemble are stored alike: a member whose tensors differ in dtype was tampered with."""
+    reference = weight_dtypes(path / names[0], path)
+    for name in names[1:]:
+        dtypes = weight_dtypes(path / name, path)
+        diff = sorted(k for k in set(reference) | set(dtypes) if reference.get(k) != dtypes.get(k))
+        if diff:
+            raise EnsembleLoadError(
+                f"Member {name} ({path / name}) stores {diff[0]!r} as {dtypes.get(diff[0])}, {names[0]} as "
+                f"{reference.get(diff[0])} ({len(diff)} tensor(s) differ): members of one ensemble are saved "
+                "alike, so the files were damaged or tampered with; refused."
+            )
 
 
 def _read_config(path: Path) -> EnsembleConfig:

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from fnmatch import fnmatch
 from pathlib import Path
 
-from .members import EnsembleLoadError
+from .members import PROCESSOR_READS, EnsembleLoadError
 
 __all__ = [
     "HubPushError",
@@ -81,29 +82,58 @@ def file_digests(folder: str | os.PathLike) -> dict[str, str]:
     }
 
 
-def verify_digests(folder: str | os.PathLike, digests: dict | None) -> None:
+def verify_digests(folder: str | os.PathLike, digests: dict | None, require: bool = False) -> None:
     """Raise `EnsembleLoadError` naming the first file whose bytes differ from its recorded SHA-256.
 
-    ``digests`` None (a repo saved before digests were recorded) verifies nothing. A recorded file that is
-    missing is an error, except the root soup weights, which a Hub download skips.
+    Every digest key must name a file inside `folder` (`hf_ens.members.repo_path`, checked before it is
+    opened); a file listed under several names (``a``, ``./a``) is hashed once. A recorded file that is
+    missing is an error, except the root soup weights, which a Hub download skips. Files the loader reads
+    (every file of a member, the processor files of the root) that no digest covers, or no digests at
+    all (a repo saved before digests were recorded, or whose digests were deleted), give a warning, or
+    `EnsembleLoadError` with ``require=True``.
     """
-    if digests is None:
-        return
+    from .members import repo_path
+
     folder = Path(folder)
-    if not isinstance(digests, dict):
+    if digests is not None and not isinstance(digests, dict):
         raise EnsembleLoadError(f"Corrupted {folder / ENSEMBLE_CONFIG_NAME}: 'files' must be a mapping.")
-    for rel, expected in sorted(digests.items()):
-        path = folder / rel
+    hashed: dict[tuple[int, int], str] = {}
+    for rel, expected in sorted((digests or {}).items()):
+        path = repo_path(folder, rel, f"file listed in {ENSEMBLE_CONFIG_NAME}")
         if not path.is_file():
             if "/" in rel or not any(fnmatch(rel, p) for p in _ROOT_WEIGHTS):
                 raise EnsembleLoadError(f"Missing file {path} (listed in {ENSEMBLE_CONFIG_NAME}).")
             continue
-        actual = _sha256(path)
+        st = path.stat()
+        key = (st.st_dev, st.st_ino)
+        if key not in hashed:
+            hashed[key] = _sha256(path)
+        actual = hashed[key]
         if actual != expected:
             raise EnsembleLoadError(
-                f"File {path} is damaged or was changed: its SHA-256 is {actual}, {ENSEMBLE_CONFIG_NAME} "
-                f"records {expected}. Download or save the ensemble again."
+                f"File {path} is damaged or was changed: its SHA-256 differs from the one "
+                f"{ENSEMBLE_CONFIG_NAME} records. Download or save the ensemble again."
             )
+    read = [p for p in folder.glob("member_*/**/*") if p.is_file()]
+    read += [p for p in folder.iterdir() if p.is_file() and any(fnmatch(p.name, q) for q in PROCESSOR_READS)]
+    uncovered = sorted(
+        p.relative_to(folder).as_posix()
+        for p in read
+        if p.name not in _UNDIGESTED and (p.stat().st_dev, p.stat().st_ino) not in hashed
+    )
+    if digests is None or uncovered:
+        what = (
+            "records no file digests"
+            if digests is None
+            else f"records no digest for {len(uncovered)} file(s) it loads, e.g. {uncovered[:3]}"
+        )
+        message = (
+            f"{folder / ENSEMBLE_CONFIG_NAME} {what}: those files cannot be checked for damage or tampering "
+            "(saved before hf-ens recorded digests, or the digests were removed)."
+        )
+        if require:
+            raise EnsembleLoadError(message + " Refused (require_digests=True).")
+        warnings.warn(message + " Pass require_digests=True to refuse such repos.", UserWarning, stacklevel=3)
 
 
 # --- download and push ------------------------------------------------------------------------------------

@@ -68,10 +68,16 @@ def _prepare(logits, labels) -> tuple[torch.Tensor, torch.Tensor]:
     return log_probs, labels
 
 
+def _valid_rows(log_probs: torch.Tensor) -> torch.Tensor:
+    """Rows that are a prediction at all: a NaN/Inf logit makes a row NaN, and arg-max of NaN is class 0,
+    which would count as correct for every class-0 sample."""
+    return ~torch.isnan(log_probs).any(-1) & torch.isfinite(log_probs.max(-1).values)
+
+
 def accuracy(logits, labels) -> float:
-    """Fraction of samples whose arg-max class is the label."""
+    """Fraction of samples whose arg-max class is the label; a non-finite (NaN/Inf) prediction is wrong."""
     log_probs, labels = _prepare(logits, labels)
-    return (log_probs.argmax(-1) == labels).double().mean().item()
+    return ((log_probs.argmax(-1) == labels) & _valid_rows(log_probs)).double().mean().item()
 
 
 def nll(logits, labels) -> float:
@@ -112,6 +118,12 @@ def fit_temperature(logits, labels, low: float = 0.05, high: float = 20.0, itera
     log_probs, y = _prepare(logits, labels)
     if not 0.0 < low < high:
         raise ValueError(f"Need 0 < low < high, got low={low}, high={high}.")
+    invalid = int((~_valid_rows(log_probs)).sum())
+    if invalid:
+        raise ValueError(
+            f"fit_temperature got non-finite (NaN/Inf) logits in {invalid} of {len(y)} rows: no temperature "
+            "calibrates them (the model diverged or its weights are damaged)."
+        )
 
     def loss(beta: float) -> float:
         return torch.nn.functional.cross_entropy(log_probs * beta, y).item()
@@ -204,6 +216,8 @@ def ensemble_metrics(member_logits, labels, soup_logits=None) -> dict[str, float
     ``diversity/disagreement``, ``diversity/kl_to_ensemble`` with metric in accuracy, nll, ece, brier.
     """
     z = _member_logits(member_logits)
+    if z.shape[0] == 0:
+        raise ValueError("ensemble_metrics needs at least one member; got member_logits with K=0.")
     out: dict[str, float] = {}
     for k in range(z.shape[0]):
         out.update(classification_metrics(z[k], labels, prefix=f"member_{k}/"))

@@ -20,7 +20,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from .checks import assert_finite
 from .evaluation import _predict, _split_batch
+from .metrics import accuracy
 
 __all__ = [
     "uniform_soup",
@@ -283,6 +285,7 @@ def greedy_soup(
             chosen, best = [*chosen, i], value
         del model, state
     running.write_mean(soup)
+    assert_finite(soup, f"the greedy soup of members {chosen}")
     return _finish(soup, bn_dataloader, warn=True), chosen
 
 
@@ -342,6 +345,6 @@ def make_accuracy_eval_fn(dataloader: Iterable) -> Callable[[nn.Module], float]:
         logits, labels = _predict(model, dataloader, empty_error=empty)
         if len(labels) == 0:
             raise ValueError(empty)
-        return (logits.argmax(-1) == labels).sum().item() / len(labels)
+        return accuracy(logits, labels)  # a NaN/Inf prediction is wrong, never class 0
 
     return eval_fn

@@ -211,7 +211,7 @@ def test_nonfinite_member_or_soup_is_refused_naming_it(tmp_path):
     assert not (tmp_path / "ens").exists() and list(tmp_path.iterdir()) == []
 
 
-def test_loading_nonfinite_weights_warns_naming_the_member(tmp_path):
+def test_loading_nonfinite_weights_is_refused_naming_the_member(tmp_path):
     saved = EnsembleModel.from_members([tiny_vit(0), tiny_vit(1)]).save_pretrained(tmp_path / "ens")
     path = saved / "member_01" / "model.safetensors"
     state = load_file(path)
@@ -219,9 +219,8 @@ def test_loading_nonfinite_weights_warns_naming_the_member(tmp_path):
     state[name][0] = float("nan")
     save_file(state, path, metadata={"format": "pt"})
     _rehash(saved)
-    with pytest.warns(UserWarning, match=r"member_01 .*non-finite.*classifier\.bias"):
-        loaded = EnsembleModel.from_pretrained(saved)
-    assert torch.isnan(loaded.members[1].classifier.bias[0])
+    with pytest.raises(EnsembleLoadError, match=r"member_01 .*non-finite.*classifier\.bias"):
+        EnsembleModel.from_pretrained(saved)
 
 
 def _flip_last_byte(path) -> None:
@@ -250,11 +249,15 @@ def test_digests_catch_a_same_size_byte_flip(tmp_path, processor):
     assert member_file.stat().st_size == size
     with pytest.raises(EnsembleLoadError, match=r"member_01[/\\]model\.safetensors.*SHA-256"):
         EnsembleModel.from_pretrained(saved)
-    # an ensemble saved before digests were recorded still loads (unverified)
+    # an ensemble saved before digests were recorded (or whose digests were removed) loads with a warning,
+    # and is refused with require_digests=True (issue 25, item 8)
     cfg = json.loads((saved / "ensemble_config.json").read_text())
     del cfg["files"]
     (saved / "ensemble_config.json").write_text(json.dumps(cfg))
-    assert EnsembleModel.from_pretrained(saved).num_members == 2
+    with pytest.warns(UserWarning, match="records no file digests"):
+        assert EnsembleModel.from_pretrained(saved).num_members == 2
+    with pytest.raises(EnsembleLoadError, match="require_digests=True"):
+        EnsembleModel.from_pretrained(saved, require_digests=True)
 
 
 def test_members_of_other_depth_or_width_are_refused():

@@ -76,6 +76,7 @@ from .checkpoints import (
 from .nonfinite import LossWatch
 from .parallel import MemberProgress, assigned_members, wait_for_members
 from .probe import PROBE_FILE, ProbeRun, check_eval_dataset, format_table, probe_steps
+from .run_lock import run_lock
 from .schedule import CyclePlan, plan_cycles
 from .starsse_config import StarSSEConfig
 
@@ -275,6 +276,19 @@ class StarSSETrainer(Trainer):
 
     # ------------------------------------------------------------------ training set-up
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs):
+        # one run per output_dir (trainers.run_lock): a second one is refused before it touches anything
+        with run_lock(self.args.output_dir, enabled=self.args.should_save, share=self._main_process_says):
+            return self._train_locked(resume_from_checkpoint, trial, **kwargs)
+
+    def _main_process_says(self, message: str | None) -> str | None:
+        """The main process's `message`, on every process (a refusal must stop all of them, not hang them)."""
+        if self.args.world_size <= 1:
+            return message
+        from accelerate.utils import broadcast_object_list
+
+        return broadcast_object_list([message], from_process=0)[0]
+
+    def _train_locked(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs):
         if self.args.auto_cycle_learning_rate:
             check_eval_dataset(self.eval_dataset)
         self._resumed_state = None
