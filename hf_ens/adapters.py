@@ -557,13 +557,26 @@ class AdapterEnsembleModel(EnsembleModel):
 
         return _finish(lora_uniform_soup(self.peft_model, list(self.config.members)), bn_dataloader, True)
 
-    def soup_adapter(self, name: str = "soup") -> PeftModel:
-        """A copy of the shared peft model holding only the soup, as one adapter (`lora_soup_adapter`)."""
+    def soup_adapter(self, name: str = "default") -> PeftModel:
+        """A copy of the shared peft model holding only the soup, as one adapter (`lora_soup_adapter`).
+
+        Named ``"default"``, so ``soup_adapter().save_pretrained(dir)`` writes the adapter into `dir` itself
+        (peft puts any other name into ``dir/<name>/``) and ``PeftModel.from_pretrained(base, dir)`` loads
+        it. Its config is clean: ``modules_to_save`` listed once, and ``base_model_name_or_path`` a Hub id
+        or nothing (never this machine's directory).
+        """
+        from .hub import is_hub_id
+
         model = copy.deepcopy(self.peft_model)
         lora_soup_adapter(model, list(self.config.members), name=name)
         model.set_adapter(name)
         for adapter in list(self.config.members):
             model.delete_adapter(adapter)
+        config = model.peft_config[name]
+        if config.modules_to_save:
+            config.modules_to_save = list(dict.fromkeys(config.modules_to_save))
+        base = self.config.base_model
+        config.base_model_name_or_path = base if is_hub_id(base) else None
         return model
 
     def merged_members(self) -> list[PreTrainedModel]:
