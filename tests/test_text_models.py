@@ -5,6 +5,7 @@ embeddings survive Local DE, and an ensemble serves a pipeline with nothing but 
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -275,3 +276,35 @@ def test_image_ensemble_pipeline_needs_no_image_processor():
     by_label = {s["label"]: s["score"] for s in scores}
     for i, label in ens.config.id2label.items():
         assert by_label[label] == pytest.approx(probs[int(i)].item(), abs=1e-5)
+
+
+def test_lora_ensemble_on_a_masked_lm_checkpoint_reloads_from_that_checkpoint(tmp_path, tok):
+    """A masked-LM checkpoint has no pooler: loaded as a classifier it gets a fresh frozen one, which the
+    members depend on. The ensemble saves it (base_extra.safetensors), so base_model=<the MLM> reloads the
+    same members (before: EnsembleLoadError 'lacks weights bert.pooler...')."""
+    from transformers import BertForMaskedLM, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    BertForMaskedLM(_text.text_config("bert")).save_pretrained(tmp_path / "mlm")
+    torch.manual_seed(1)
+    base = BertForSequenceClassification.from_pretrained(tmp_path / "mlm")  # pooler and classifier: new
+    dirs = []
+    for k in range(2):
+        torch.manual_seed(10 + k)
+        lora = LoraConfig(
+            r=2, lora_alpha=4, target_modules=["query", "value"], modules_to_save=["classifier"]
+        )
+        member = get_peft_model(copy.deepcopy(base), lora, adapter_name="default")
+        for p in member.parameters():
+            if p.requires_grad:
+                p.data.add_(0.1 * torch.randn_like(p))
+        member.save_pretrained(tmp_path / f"a{k}")
+        dirs.append(tmp_path / f"a{k}")
+    ens = AdapterEnsembleModel.from_adapters(
+        base, dirs, processor=tok, base_model_name_or_path=str(tmp_path / "mlm")
+    )
+    ens.save_pretrained(tmp_path / "ens")
+    assert (tmp_path / "ens" / "base_extra.safetensors").is_file()
+    loaded = EnsembleModel.from_pretrained(tmp_path / "ens", base_model=tmp_path / "mlm")
+    batch = _text.batch(tok, TEXTS)
+    torch.testing.assert_close(loaded(**batch).logits, ens(**batch).logits)
