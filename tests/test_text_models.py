@@ -20,6 +20,7 @@ from hf_ens import EnsembleConfig, EnsembleModel, tasks
 from hf_ens.adapters import AdapterEnsembleModel
 from hf_ens.evaluation import predict_logits
 from hf_ens.heads import reinit_task_head
+from hf_ens.members import load_member
 from hf_ens.metrics import evaluate_ensemble, nll
 from tests import _text
 from tests._tiny import one_torch_thread
@@ -308,3 +309,27 @@ def test_lora_ensemble_on_a_masked_lm_checkpoint_reloads_from_that_checkpoint(tm
     loaded = EnsembleModel.from_pretrained(tmp_path / "ens", base_model=tmp_path / "mlm")
     batch = _text.batch(tok, TEXTS)
     torch.testing.assert_close(loaded(**batch).logits, ens(**batch).logits)
+
+
+def test_bert_local_de_branches_equal_the_trainer_loop(tmp_path):
+    """BERT's and GPT2's classifiers average their loss themselves and ignore num_items_in_batch; the Trainer,
+    seeing **kwargs, summed the micro-batch means of a step (gradient x accumulation) while the branch loop
+    averages them: Local DE members differed by ~4e-4. Now the Trainer is told, and both loops agree bit for
+    bit, also with a short last batch (30 samples, batches of 4)."""
+    from tests._trainer_parallel_run import main as run_here
+    from tests._trainer_utils import max_diff, weights
+    from trainers.starsse_trainer import loss_normalized_by_num_items
+
+    assert not loss_normalized_by_num_items(_text.tiny_classifier("bert"))
+    assert loss_normalized_by_num_items(_text.tiny_classifier("llama"))
+    options = dict(
+        num_members=2, gradient_accumulation_steps=2, method="local_de", num_train_epochs=1, samples=30
+    )
+    text = {"family": "bert", "hidden_dropout_prob": 0, "attention_probs_dropout_prob": 0}  # see the README
+    run_here(str(tmp_path / "branch"), {**options, "parallel_members": True, "text": dict(text)})
+    run_here(str(tmp_path / "loop"), {**options, "parallel_members": False, "text": dict(text)})
+    for k in range(2):
+        a, b = (
+            weights(load_member(tmp_path / run / "members" / f"member_{k:02d}")) for run in ("branch", "loop")
+        )
+        assert max_diff(a, b) == 0.0, k
