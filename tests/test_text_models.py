@@ -14,6 +14,7 @@ import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from torch.utils.data import DataLoader, TensorDataset
 from transformers import AutoTokenizer, DataCollatorForLanguageModeling, TrainerCallback, pipeline
+from transformers.utils import logging as hf_logging
 
 import hf_ens
 from hf_ens import EnsembleConfig, EnsembleModel, tasks
@@ -54,12 +55,15 @@ def test_head_redraw_never_touches_tied_embeddings(family, caplog):
     tied = _text.tiny_lm(family, 0, tie=True)
     emb = tied.get_input_embeddings().weight.detach().clone()
     assert tied.get_output_embeddings().weight.data_ptr() == tied.get_input_embeddings().weight.data_ptr()
-    torch.manual_seed(1)
-    reinit_task_head(tied)
-    torch.manual_seed(2)
-    reinit_task_head(tied)
+    hf_logging.enable_propagation()  # transformers' loggers do not reach caplog otherwise
+    try:
+        for seed in (1, 2):
+            torch.manual_seed(seed)
+            reinit_task_head(tied)
+    finally:
+        hf_logging.disable_propagation()
     assert torch.equal(tied.get_input_embeddings().weight, emb)
-    assert caplog.text.count("tied to the input embeddings") <= 1  # transformers' logger: once per message
+    assert caplog.text.count("tied to the input embeddings") == 1  # said once, not per member
 
     untied = _text.tiny_lm(family, 0, tie=False)
     emb, head = (untied.get_input_embeddings().weight.detach().clone(),
@@ -333,3 +337,22 @@ def test_bert_local_de_branches_equal_the_trainer_loop(tmp_path):
             weights(load_member(tmp_path / run / "members" / f"member_{k:02d}")) for run in ("branch", "loop")
         )
         assert max_diff(a, b) == 0.0, k
+
+
+def test_what_the_ensemble_cannot_combine_is_refused_before_training(tmp_path, tok, caplog):
+    """Token classification and language models: the trainer says at construction that ensemble() will refuse
+    them (their members still train and soup); EnsembleModel refuses them with the reason."""
+    from transformers import BertForTokenClassification
+
+    torch.manual_seed(0)
+    token = BertForTokenClassification(_text.text_config("bert"))
+    with pytest.raises(ValueError, match="ForSequenceClassification"):
+        EnsembleModel.from_members([token, copy.deepcopy(token)])
+    with pytest.raises(ValueError, match="ForSequenceClassification"):
+        EnsembleModel.from_members([_text.tiny_lm("gpt2", 0), _text.tiny_lm("gpt2", 1)])
+    hf_logging.enable_propagation()
+    try:
+        StarSSETrainer(model=token, args=_args(tmp_path), train_dataset=[{"input_ids": [1], "labels": [0]}])
+    finally:
+        hf_logging.disable_propagation()
+    assert "trainer.ensemble() will refuse it" in caplog.text

@@ -147,6 +147,7 @@ class StarSSETrainer(Trainer):
                     "members would need their adapters merged first, which the probe does not do yet. Give "
                     "cycle_learning_rate a number."
                 )
+        _say_if_not_ensembled(self.model)
         if self.model_accepts_loss_kwargs and not loss_normalized_by_num_items(self.model):
             # The Trainer would pass num_items_in_batch, skip its division by the accumulation steps, and so
             # SUM the micro-batch means of a step (a gradient N x accumulation too large, unlike the branch
@@ -741,6 +742,21 @@ class StarSSETrainer(Trainer):
                 f"Cannot resume: the checkpoint's cycles differ from this run's: {'; '.join(differences)} "
                 "(a different training set size?)."
             )
+
+
+def _say_if_not_ensembled(model: torch.nn.Module) -> None:
+    """Before training: a model `EnsembleModel` will not take (an LM, token classification) still trains K
+    members and soups, but ``trainer.ensemble()`` will refuse it; say so now, not after the run."""
+    from hf_ens.members import SUPPORTED_SUFFIXES
+
+    model = model.get_base_model() if adapters.is_peft_model(model) else model
+    name = type(model).__name__
+    if not name.endswith(SUPPORTED_SUFFIXES):
+        logger.warning(
+            f"{name}: StarSSETrainer trains its K members (and soup() averages them), but trainer.ensemble() "
+            f"will refuse it: hf_ens.EnsembleModel combines *{SUPPORTED_SUFFIXES[0]} and "
+            f"*{SUPPORTED_SUFFIXES[1]} members only."
+        )
 
 
 def loss_normalized_by_num_items(model: torch.nn.Module) -> bool:
