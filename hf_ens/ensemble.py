@@ -494,7 +494,7 @@ class EnsembleModel(PreTrainedModel):
         )
         inputs = {k: v for k, v in {**inputs, **kwargs}.items() if v is not None}
         member_logits = torch.stack([self._member_logits(m, inputs) for m in self.members])
-        problem_type = self.config.problem_type
+        problem_type = self.config.problem_type or tasks.problem_type_of(self.config)
         logits, spread = tasks.combine(member_logits, problem_type)
         loss = None if labels is None else tasks.loss(logits, labels, problem_type)
         if return_dict is False:
