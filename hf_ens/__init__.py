@@ -8,6 +8,7 @@ from .checks import NonFiniteError, assert_finite, nonfinite_tensors
 from .ensemble import EnsembleConfig, EnsembleLoadError, EnsembleModel, EnsembleOutput, HubPushError
 from .evaluate_metrics import EVALUATE_METRICS, load_metric
 from .metrics import fit_temperature, temperature_scaled
+from .pipelines import pipeline
 from .soups import greedy_soup, make_accuracy_eval_fn, recompute_batchnorm, uniform_soup, weighted_average
 
 __version__ = "0.1.0"
@@ -48,5 +49,6 @@ __all__ = [
     "load_metric",
     "fit_temperature",
     "temperature_scaled",
+    "pipeline",
     *_ADAPTER_NAMES,
 ]

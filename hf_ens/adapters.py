@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import json
 import math
 import os
 from collections.abc import Sequence
@@ -71,6 +72,9 @@ __all__ = [
 PEFT_FORMAT = "peft_lora"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+# Frozen base weights the members were trained on that the base checkpoint does not hold (e.g. the pooler a
+# masked-LM checkpoint lacks, drawn when it was loaded as a classifier): saved with the adapters.
+BASE_EXTRA_NAME = "base_extra.safetensors"
 _LINEAR_INITS = (True, False, "gaussian")  # the LoRA inits that leave the base weights untouched
 
 
@@ -521,7 +525,9 @@ class AdapterEnsembleModel(EnsembleModel):
         hub_kwargs: dict | None = None,
     ) -> AdapterEnsembleModel:
         """Load the base named in `saved` (or `base_model`), check its weights' digest, attach adapters."""
-        base = _load_base(saved, base_model, device_map, attn_implementation, hub_kwargs or {})
+        extra_file = path / BASE_EXTRA_NAME
+        extra = safetensors.torch.load_file(str(extra_file)) if extra_file.is_file() else {}
+        base = _load_base(saved, base_model, device_map, attn_implementation, hub_kwargs or {}, extra)
         names = list(saved.members)
         peft_model = _attach(base, [path / n for n in names], names)
         expected = saved.base_weights_sha256
@@ -567,13 +573,26 @@ class AdapterEnsembleModel(EnsembleModel):
 
         return _finish(lora_uniform_soup(self.peft_model, list(self.config.members)), bn_dataloader, True)
 
-    def soup_adapter(self, name: str = "soup") -> PeftModel:
-        """A copy of the shared peft model holding only the soup, as one adapter (`lora_soup_adapter`)."""
+    def soup_adapter(self, name: str = "default") -> PeftModel:
+        """A copy of the shared peft model holding only the soup, as one adapter (`lora_soup_adapter`).
+
+        Named ``"default"``, so ``soup_adapter().save_pretrained(dir)`` writes the adapter into `dir` itself
+        (peft puts any other name into ``dir/<name>/``) and ``PeftModel.from_pretrained(base, dir)`` loads
+        it. Its config is clean: ``modules_to_save`` listed once, and ``base_model_name_or_path`` a Hub id
+        or nothing (never this machine's directory).
+        """
+        from .hub import is_hub_id
+
         model = copy.deepcopy(self.peft_model)
         lora_soup_adapter(model, list(self.config.members), name=name)
         model.set_adapter(name)
         for adapter in list(self.config.members):
             model.delete_adapter(adapter)
+        config = model.peft_config[name]
+        if config.modules_to_save:
+            config.modules_to_save = list(dict.fromkeys(config.modules_to_save))
+        base = self.config.base_model
+        config.base_model_name_or_path = base if is_hub_id(base) else None
         return model
 
     def merged_members(self) -> list[PreTrainedModel]:
@@ -591,10 +610,28 @@ class AdapterEnsembleModel(EnsembleModel):
             assert_finite(state, f"member {k} ({name})")
 
     def _save_members(self, folder: Path, max_shard_size) -> None:
+        extra = self._base_extra()
+        if extra:
+            safetensors.torch.save_file(extra, str(folder / BASE_EXTRA_NAME), metadata={"format": "pt"})
         for name in self.config.members:
             save_adapter(self.peft_model, name, folder / name)
             if self.processor is not None:
                 self.processor.save_pretrained(folder / name)
+
+    def _base_extra(self) -> dict[str, torch.Tensor]:
+        """The frozen base weights that the base checkpoint (a local directory) does not hold: without them a
+        reload from that checkpoint cannot rebuild the members. A Hub base is not read (no download)."""
+        names = _checkpoint_names(self.config.base_model)
+        if names is None:
+            return {}
+        prefix = self.peft_model.get_base_model().base_model_prefix
+        return {  # a checkpoint of the bare body (e.g. a BertModel) names its weights without the prefix
+            name: value.detach().to("cpu").contiguous()
+            for name, value in _base_items(self.peft_model)
+            if name.split(".")[0] == prefix
+            and name not in names
+            and name.removeprefix(f"{prefix}.") not in names
+        }
 
     def ensemble_config(self) -> dict:
         content = super().ensemble_config()
@@ -642,11 +679,32 @@ def _base_ref(saved, base_model) -> str:
     return str(base_model or saved.base_model)
 
 
-def _load_base(saved, base_model, device_map, attn_implementation, hub_kwargs: dict) -> PreTrainedModel:
+def _checkpoint_names(ref) -> set[str] | None:
+    """The weight names a local safetensors checkpoint holds (None: not a local checkpoint)."""
+    if not ref or not Path(str(ref)).is_dir():
+        return None
+    path = Path(str(ref))
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        return set(json.loads(index.read_text()).get("weight_map", {}))
+    if (path / "model.safetensors").is_file():
+        with safetensors.safe_open(str(path / "model.safetensors"), framework="pt") as f:
+            return set(f.keys())
+    return None
+
+
+@torch.no_grad()
+def _load_base(
+    saved, base_model, device_map, attn_implementation, hub_kwargs: dict, extra: dict | None = None
+) -> PreTrainedModel:
     """The base the adapters sit on: `base_model` if given, else the checkpoint ``ensemble_config.json`` names
-    (a Hub id or a local directory), loaded as the members' class with the members' config (labels)."""
+    (a Hub id or a local directory), loaded as the members' class with the members' config (labels). `extra`
+    (``base_extra.safetensors``): frozen weights the checkpoint lacks, copied in."""
+    extra = extra or {}
     if isinstance(base_model, PreTrainedModel):
-        return copy.deepcopy(base_model)
+        base = copy.deepcopy(base_model)
+        _copy_extra(base, extra)
+        return base
     ref = str(base_model) if base_model is not None else saved.base_model
     if not ref:
         raise EnsembleLoadError("ensemble_config.json names no base model; pass base_model=<path or Hub id>.")
@@ -679,10 +737,20 @@ def _load_base(saved, base_model, device_map, attn_implementation, hub_kwargs: d
     except Exception as e:
         raise EnsembleLoadError(f"Could not load the base model {ref!r}: {type(e).__name__}: {e}") from e
     heads = {n for n, _ in base.named_children() if n != base.base_model_prefix}
-    missing = [k for k in info.get("missing_keys", []) if k.split(".")[0] not in heads]
+    missing = [k for k in info.get("missing_keys", []) if k.split(".")[0] not in heads and k not in extra]
     if missing:
         raise EnsembleLoadError(f"The base model {ref!r} lacks weights {sorted(missing)[:8]}.")
+    _copy_extra(base, extra)
     return base
+
+
+def _copy_extra(base: PreTrainedModel, extra: dict[str, torch.Tensor]) -> None:
+    state = base.state_dict()
+    unknown = sorted(set(extra) - set(state))
+    if unknown:
+        raise EnsembleLoadError(f"{BASE_EXTRA_NAME} holds weights the base model has not: {unknown[:8]}.")
+    for name, value in extra.items():
+        state[name].copy_(value)
 
 
 def _dtype(dtype) -> torch.dtype:

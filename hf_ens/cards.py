@@ -111,10 +111,11 @@ def render_model_card(
     method = str(metadata.get("method", "ensemble"))
     num_members = int(metadata.get("num_members") or ensemble_config.get("num_members") or 0)
     architecture = ensemble_config.get("architecture") or metadata.get("architecture") or "transformers"
-    auto_class, task = next(
+    auto_class, task = next(  # an architecture of no known task gets no task, never a guessed one
         (v for k, v in _AUTO_CLASSES.items() if architecture.endswith(k)),
-        ("AutoModel", "image-classification"),
+        ("AutoModel", None),
     )
+    problem = (ensemble_config.get("problem_type") or "").replace("_", "-") or None
     base_model = metadata.get("base_model")
     base_model_text = (
         None if not base_model or is_hub_id(base_model) else describe_source(base_model, "checkpoint")
@@ -126,7 +127,7 @@ def render_model_card(
     name = repo_id or f"{method}-ensemble"
 
     eval_results = []
-    if hub_dataset:  # a model-index names a Hub dataset; other data are described in the card's text
+    if hub_dataset and task:  # a model-index names a Hub dataset; other data are described in the card's text
         for prefix, label in _RESULTS:
             for metric in METRICS:
                 if f"{prefix}/{metric}" in metrics:
@@ -144,7 +145,7 @@ def render_model_card(
     card_data = ModelCardData(
         library_name="transformers",
         pipeline_tag=task,
-        tags=["hf-ens", "ensemble", "model-soup", method.replace("_", "-"), task],
+        tags=[t for t in ("hf-ens", "ensemble", "model-soup", method.replace("_", "-"), task, problem) if t],
         base_model=hub_base_model,
         datasets=[hub_dataset] if hub_dataset else None,
         model_name=name,

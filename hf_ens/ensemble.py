@@ -1,7 +1,9 @@
 """`EnsembleConfig` + `EnsembleModel`: K fine-tuned classifiers of one architecture as one transformers model.
 
-The ensemble's ``logits`` are ``log(mean_k softmax(z_k))``: their softmax is the mean member probability, so
-arg-max, cross-entropy, `Trainer.evaluate` and pipelines give ensemble results with no special case.
+The ensemble's ``logits`` follow the members' problem type (`hf_ens.tasks`): ``log(mean_k softmax(z_k))`` for
+single-label members (their softmax is the mean member probability), the logit of the mean sigmoid for
+multi-label members, the mean value for regression members (their spread beside it); so arg-max, the loss,
+`Trainer.evaluate` and pipelines give ensemble results with no special case.
 `EnsembleConfig` (model type ``hf_ens_ensemble``) is registered with `AutoConfig` and `EnsembleModel` with
 `AutoModelForImageClassification` / `AutoModelForSequenceClassification` when `hf_ens` is imported, so
 pipelines accept an ensemble without a "not supported" message.
@@ -28,7 +30,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import tempfile
 import warnings
@@ -50,7 +51,7 @@ from transformers import (
 from transformers.configuration_utils import SubConfigSpec
 from transformers.utils import ModelOutput
 
-from . import hub
+from . import hub, tasks
 from ._io import atomic_directory
 from .checks import assert_finite
 from .evaluation import _predict
@@ -108,8 +109,9 @@ class EnsembleConfig(PreTrainedConfig):
     sub_configs_defaults = {
         "member_config": SubConfigSpec(config_class=AutoConfig, model_type="vit", optional=True)
     }
-    # The Trainer concatenates outputs along dim 0; member_logits is [K, B, C], so keep it out of there.
-    keys_to_ignore_at_inference = ["member_logits"]
+    # The Trainer concatenates outputs along dim 0; member_logits is [K, B, C], so keep it out of there (and
+    # the regression spread, so that the Trainer's predictions stay the logits, as for any model).
+    keys_to_ignore_at_inference = ["member_logits", "spread"]
 
     members: list[str] | None = None
     member_config: dict | PreTrainedConfig | None = None
@@ -124,13 +126,20 @@ class EnsembleConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         kwargs.pop("num_members", None)  # format 1 stored it; it is len(members)
+        if isinstance(self.member_config, dict) and "model_type" not in self.member_config:
+            raise ValueError(  # transformers would silently build the sub-config's default type (a ViT)
+                "EnsembleConfig(member_config=...) needs the members' 'model_type' (e.g. 'bert'); got a dict "
+                f"without one (keys {sorted(self.member_config)[:8]})."
+            )
         super().__post_init__(**kwargs)
         self.members = list(self.members or [])
         self.metadata = dict(self.metadata or {})
         if self.member_config is not None:  # the members' labels are the ensemble's labels
             self.id2label = dict(self.member_config.id2label)
             self.label2id = dict(self.member_config.label2id or {v: k for k, v in self.id2label.items()})
-            self.problem_type = self.member_config.problem_type
+            # named explicitly (num_labels=1 means regression to the members' forward, a sigmoid to a
+            # pipeline): the ensemble combines, scores and is post-processed by this one rule
+            self.problem_type = tasks.problem_type_of(self.member_config)
             self.architecture = self.architecture or (self.member_config.architectures or [None])[0]
 
     @property
@@ -203,14 +212,19 @@ class EnsembleOutput(ModelOutput):
     """Output of `EnsembleModel`.
 
     Args:
-        loss: cross-entropy of the ensemble prediction (when ``labels`` are passed).
-        logits: ``log(mean_k softmax(member_logits[k]))``, [B, C]; its softmax is the ensemble probability.
+        loss: the members' loss applied to the ensemble prediction (when ``labels`` are passed): cross-entropy
+            (single-label), binary cross-entropy of the mean probabilities (multi-label), MSE (regression).
+        logits: [B, C]: ``log(mean_k softmax(member_logits[k]))`` (its softmax is the ensemble probability),
+            the logit of the mean member sigmoid (multi-label), or the mean member value (regression); see
+            `hf_ens.tasks`.
         member_logits: raw logits of each member, shape [K, B, C].
+        spread: regression only: the standard deviation of the member values, [B, C] (0 for one member).
     """
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     member_logits: torch.Tensor | None = None
+    spread: torch.Tensor | None = None
 
 
 def _check_members_given(members: Sequence) -> None:
@@ -229,11 +243,18 @@ def _check_compatible(members: Sequence[PreTrainedModel]) -> None:
             f"EnsembleModel supports *ForImageClassification and *ForSequenceClassification members; got "
             f"{type(ref).__name__}."
         )
+    tasks.problem_type_of(ref.config)  # an unknown problem type: refused before any work
     for i, m in enumerate(members[1:], start=1):
         if type(m) is not type(ref):
             raise ValueError(
                 f"All members must share one architecture: member 0 is {type(ref).__name__}, member {i} is "
                 f"{type(m).__name__}."
+            )
+        kinds = tasks.problem_type_of(ref.config), tasks.problem_type_of(m.config)
+        if kinds[0] != kinds[1]:
+            raise ValueError(
+                f"All members must share one problem type: member 0 is {kinds[0]!r}, member {i} is "
+                f"{kinds[1]!r} (their outputs combine differently)."
             )
         if dict(m.config.id2label) != dict(ref.config.id2label):
             raise ValueError(
@@ -476,7 +497,8 @@ class EnsembleModel(PreTrainedModel):
         return_dict: bool | None = None,
         **kwargs,
     ) -> EnsembleOutput | tuple:
-        """Run every member and average their probabilities; extra kwargs go to every member."""
+        """Run every member and combine their outputs by the members' problem type (`hf_ens.tasks`): mean
+        probability (single- or multi-label) or mean value (regression); extra kwargs go to every member."""
         kwargs.pop("num_items_in_batch", None)  # a Trainer loss kwarg, not a model input
         inputs = dict(
             pixel_values=pixel_values,
@@ -486,15 +508,12 @@ class EnsembleModel(PreTrainedModel):
         )
         inputs = {k: v for k, v in {**inputs, **kwargs}.items() if v is not None}
         member_logits = torch.stack([self._member_logits(m, inputs) for m in self.members])
-        logits = torch.logsumexp(torch.log_softmax(member_logits.float(), dim=-1), dim=0) - math.log(
-            len(self.members)
-        )
-        loss = None
-        if labels is not None:
-            loss = nn.functional.cross_entropy(logits, labels.to(logits.device).long())
+        problem_type = self.config.problem_type or tasks.problem_type_of(self.config)
+        logits, spread = tasks.combine(member_logits, problem_type)
+        loss = None if labels is None else tasks.loss(logits, labels, problem_type)
         if return_dict is False:
-            return tuple(x for x in (loss, logits, member_logits) if x is not None)
-        return EnsembleOutput(loss=loss, logits=logits, member_logits=member_logits)
+            return tuple(x for x in (loss, logits, member_logits, spread) if x is not None)
+        return EnsembleOutput(loss=loss, logits=logits, member_logits=member_logits, spread=spread)
 
     def _member_logits(self, member: PreTrainedModel, inputs: dict) -> torch.Tensor:
         """One member's logits, on member 0's device: with ``device_map`` members may sit on different devices

@@ -17,8 +17,11 @@ def _split_batch(
 ) -> tuple[dict, torch.Tensor | None]:
     """(model inputs on the model's device, labels or None) from a dict batch (HF collators) or a tuple.
 
-    Labels are `label_key`; with the default, a ``label`` column (`datasets`' usual name) counts too. A tuple
-    or a bare tensor feeds the model's ``main_input_name``.
+    Labels are `label_key`; with the default, a ``label`` column (`datasets`' usual name) counts too; every
+    other key of a dict goes to the model. A tuple ``(inputs, labels)`` or a bare tensor feeds the model's
+    ``main_input_name``; a longer tuple is refused (which element is the ``attention_mask``?), and so is a
+    tuple for a model that takes ``input_ids``: it would carry no ``attention_mask`` and padding would be
+    attended silently.
     """
     device = next(model.parameters()).device
     if isinstance(batch, Mapping):
@@ -26,6 +29,13 @@ def _split_batch(
         labels = next((batch[k] for k in label_keys if k in batch), None)
         inputs = {k: v for k, v in batch.items() if k not in label_keys}
     elif isinstance(batch, (tuple, list)):
+        main = getattr(model, "main_input_name", "pixel_values")
+        if len(batch) > 2 or main == "input_ids":
+            raise TypeError(
+                f"A {len(batch)}-element {type(batch).__name__} batch for a model taking {main!r}: a tuple "
+                "carries only (inputs, labels), so an attention_mask (or any other input) would be dropped. "
+                "Use dict batches, e.g. transformers.DataCollatorWithPadding."
+            )
         inputs, labels = (
             {getattr(model, "main_input_name", "pixel_values"): batch[0]},
             batch[1] if len(batch) > 1 else None,

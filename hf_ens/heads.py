@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import torch
 from transformers import PreTrainedModel
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 
 def task_heads(model: PreTrainedModel) -> list[torch.nn.Module]:
@@ -18,6 +21,11 @@ def task_heads(model: PreTrainedModel) -> list[torch.nn.Module]:
     return heads
 
 
+def _storage(p: torch.Tensor) -> int:
+    """Where a tensor's memory lives: two parameters tied under any names share it."""
+    return p.untyped_storage().data_ptr()
+
+
 @torch.no_grad()
 def reinit_task_head(model: PreTrainedModel) -> PreTrainedModel:
     """Re-draw the task head in place with PyTorch's default initialisation, from the current torch RNG state.
@@ -26,8 +34,14 @@ def reinit_task_head(model: PreTrainedModel) -> PreTrainedModel:
     reset with its public ``reset_parameters()``, no private transformers hook involved. Seed first
     (`transformers.set_seed(seed + k)`) for a reproducible draw. A head holding parameters that no layer with
     ``reset_parameters`` owns cannot be re-drawn this way and raises ValueError.
+
+    A head layer that shares memory with the body (the output projection of a language model with
+    ``tie_word_embeddings=True`` IS the input embedding) is kept: re-drawing it would re-draw the embedding
+    too. Sharing is judged by storage, not by names; that the layer was kept is logged once.
     """
-    for head in task_heads(model):
+    heads = task_heads(model)
+    body = {_storage(p) for p in getattr(model, model.base_model_prefix).parameters()}
+    for head in heads:
         layers = [m for m in head.modules() if callable(getattr(m, "reset_parameters", None))]
         covered = {id(p) for m in layers for p in m.parameters(recurse=False)}
         stray = [name for name, p in head.named_parameters() if id(p) not in covered]
@@ -37,5 +51,12 @@ def reinit_task_head(model: PreTrainedModel) -> PreTrainedModel:
                 "layer with reset_parameters()."
             )
         for layer in layers:
+            if any(_storage(p) in body for p in layer.parameters(recurse=False)):
+                logger.warning_once(
+                    f"{type(model).__name__}: head layer {type(layer).__name__} shares its weights with the "
+                    "body (tied to the input embeddings); it is kept, not re-drawn (that would re-draw the "
+                    "embeddings). Members started from this checkpoint differ by data order and dropout only."
+                )
+                continue
             layer.reset_parameters()
     return model

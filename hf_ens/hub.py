@@ -35,6 +35,7 @@ OWN_PATTERNS = (
     "model.safetensors",
     "model-[0-9][0-9][0-9][0-9][0-9]-of-[0-9][0-9][0-9][0-9][0-9].safetensors",
     "model.safetensors.index.json",
+    "base_extra.safetensors",  # LoRA members: frozen base weights their base checkpoint lacks (adapters.py)
     ENSEMBLE_CONFIG_NAME,
 )
 # Files fetched from the Hub for an ensemble: configs, processor/tokenizer files and the member weights; never
@@ -46,6 +47,7 @@ ALLOW_PATTERNS = [
     "*.jinja",
     "README.md",
     "member_[0-9]*/*.safetensors",
+    "base_extra.safetensors",
 ]
 # Root soup weights: recorded in the digests, but not downloaded, so they are verified only when present.
 _ROOT_WEIGHTS = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json")

@@ -51,7 +51,26 @@ def _to_tensor(x, dtype=torch.float64) -> torch.Tensor:
     return torch.as_tensor(np.ascontiguousarray(x), dtype=dtype)
 
 
+_SINGLE_LABEL_ONLY = (
+    "hf_ens.metrics (accuracy, NLL, ECE, Brier) are defined for single-label classification (one class id "
+    "per sample, a softmax over classes); {what}. Score a multi-label or regression ensemble with its own "
+    "metrics on `EnsembleModel(...).logits` (sigmoid probabilities / mean values)."
+)
+
+
+def _check_single_label(labels) -> None:
+    """Refuse multi-label (one 0/1 row per sample) and regression (fractional) targets with the reason,
+    instead of scoring them as class ids (a silent wrong number)."""
+    y = _to_tensor(labels)
+    if y.ndim > 1 and y.shape[-1] > 1:
+        what = f"got labels of shape {tuple(y.shape)} (multi-label?)"
+        raise ValueError(_SINGLE_LABEL_ONLY.format(what=what))
+    if not torch.equal(y, y.round()):
+        raise ValueError(_SINGLE_LABEL_ONLY.format(what="got non-integer labels (regression targets?)"))
+
+
 def _prepare(logits, labels) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_single_label(labels)
     log_probs = torch.log_softmax(_to_tensor(logits), dim=-1)
     labels = _to_tensor(labels, torch.long).reshape(-1)
     if log_probs.ndim != 2 or log_probs.shape[0] != labels.shape[0]:
@@ -258,6 +277,9 @@ def evaluate_ensemble(ensemble, dataloader, soup=None) -> dict[str, float]:
     The result feeds `EnsembleModel.save_pretrained(..., metrics=...)` and `push_to_hub(..., metrics=...)`,
     which put it into the model card. Evaluate on the split you report, never on the one that picked a soup.
     """
+    problem_type = getattr(ensemble.config, "problem_type", None)
+    if problem_type not in (None, "single_label_classification"):
+        raise ValueError(_SINGLE_LABEL_ONLY.format(what=f"this ensemble's members are {problem_type!r}"))
     member_logits, labels = ensemble.predict(dataloader)
     soup_logits = None
     if soup is not None:

@@ -4,7 +4,9 @@ benchmarks/parallel_members.py: a StarSSE / Local DE run with ``parallel_members
 Usage: ``_trainer_parallel_run.py OUT JSON [OUT JSON ...]``, one run per pair. JSON holds ``StarSSEConfig``
 overrides plus the script's own keys: ``resume`` (resume_from_checkpoint=True), ``slow`` (seconds the
 collator sleeps per batch, so that a test can kill a process mid-branch), ``samples``, ``model`` (tiny_vit
-overrides), ``image_size``, ``lora`` (peft ``LoraConfig`` keywords: members are LoRA adapters). Each process
+overrides), ``image_size``, ``lora`` (peft ``LoraConfig`` keywords: members are LoRA adapters), ``text``
+(a tiny text classifier of `tests._text` instead of the ViT: ``{"family": "bert", **config overrides}``,
+padded batches of the sentiment task). Each process
 writes ``OUT/pid{rank}`` at start and ``OUT/rank{rank}.json`` (members it wrote, branches it resumed, timings)
 at the end.
 """
@@ -55,12 +57,21 @@ def main(out: str, options: dict) -> dict:
     image_size = options.pop("image_size", 16)
     model_overrides = options.pop("model", {})
     lora = options.pop("lora", None)
+    text = options.pop("text", None)
     rank = int(os.environ.get("RANK", "0"))
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, f"pid{rank}"), "w") as f:
         f.write(str(os.getpid()))
     args = starsse_config(out, **options)
     model = tiny_vit(0, train=True, image_size=image_size, **model_overrides)
+    dataset, collator = TinyImages(samples, image_size=image_size), SlowCollator(slow)
+    if text is not None:
+        from tests import _text
+
+        family = text.pop("family", "bert")
+        model = _text.tiny_classifier(family, 0, train=True, **text)
+        tok = _text.word_tokenizer()
+        dataset, collator = _text.TextDataset(tok, _text.sentiment_examples(samples)), _text.collator(tok)
     if lora is not None:
         from peft import LoraConfig, get_peft_model
 
@@ -68,8 +79,8 @@ def main(out: str, options: dict) -> dict:
     trainer = StarSSETrainer(
         model=model,
         args=args,
-        train_dataset=TinyImages(samples, image_size=image_size),
-        data_collator=SlowCollator(slow),
+        train_dataset=dataset,
+        data_collator=collator,
     )
     mark = Model1End(trainer)
     trainer.add_callback(mark)

@@ -42,7 +42,8 @@ def test_template_found_in_source_tree():
 
 
 def test_card_metadata_and_model_index():
-    card = render_model_card(METADATA, METRICS, repo_id="user/vit-cifar10-starsse")
+    vit = {"architecture": "ViTForImageClassification"}
+    card = render_model_card(METADATA, METRICS, repo_id="user/vit-cifar10-starsse", ensemble_config=vit)
     reparsed = ModelCard(str(card))  # what the Hub would parse
     data = reparsed.data.to_dict()
     assert data["library_name"] == "transformers"
@@ -57,6 +58,19 @@ def test_card_metadata_and_model_index():
     assert metrics["ensemble brier"] == 0.045 and "uniform soup brier" not in metrics
     assert metrics["greedy soup accuracy"] == 0.97
     assert index["results"][0]["dataset"]["split"] == "test"
+
+
+def test_card_task_is_the_members_never_a_guess():
+    """A text ensemble is tagged text-classification (and its problem type); an unknown architecture gets no
+    pipeline tag at all (it used to be called image-classification whatever it was)."""
+    text = {"architecture": "LlamaForSequenceClassification", "problem_type": "multi_label_classification"}
+    data = ModelCard(str(render_model_card(METADATA, METRICS, "user/x", ensemble_config=text))).data.to_dict()
+    assert data["pipeline_tag"] == "text-classification"
+    assert {"text-classification", "multi-label-classification"} <= set(data["tags"])
+    assert data["model-index"][0]["results"][0]["task"]["type"] == "text-classification"
+    card = render_model_card(METADATA, METRICS, "user/x")  # nothing says what the members are
+    data = ModelCard(str(card)).data.to_dict()
+    assert "pipeline_tag" not in data and "image-classification" not in str(card)
 
 
 def test_card_body_has_table_hyperparameters_and_snippets():

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -147,6 +148,12 @@ class StarSSETrainer(Trainer):
                     "members would need their adapters merged first, which the probe does not do yet. Give "
                     "cycle_learning_rate a number."
                 )
+        _say_if_not_ensembled(self.model)
+        if self.model_accepts_loss_kwargs and not loss_normalized_by_num_items(self.model):
+            # The Trainer would pass num_items_in_batch, skip its division by the accumulation steps, and so
+            # SUM the micro-batch means of a step (a gradient N x accumulation too large, unlike the branch
+            # loop's mean): told the truth, it averages them, like the branch loop and one big batch.
+            self.model_accepts_loss_kwargs = False
         self.plan: CyclePlan | None = None
         self.snapshot_seconds = 0.0  # time spent writing members (and copying the StarSSE anchor)
         self.cycle_start_seconds = 0.0  # time spent reloading anchors / resetting the optimizer
@@ -443,6 +450,17 @@ class StarSSETrainer(Trainer):
             ) from err
         num_train_epochs, steps_per_epoch, num_examples, _, total_batch, steps_in_epoch, _ = values
         plan = plan_cycles(args, steps_per_epoch)
+        data = self.train_dataset
+        if args.parallel_members and data is not None and hasattr(data, "__len__"):
+            branch_steps = BranchData(data, None, args).steps_per_epoch
+            if branch_steps != steps_per_epoch:  # refused now, not after model 1 (the plans would differ)
+                raise ValueError(
+                    f"parallel_members: the data-parallel loop makes {steps_per_epoch} steps per epoch, a "
+                    f"branch would make {branch_steps} ({len(data)} samples, batches of "
+                    f"{args.per_device_train_batch_size}, dataloader_drop_last={args.dataloader_drop_last}, "
+                    f"{args.world_size} processes x {args.gradient_accumulation_steps} accumulation). Use a "
+                    "training set that splits into whole member batches, or dataloader_drop_last=False."
+                )
         if args.max_steps is not None and args.max_steps > 0 and args.max_steps != plan.total_steps:
             raise ValueError(
                 f"max_steps={args.max_steps} does not match the {args.num_members} cycles of the run "
@@ -738,6 +756,36 @@ class StarSSETrainer(Trainer):
                 f"Cannot resume: the checkpoint's cycles differ from this run's: {'; '.join(differences)} "
                 "(a different training set size?)."
             )
+
+
+def _say_if_not_ensembled(model: torch.nn.Module) -> None:
+    """Before training: a model `EnsembleModel` will not take (an LM, token classification) still trains K
+    members and soups, but ``trainer.ensemble()`` will refuse it; say so now, not after the run."""
+    from hf_ens.members import SUPPORTED_SUFFIXES
+
+    model = model.get_base_model() if adapters.is_peft_model(model) else model
+    name = type(model).__name__
+    if not name.endswith(SUPPORTED_SUFFIXES):
+        logger.warning(
+            f"{name}: StarSSETrainer trains its K members (and soup() averages them), but trainer.ensemble() "
+            f"will refuse it: hf_ens.EnsembleModel combines *{SUPPORTED_SUFFIXES[0]} and "
+            f"*{SUPPORTED_SUFFIXES[1]} members only."
+        )
+
+
+def loss_normalized_by_num_items(model: torch.nn.Module) -> bool:
+    """Whether `model`'s loss divides by the ``num_items_in_batch`` the Trainer passes to any forward with
+    ``**kwargs``: a model that says so (``accepts_loss_kwargs``) or whose forward uses transformers'
+    ``self.loss_function``. BERT's and GPT2's sequence classifiers compute their own mean per micro-batch
+    (and do not set ``accepts_loss_kwargs``), so the Trainer would sum those means over a step."""
+    model = model.get_base_model() if adapters.is_peft_model(model) else model
+    model = getattr(model, "module", model)  # a DDP wrapper
+    if hasattr(model, "accepts_loss_kwargs"):
+        return bool(model.accepts_loss_kwargs)
+    try:
+        return "loss_function" in inspect.getsource(type(model).forward)
+    except (OSError, TypeError):  # no source: keep the Trainer's own judgement
+        return True
 
 
 @contextlib.contextmanager
