@@ -410,10 +410,13 @@ class EnsembleModel(PreTrainedModel):
         elif revision is not None:
             raise ValueError(f"revision={revision!r} applies to Hub repos; {path} is a local directory.")
         if not (path / ENSEMBLE_CONFIG_NAME).is_file():
-            raise EnsembleLoadError(
-                f"Missing {path / ENSEMBLE_CONFIG_NAME}: not an hf-ens ensemble "
-                "(see EnsembleModel.save_pretrained)."
+            inside = sorted(p.parent.name for p in path.glob(f"*/{ENSEMBLE_CONFIG_NAME}"))
+            hint = (  # e.g. a recipe's output_dir, whose repo is its ensemble_repo/ sub-folder
+                f"; {path / inside[0]} is one: load that folder"
+                if inside
+                else " (see EnsembleModel.save_pretrained)"
             )
+            raise EnsembleLoadError(f"Missing {path / ENSEMBLE_CONFIG_NAME}: not an hf-ens ensemble{hint}.")
         refuse_remote_code(path)  # before anything else reads the configs
         saved = _read_config(path)
         for name in saved.members:
