@@ -636,9 +636,12 @@ def run(script_args: ScriptArguments, training_args: StarSSEConfig, callbacks=No
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
-    if training_args.dataloader_pin_memory and not torch.cuda.is_available():
-        # page-locked batches only help a copy to a GPU; without one torch warns on every loader
+    if not torch.cuda.is_available():
+        # page-locked batches and non-blocking copies only help a copy to a GPU; without one, torch warns
+        # on every loader (and transformers about non_blocking without pinned memory)
         training_args.dataloader_pin_memory = False
+        if getattr(training_args.accelerator_config, "non_blocking", False):
+            training_args.accelerator_config.non_blocking = False
 
     resume = resume_target(training_args)
     check_output_dir(script_args, training_args)

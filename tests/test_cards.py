@@ -139,8 +139,8 @@ def test_class_subset_and_probe_errors_read_as_a_person_writes_them():
     }
     card = render_model_card(metadata, METRICS, "user/x").text
     heading = (
-        "## Evaluation on an offline copy of `fashion_mnist` (not from the Hub; test split; a 5-class subset: "
-        "Dress, Coat, Shirt, Sneaker, Ankle boot)"
+        "## Evaluation on an offline copy of `fashion_mnist` (not from the Hub; test split; "
+        "a 5-class subset: Dress, Coat, Shirt, Sneaker, Ankle boot)"
     )
     assert heading in card
     assert "error 18.40%" in card and "18.4000" not in card  # it printed "error 18.4000%"

@@ -284,6 +284,8 @@ def test_single_process_launch_output_is_quiet_in_a_log(tmp_path, local_data, lo
     assert "mean member" in log and "Writing model shards" not in log
     assert "\x1b[A" not in log
     assert "values were not passed" not in log
+    # no warning a user cannot act on (issue 26): torch's pin_memory one on a CPU, transformers' bar per load
+    assert "pin_memory" not in log and "Loading weights" not in log, log[-4000:]
     second = subprocess.run([*cmd, *argv], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     log = second.stdout + second.stderr
     assert second.returncode != 0 and "Traceback" not in log, log[-4000:]
@@ -484,3 +486,15 @@ def test_checkpoint_code_never_runs(tmp_path):
         r"\.from_(?:pretrained|config)\((.*?)\)\n", (ROOT / "recipes" / "vit_cifar.py").read_text(), re.S
     )
     assert loads and all("trust_remote_code=False" in call for call in loads), loads
+
+
+def test_lora_wrapping_warns_nothing(tmp_path):
+    """peft reads transformers 5's deprecated ``is_gradient_checkpointing`` on every wrap: no FutureWarning
+    reaches the user, neither when the recipe wraps a member nor when an adapter ensemble is loaded."""
+    from transformers import ViTForImageClassification
+
+    model = ViTForImageClassification.from_pretrained(save_tiny_vit(tmp_path / "vit"))
+    script = vit_cifar.ScriptArguments(lora_r=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        vit_cifar.apply_lora(model, script)
