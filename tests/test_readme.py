@@ -163,3 +163,26 @@ def test_the_activated_venv_runs_the_readme_commands(tmp_path):
         ["bash", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0 and proc.stdout.startswith("usage: vit_cifar.py"), proc.stderr[-2000:]
+
+
+def test_the_demo_table_comes_with_its_range_over_numeric_configurations():
+    """The demo table is one draw (issue 26): under it, per row, the min-max over >= 4 numeric
+    configurations, which the comment names; the table's own numbers lie inside their ranges."""
+    match = re.search(r"<!-- demo-table:(.*?)-->\n```\n(.*?)```\n<!-- /demo-table -->", README, flags=re.S)
+    assert match, "the README lost its demo-table block"
+    comment, block = match.groups()
+    configurations = re.findall(r"native|ATEN_CPU_CAPABILITY=\w+", comment)
+    assert len(configurations) >= 4, comment
+    lines = [line for line in block.splitlines() if line.strip()]
+    assert lines[0].split() == ["accuracy", "NLL", "ECE"]
+    rows = {line[:14].strip(): [float(v) for v in line[14:].split()] for line in lines[1:5]}
+    assert list(rows) == ["mean member", "ensemble", "uniform soup", "greedy soup"]
+    ranges = {}
+    for line in lines[5:]:
+        found = re.fullmatch(r"range  (.+?)\s+((?:\d\.\d{4}-\d\.\d{4}\s*){3})", line)
+        assert found, f"not a range line: {line!r}"
+        ranges[found.group(1)] = [tuple(map(float, r.split("-"))) for r in found.group(2).split()]
+    assert list(ranges) == list(rows)
+    for name, values in rows.items():
+        for value, (low, high) in zip(values, ranges[name], strict=True):
+            assert low <= value <= high, (name, value, low, high)
