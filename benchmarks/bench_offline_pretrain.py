@@ -55,7 +55,7 @@ def main() -> None:
     if skip_pretrain:
         return
     with tempfile.TemporaryDirectory() as cache:
-        args.cache_dir, args.force = cache, False
+        args.cache_dir, args.force, args.use_shipped = cache, False, False  # time the training itself
         path = timed("pre-train (fresh cache)", lambda: ensure_pretrained_checkpoint(args))
         metrics = json.load(open(os.path.join(path, "pretrain_config.json")))["metrics"]
         print(json.dumps({"what": "pre-train metrics", **metrics}))

@@ -31,6 +31,7 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -644,12 +645,23 @@ def _activate(model: PeftModel, name: str) -> None:
     model.set_adapter(name, inference_mode=True)
 
 
+@contextlib.contextmanager
+def quiet_peft_wrap():
+    """peft reads ``model.is_gradient_checkpointing`` when it wraps a model, an alias that transformers 5
+    deprecates with a FutureWarning on every wrap: nothing a user can act on, so that warning is dropped."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+        )
+        yield
+
+
 def _attach(
     base: PreTrainedModel, directories: Sequence[str | os.PathLike], names: Sequence[str]
 ) -> PeftModel:
     """Wrap `base` (in place) with the first adapter, then add the others by name; the first is active."""
     config = read_adapter_config(directories[0])
-    with torch.random.fork_rng(devices=[]), _naming(directories[0]):
+    with torch.random.fork_rng(devices=[]), _naming(directories[0]), quiet_peft_wrap():
         peft_model = PeftModel(base, config, adapter_name=names[0])
     load_adapter_weights(peft_model, directories[0], names[0])
     for directory, name in zip(directories[1:], names[1:], strict=True):

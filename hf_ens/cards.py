@@ -49,6 +49,7 @@ _NOT_HYPERPARAMETERS = {
     "base_model",
     "dataset",
     "dataset_split",
+    "dataset_classes",
     "eval_split",
     "license",
     "architecture",
@@ -124,6 +125,14 @@ def render_model_card(
     dataset, split = metadata.get("dataset"), metadata.get("dataset_split") or metadata.get("eval_split")
     hub_dataset = dataset if dataset and is_hub_id(dataset) else None
     dataset_text = f"`{dataset}`" if hub_dataset else describe_source(dataset, "dataset") if dataset else None
+    if dataset_text:  # one parenthesis: "(not from the Hub; test split; a 5-class subset: ...)"
+        notes = [dataset_text.removesuffix(")").partition(" (")[2]] if dataset_text.endswith(")") else []
+        dataset_text = dataset_text.partition(" (")[0] if notes else dataset_text
+        notes += [f"{split} split"] if split else []
+        classes = metadata.get("dataset_classes")
+        if isinstance(classes, (list, tuple)) and classes:
+            notes.append(f"a {len(classes)}-class subset: {', '.join(map(str, classes))}")
+        dataset_text += f" ({'; '.join(notes)})" if notes else ""
     name = repo_id or f"{method}-ensemble"
 
     eval_results = []
@@ -183,7 +192,7 @@ def render_model_card(
         metrics_rows=rows,
         diversity=diversity,
         dataset=dataset_text,
-        dataset_split=split,
+        dataset_split=None,  # in dataset_text's parenthesis
         repo_id=repo_id or "path/to/ensemble",
         auto_class=auto_class,
         basin_probe=basin_probe,
@@ -196,8 +205,8 @@ def _basin_probe_rows(probe) -> dict | None:
     if not isinstance(probe, dict) or not probe.get("table"):
         return None
 
-    def number(value, scale=1.0):
-        return "-" if value is None else f"{scale * float(value):.4f}"
+    def number(value, scale=1.0):  # errors in % with 2 decimals (18.40), losses with 4
+        return "-" if value is None else f"{scale * float(value):.{2 if scale == 100.0 else 4}f}"
 
     rows = [
         {

@@ -440,10 +440,13 @@ class EnsembleModel(PreTrainedModel):
         elif revision is not None:
             raise ValueError(f"revision={revision!r} applies to Hub repos; {path} is a local directory.")
         if not (path / ENSEMBLE_CONFIG_NAME).is_file():
-            raise EnsembleLoadError(
-                f"Missing {path / ENSEMBLE_CONFIG_NAME}: not an hf-ens ensemble "
-                "(see EnsembleModel.save_pretrained)."
+            inside = sorted(p.parent.name for p in path.glob(f"*/{ENSEMBLE_CONFIG_NAME}"))
+            hint = (  # e.g. a recipe's output_dir, whose repo is its ensemble_repo/ sub-folder
+                f"; {path / inside[0]} is one: load that folder"
+                if inside
+                else " (see EnsembleModel.save_pretrained)"
             )
+            raise EnsembleLoadError(f"Missing {path / ENSEMBLE_CONFIG_NAME}: not an hf-ens ensemble{hint}.")
         for name in sorted(os.listdir(path)):  # what the loader may open: no link out of the repo
             if name.startswith("member_") or any(fnmatch(name, p) for p in LOADER_READS):
                 repo_path(path, name, "file")

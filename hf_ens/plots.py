@@ -48,7 +48,8 @@ def plot_lr_schedule(
     """Learning rate vs optimizer step, with a dashed line where each ensemble member is saved.
 
     `boundaries` are the steps that end a member (model 1's fine-tuning, then each cycle), the point of the
-    plot: it shows at a glance how high and how long each cycle goes compared with the fine-tuning run.
+    plot: it shows at a glance how high and how long each cycle goes compared with the fine-tuning run. They
+    are labelled member_00, member_01, ... like the members' folders and the model card.
     """
     steps, lrs = _floats("steps", steps), _floats("lrs", lrs)
     if len(steps) != len(lrs) or not steps:
@@ -60,7 +61,7 @@ def plot_lr_schedule(
     for k, b in enumerate(_floats("boundaries", boundaries)):
         ax.axvline(b, color="gray", ls="--", lw=0.8)
         ax.annotate(
-            f"member {k + 1}", (b, max(lrs)), rotation=90, ha="right", va="top", fontsize=7, color="gray"
+            f"member_{k:02d}", (b, max(lrs)), rotation=90, ha="right", va="top", fontsize=7, color="gray"
         )
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("learning rate")
@@ -125,6 +126,11 @@ def plot_vs_ensemble_size(
 def plot_basin_probe(
     probe: Mapping, path: str | os.PathLike = "basin_probe.png", title: str | None = None
 ) -> Path:
+    """Write `basin_probe_figure(probe, title)` as PNG to `path`."""
+    return save_figure(basin_probe_figure(probe, title), path)
+
+
+def basin_probe_figure(probe: Mapping, title: str | None = None):
     """The basin guard's probes (``cycle_learning_rate="auto"``) vs the cycle-LR multiplier, the chosen one
     marked: the loss barrier with its tolerance line (left; the decision), and the eval error with model 1's
     (right); the eval loss / model 1's, with its backstop ``probe_loss_ratio``, on the right panel's own axis.
@@ -144,6 +150,8 @@ def plot_basin_probe(
         ) from err
     if not table:
         raise ValueError("The basin probe table is empty.")
+    from matplotlib.ticker import NullLocator
+
     loss1, error1 = float(model1["eval_loss"]), float(model1["eval_error"])
     fig, (left, right) = new_figure(ncols=2)
     rows = [r for r in table if not r.get("diverged")]
@@ -151,7 +159,9 @@ def plot_basin_probe(
     left.plot(x, [float(r["loss_barrier"]) for r in rows], marker="o", ms=4, label="loss barrier (path)")
     left.axhline(tolerance * loss1, color="tab:red", ls="--", lw=1, label=f"tolerance ({tolerance:g} x L1)")
     left.set_ylabel("nats (eval cross-entropy)")
-    right.plot(x, [100 * float(r["eval_error"]) for r in rows], marker="o", ms=4, color="tab:purple")
+    right.plot(
+        x, [100 * float(r["eval_error"]) for r in rows], marker="o", ms=4, color="tab:purple", label="probe"
+    )
     right.axhline(100 * error1, color="gray", ls=":", lw=1, label="model 1")
     right.set_ylabel("probe eval error (%)")
     ratio_axis = right.twinx()
@@ -177,8 +187,13 @@ def plot_basin_probe(
                     color="tab:red",
                 )
         ax.set_xscale("log", base=2)
+        ticks = sorted({float(r["multiplier"]) for r in table})
+        ax.set_xticks(
+            ticks, [f"x{m:g}" for m in ticks]
+        )  # the grid's multipliers (x0.25 .. x16), not 2^-2 .. 2^4
+        ax.xaxis.set_minor_locator(NullLocator())
         ax.set_xlabel("cycle LR / fine-tuning LR")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(title or "Choosing the cycle LR: probes from model 1")
-    return save_figure(fig, path)
+    return fig

@@ -17,6 +17,7 @@ import dataclasses
 import difflib
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -52,11 +53,20 @@ def _valid_keys(dataclass_types: Sequence[type]) -> list[str]:
 
 
 def _unknown_key_error(unknown: Sequence[str], valid: list[str], where: str) -> ConfigError:
+    """One short line: the close matches of each unknown key, not the hundreds of valid ones (`--help`)."""
     hints = []
     for key in unknown:
         close = difflib.get_close_matches(key, valid, n=3)
         hints.append(f"{key!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
-    return ConfigError(f"Unknown key(s) {', '.join(hints)} {where}. Valid keys: {', '.join(valid)}.")
+    return ConfigError(
+        f"Unknown key(s) {', '.join(hints)} {where}; --help lists the {len(valid)} valid keys."
+    )
+
+
+def _plain(text: str) -> str:
+    """A docstring line as terminal text: ``x`` -> x, :class:`~a.B` -> B (Sphinx markup reads as noise)."""
+    text = re.sub(r":[a-z]+:`~?([^`]+)`", lambda m: m.group(1).rsplit(".", 1)[-1], text)
+    return text.replace("``", "")
 
 
 def _takes_list(parser: argparse.ArgumentParser, key: str) -> bool:
@@ -99,7 +109,7 @@ def _group_help(parser: argparse.ArgumentParser, dataclass_types: Sequence[type]
     for dtype in dataclass_types:
         doc = (dtype.__doc__ or "").strip().splitlines()
         title = f"{dtype.__name__} options"
-        group = argparse._ArgumentGroup(parser, title, doc[0] if doc else None)
+        group = argparse._ArgumentGroup(parser, title, _plain(doc[0]) if doc else None)
         own = _own_fields(dtype)
         for action in list(parser._optionals._group_actions):
             if action.dest in own:

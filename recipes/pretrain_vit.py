@@ -5,11 +5,19 @@ parameter ViT trained on Fashion-MNIST classes {0,1,2,5,8}; the main recipe fine
 classes. The result is an ordinary `save_pretrained` folder (model + `ViTImageProcessor`) that
 `AutoModelForImageClassification` / `AutoImageProcessor` load like any Hub checkpoint.
 
-The checkpoint lives under `{cache_dir}/vit-fmnist-{hash}`, where the hash covers everything that changes
+The repo ships the checkpoint of `recipes/configs/pretrain_offline.yaml` in `recipes/pretrained/vit-fmnist`
+(3.3 MB; its `pretrain_config.json` says how and where it was made): with those settings and `use_shipped`
+(the default) the main recipe starts from it, so every machine fine-tunes the same weights and the demo
+needs no pre-training. Any other settings, or `--use_shipped false`, pre-train on this machine:
+
+    python recipes/pretrain_vit.py --config recipes/configs/pretrain_offline.yaml --use_shipped false
+
+That checkpoint lives under `{cache_dir}/vit-fmnist-{hash}`, where the hash covers everything that changes
 the weights: the settings (the torch thread count among them: 1 and 2 threads give different weights, bit
-for bit), `PRETRAIN_VERSION` of this code, the bytes of the data files and the torch/transformers versions.
-A second run (or the main recipe) with the same inputs finds it and returns at once; any other input
-trains its own.
+for bit), `PRETRAIN_VERSION` of this code, the bytes of the data files, the torch/transformers versions and
+the CPU's numerics (`numeric_environment`: torch's CPU capability, `MKL_CBWR`, `ONEDNN_MAX_CPU_ISA` and the
+CPU's instruction sets each change the weights bit for bit). A second run (or the main recipe) with the
+same inputs finds it and returns at once; any other input trains its own.
 
 A plain torch loop rather than the `Trainer`: the main recipe may run under `accelerate launch` with several
 processes; it pre-trains on the main process only while the others wait, and a `Trainer` there would wrap the
@@ -25,6 +33,7 @@ import hashlib
 import json
 import math
 import os
+import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,17 +46,68 @@ PRETRAIN_VERSION = 2
 DEFAULT_CACHE_DIR = os.path.join(
     os.environ.get("HF_ENS_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "hf_ens")), "pretrained"
 )
+# The checkpoint of recipes/configs/pretrain_offline.yaml, made once with this file and committed.
+SHIPPED_DIR = Path(__file__).resolve().parent / "pretrained" / "vit-fmnist"
+# Fields that do not change the weights (kept out of the cache key and of the shipped-checkpoint match).
+_NOT_SETTINGS = ("cache_dir", "force", "use_shipped")
+# Environment variables that change float results on CPU bit for bit (measured: each alone changes the
+# weights after a few ViT steps on an AVX-512 Xeon). DNNL_MAX_CPU_ISA is oneDNN's older name.
+NUMERIC_ENV = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
+_ISA_FLAGS = (
+    "avx",
+    "avx2",
+    "fma",
+    "f16c",
+    "avx512f",
+    "avx512bw",
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "avx_vnni",
+    "amx_tile",
+    "amx_bf16",
+    "amx_int8",
+)
+
+
+def numeric_environment() -> dict:
+    """What decides CPU float results beside the code and the data: the kernels torch dispatches to (its CPU
+    capability), MKL's and oneDNN's code-path settings, and the instruction sets MKL and oneDNN pick from
+    when those are unset (two CPUs of different families give different weights for the same run)."""
+    import torch
+
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next(
+                (set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set()
+            )
+    except OSError:  # not Linux: the processor string stands in below
+        pass
+    return {
+        "machine": platform.machine(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "isa": sorted(flags & set(_ISA_FLAGS)) or [platform.processor()],
+        **{name: os.environ.get(name) for name in NUMERIC_ENV if os.environ.get(name)},
+    }
 
 
 @dataclass
 class PretrainArguments:
-    """Settings of the offline pre-training; all but `cache_dir` and `force` enter the cache key."""
+    """Settings of the offline pre-training; all but `cache_dir`, `force` and `use_shipped` enter the key."""
 
     cache_dir: str = field(
         default=DEFAULT_CACHE_DIR,
         metadata={"help": "Folder holding cached checkpoints (default: $HF_ENS_CACHE/pretrained)."},
     )
     force: bool = field(default=False, metadata={"help": "Train again even if a cached checkpoint exists."})
+    use_shipped: bool = field(
+        default=True,
+        metadata={
+            "help": "Use the checkpoint shipped in recipes/pretrained/vit-fmnist when it was made with these "
+            "settings (the same on every machine, no pre-training); false pre-trains on this machine."
+        },
+    )
     source_classes: list[int] = field(
         default_factory=lambda: [0, 1, 2, 5, 8],
         metadata={"help": "Fashion-MNIST class ids (0..9) to pre-train on."},
@@ -113,6 +173,11 @@ class PretrainArguments:
 
         return self.num_threads or torch.get_num_threads()
 
+    def settings(self) -> dict:
+        """The recipe's own inputs (no machine, data or versions): what a shipped checkpoint must match."""
+        settings = {k: v for k, v in dataclasses.asdict(self).items() if k not in _NOT_SETTINGS}
+        return settings | {"num_threads": self.threads(), "version": PRETRAIN_VERSION}
+
     def key_inputs(self) -> dict:
         """Everything that decides the weights: kept in pretrain_config.json, hashed into the folder name."""
         import torch
@@ -120,13 +185,11 @@ class PretrainArguments:
 
         from hf_ens.fashion_mnist import source_fingerprint
 
-        settings = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("cache_dir", "force")}
-        return settings | {
-            "num_threads": self.threads(),
-            "version": PRETRAIN_VERSION,
+        return self.settings() | {
             "data": source_fingerprint(),
             "torch": torch.__version__,
             "transformers": transformers.__version__,
+            "numerics": numeric_environment(),
         }
 
     def cache_key(self) -> str:
@@ -300,8 +363,18 @@ def _train(args: PretrainArguments, output_dir: str) -> dict:
     return metrics
 
 
+def shipped_matches(args: PretrainArguments) -> bool:
+    """Whether the shipped checkpoint was made with `args`' settings (machine and versions aside)."""
+    marker = SHIPPED_DIR / "pretrain_config.json"
+    if not marker.is_file():
+        return False
+    recorded = json.loads(marker.read_text(encoding="utf-8"))["settings"]
+    return {k: recorded.get(k) for k in args.settings()} == args.settings()
+
+
 def ensure_pretrained_checkpoint(cfg: PretrainArguments | dict | str | os.PathLike) -> str:
-    """Return the folder of the pre-trained checkpoint for `cfg`, training it first if it is not cached.
+    """Return the folder of the pre-trained checkpoint for `cfg`: the shipped one when `cfg` is its settings
+    (and `use_shipped`), else the cached one, training it first if it is not cached.
 
     `cfg` is a `PretrainArguments`, a dict of its fields, or a YAML path. The folder appears atomically
     (`hf_ens._io.atomic_directory`), so a crash never leaves a half-written checkpoint behind. A file
@@ -313,6 +386,8 @@ def ensure_pretrained_checkpoint(cfg: PretrainArguments | dict | str | os.PathLi
     from hf_ens._io import atomic_directory
 
     args = _as_args(cfg)
+    if args.use_shipped and not args.force and shipped_matches(args):
+        return str(SHIPPED_DIR)
     final = args.checkpoint_dir()
     marker = os.path.join(final, "pretrain_config.json")
     if os.path.isfile(marker) and not args.force:

@@ -178,6 +178,28 @@ class HubUnreachableError(ConfigError):
     """The run needs Hub repos but the Hub cannot be reached (offline, no network): one line, no retries."""
 
 
+def check_local_paths(args: ScriptArguments) -> None:
+    """A name that can only be a local path (`./x`, `/x`, `a/b/c`: not a Hub id) must exist: say so, instead
+    of blaming the Hub for a typo in a folder name."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    named = [("model_name_or_path", args.model_name_or_path), ("dataset_name", args.dataset_name)]
+    for option, name in named:
+        if name in (OFFLINE_MODEL, OFFLINE_DATASET, "imagefolder") or os.path.isdir(name):
+            continue
+        try:
+            validate_repo_id(name)
+            if name.startswith((".", "~")):  # './model' is a folder, whatever validate_repo_id says
+                raise HFValidationError(name)
+        except HFValidationError:
+            raise ConfigError(
+                f"--{option} {name!r}: no such directory (a local folder; a Hub id is 'name' or 'org/name')."
+            ) from None
+    if args.data_dir is not None and not os.path.isdir(args.data_dir):
+        raise ConfigError(f"--data_dir {args.data_dir!r}: no such directory.")
+
+
 def hub_repos(args: ScriptArguments) -> list[tuple[str, str]]:
     """(kind, repo id) of what this run downloads: names that are not embedded, 'imagefolder' or local."""
     repos = []
@@ -252,14 +274,46 @@ def _is_connection_error(err: BaseException | None) -> bool:
     return False
 
 
+def resume_target(training_args: StarSSEConfig) -> str | bool | None:
+    """`--resume_from_checkpoint` as the trainer takes it: True (newest checkpoint), a path, or None."""
+    value = training_args.resume_from_checkpoint
+    if value is None or str(value).strip().lower() in ("", "false", "no", "0", "none"):
+        return None
+    return True if str(value).strip().lower() in ("true", "yes", "1") else str(value)
+
+
 def check_output_dir(args: ScriptArguments, training_args: StarSSEConfig) -> None:
-    """Before any (pre-)training: output_dir can be written, and holds no earlier run unless overwriting."""
+    """Before any (pre-)training: output_dir can be written, and holds no earlier run unless overwriting;
+    a run asked to resume has something to resume (it used to train from scratch without a word)."""
     from hf_ens._io import ensure_writable
+    from trainers.checkpoints import newest_complete_checkpoint
 
     out = Path(training_args.output_dir)
     ours = {"members", "metrics.json", args.repo_dirname}
     found = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     earlier = [name for name in found if name in ours or name.startswith("checkpoint-")]
+    resume = resume_target(training_args)
+    if resume is True and out.is_dir() and newest_complete_checkpoint(str(out))[0] is None:
+        found_branches = (out / "branches").is_dir() and training_args.parallel_members
+        if not found_branches:
+            raise ConfigError(
+                f"--resume_from_checkpoint true: {str(out)!r} holds no complete checkpoint to resume from"
+                + (
+                    " (this run saves none: save_strategy is 'no')"
+                    if training_args.save_strategy == "no"
+                    else ""
+                )
+                + "; drop --resume_from_checkpoint to start a new run."
+            )
+    elif resume is True and not out.is_dir():
+        raise ConfigError(
+            f"--resume_from_checkpoint true: there is no {str(out)!r} to resume from; drop "
+            "--resume_from_checkpoint to start a new run."
+        )
+    elif isinstance(resume, str) and not os.path.isdir(resume):
+        raise ConfigError(f"--resume_from_checkpoint {resume!r}: no such checkpoint directory.")
+    if resume is not None:
+        earlier = []  # the trainer checks that the checkpoint belongs to this run's settings
     if earlier and not training_args.overwrite_output_dir:
         raise ConfigError(
             f"--output_dir {str(out)!r} already holds an earlier run ({', '.join(earlier)}); pass "
@@ -422,8 +476,11 @@ def apply_lora(model, args: ScriptArguments):
         target_modules=targets[0] if targets == ["all-linear"] else targets,
         modules_to_save=heads,
     )
+    from hf_ens.adapters import quiet_peft_wrap
+
     try:
-        return get_peft_model(model, config)
+        with quiet_peft_wrap():
+            return get_peft_model(model, config)
     except ValueError as err:  # e.g. target modules that the model does not have
         raise ValueError(f"--lora_target_modules {' '.join(targets)}: {err}") from err
 
@@ -520,7 +577,9 @@ def evaluate_run(
         mid = min(range(len(profile["alphas"])), key=lambda i: abs(profile["alphas"][i] - 0.5))
         metrics["basin/midpoint_accuracy"] = 1.0 - float(profile["error"][mid])
         metrics["basin/barrier_error"] = barrier(profile["error"], profile["alphas"])
-        plot_profile(profile, plot_dir / "interpolation_member00_member01.png")
+        plot_profile(
+            profile, plot_dir / "interpolation_member00_member01.png", labels=("member_00", "member_01")
+        )
     return {"metrics": metrics, "ensemble": ensemble, "soup": soup, "greedy_soup": greedy}
 
 
@@ -571,14 +630,22 @@ def run(script_args: ScriptArguments, training_args: StarSSEConfig, callbacks=No
         training_args.dataloader_persistent_workers = False
     if script_args.torch_threads is not None:
         torch.set_num_threads(script_args.torch_threads)
-    if not sys.stderr.isatty():
-        # transformers' inner bars (e.g. "Writing model shards" for every member, under the training bar) are
-        # nested bars, drawn with cursor-up escapes that a log file shows as `[A`: keep them to terminals
-        from transformers.utils import logging as transformers_logging
+    # transformers' own bars ("Loading weights" on every load, "Writing model shards" for every member) would
+    # nest under the training bar (cursor-up escapes that a log file shows as `[A`) and say nothing the
+    # training bar and the evaluation bars do not; the Trainer's bars are plain tqdm and stay
+    from transformers.utils import logging as transformers_logging
 
-        transformers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    if not torch.cuda.is_available():
+        # page-locked batches and non-blocking copies only help a copy to a GPU; without one, torch warns
+        # on every loader (and transformers about non_blocking without pinned memory)
+        training_args.dataloader_pin_memory = False
+        if getattr(training_args.accelerator_config, "non_blocking", False):
+            training_args.accelerator_config.non_blocking = False
 
+    resume = resume_target(training_args)
     check_output_dir(script_args, training_args)
+    check_local_paths(script_args)
     check_hub(script_args)
     try:
         train, held_out, test, label_names = load_splits(script_args, training_args.seed)
@@ -612,7 +679,7 @@ def run(script_args: ScriptArguments, training_args: StarSSEConfig, callbacks=No
         processing_class=processor,
         callbacks=callbacks,
     )
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume)
     acc = trainer.accelerator
     # one write per line, so the lines of several processes sharing a terminal do not interleave
     sys.stdout.write(
@@ -637,7 +704,7 @@ def run(script_args: ScriptArguments, training_args: StarSSEConfig, callbacks=No
         plot_basin_probe(trainer.basin_probe, plot_dir / "basin_probe.png")
     metrics["config"] = {
         "script": asdict(script_args),
-        "base_model": checkpoint,
+        "base_model": shown_path(checkpoint),
         "world_size": acc.num_processes,
         "written_members": list(trainer.written_members),
     }
@@ -653,6 +720,7 @@ def run(script_args: ScriptArguments, training_args: StarSSEConfig, callbacks=No
             "dataset": script_args.dataset_name,
             "dataset_split": script_args.test_split,
         }
+        | ({"dataset_classes": label_names} if script_args.classes else {})
     )
     ensemble.save_pretrained(
         out / script_args.repo_dirname, soup=result["soup"], metrics=_card_metrics(metrics)
@@ -667,6 +735,20 @@ def run(script_args: ScriptArguments, training_args: StarSSEConfig, callbacks=No
         print(f"Pushed the ensemble repo to {url}")
     trainer.accelerator.wait_for_everyone()
     return metrics
+
+
+def shown_path(path: str) -> str:
+    """A checkpoint as metrics.json names it: relative to the repo or the working directory, else
+    `local:<name>`, never an absolute path of this machine (a temp HOME, a user name)."""
+    from hf_ens.hub import local_name
+
+    for root in (Path(__file__).resolve().parents[1], Path.cwd()):
+        try:
+            return str(Path(path).resolve().relative_to(root))
+        except ValueError:
+            continue
+    name = local_name(path)
+    return path if name is None else f"local:{name}"
 
 
 def _card_metrics(metrics: dict) -> dict:

@@ -116,8 +116,9 @@ def test_local_and_offline_sources_are_described_not_linked(tmp_path, monkeypatc
         assert "base_model" not in data and "datasets" not in data and "model-index" not in data
         assert f"start from\na local checkpoint (`{name}`)" in card.text
         assert f"| base_model | a local checkpoint (`{name}`) |" in card.text
+        # one parenthesis (it read "(not from the Hub) (test split)")
         assert (
-            "## Evaluation on an offline copy of `fashion_mnist` (not from the Hub) (test split)" in card.text
+            "## Evaluation on an offline copy of `fashion_mnist` (not from the Hub; test split)" in card.text
         )
         assert "huggingface.co/~" not in card.text and "huggingface.co/local" not in card.text
         assert str(tmp_path) not in str(card) and "/.cache" not in str(card) and "~" not in str(card)
@@ -130,3 +131,32 @@ def test_hub_ids_are_linked():
         in (card.text)
     )
     assert "## Evaluation on `cifar10` (test split)" in card.text
+
+
+def test_class_subset_and_probe_errors_read_as_a_person_writes_them():
+    probe = {
+        "table": [
+            {"multiplier": 1.0, "learning_rate": 1e-3, "loss_barrier": 0.01, "eval_loss": 0.6,
+             "eval_error": 0.2, "in_basin": True, "chosen": True},
+            {"multiplier": 2.0, "learning_rate": 2e-3, "loss_barrier": 0.3, "eval_loss": 1.2,
+             "eval_error": 0.41234, "in_basin": False, "chosen": False},
+        ],
+        "model1": {"eval_loss": 0.5587, "eval_error": 0.184},
+        "chosen_multiplier": 1.0, "cycle_learning_rate": 1e-3, "basin_tolerance": 0.1,
+    }  # fmt: skip
+    names = ["Dress", "Coat", "Shirt", "Sneaker", "Ankle boot"]
+    metadata = {
+        **METADATA,
+        "dataset": "offline:fashion_mnist",
+        "dataset_classes": names,
+        "basin_probe": probe,
+    }
+    card = render_model_card(metadata, METRICS, "user/x").text
+    heading = (
+        "## Evaluation on an offline copy of `fashion_mnist` (not from the Hub; test split; "
+        "a 5-class subset: Dress, Coat, Shirt, Sneaker, Ankle boot)"
+    )
+    assert heading in card
+    assert "error 18.40%" in card and "18.4000" not in card  # it printed "error 18.4000%"
+    assert "| 41.23 |" in card
+    assert "dataset_classes" not in card  # not a hyper-parameter

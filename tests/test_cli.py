@@ -266,3 +266,60 @@ def test_no_hub_fails_fast_with_one_line_naming_the_offline_default(tmp_path, im
     # the same interpreter; twice under accelerate: launcher + script); main spent ~31 s in Hub retries
     baseline = import_seconds * (2 if launcher == "accelerate" else 1)
     assert seconds - baseline < 5.0, (seconds, baseline)
+
+
+# ------------------------------------------------------------------------------- first contact (issue 26)
+
+
+@pytest.mark.parametrize("name", ["./no/such/model", "no/such/model", "~/no_such_model", "/no/such/model"])
+def test_a_missing_local_model_folder_is_named_not_blamed_on_the_hub(tripwire, tmp_path, name):
+    with pytest.raises(ConfigError, match=r"--model_name_or_path .*: no such directory") as err:
+        vit_cifar.main([*OFFLINE_BASE, "--output_dir", str(tmp_path / "run"), "--model_name_or_path", name])
+    assert "Hub cannot be reached" not in str(err.value)
+    # a Hub id stays a Hub id: under HF_HUB_OFFLINE the Hub is what is missing
+    with pytest.raises(ConfigError, match="cannot be reached"):
+        vit_cifar.main([*OFFLINE_BASE, "--output_dir", str(tmp_path / "r2"), "--model_name_or_path", "org/m"])
+    with pytest.raises(ConfigError, match=r"--data_dir .*: no such directory"):
+        vit_cifar.main(
+            ["--output_dir", str(tmp_path / "r3"), "--dataset_name", "imagefolder"]
+            + ["--data_dir", str(tmp_path / "none"), "--use_cpu", "true"]
+        )
+
+
+def test_resume_with_nothing_to_resume_is_refused_before_any_work(tripwire, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    # it trained from scratch and exited 0 before
+    with pytest.raises(ConfigError, match=r"holds no complete checkpoint.*save_strategy is 'no'"):
+        vit_cifar.main([*OFFLINE_BASE, "--output_dir", str(empty), "--resume_from_checkpoint", "true"])
+    with pytest.raises(ConfigError, match="there is no .* to resume from"):
+        vit_cifar.main(
+            [*OFFLINE_BASE, "--output_dir", str(tmp_path / "nope"), "--resume_from_checkpoint", "true"]
+        )
+    with pytest.raises(ConfigError, match="no such checkpoint directory"):
+        vit_cifar.main(
+            [*OFFLINE_BASE, "--output_dir", str(empty), "--resume_from_checkpoint", str(tmp_path / "ckpt")]
+        )
+    # false means false; and a checkpoint-N found lets the run go on (the trainer checks its settings)
+    with pytest.raises(_Reached):
+        vit_cifar.main([*OFFLINE_BASE, "--output_dir", str(empty), "--resume_from_checkpoint", "false"])
+    parsed = parse_config_and_args(
+        (vit_cifar.ScriptArguments, StarSSEConfig),
+        ["--resume_from_checkpoint", "true", "--output_dir", str(empty)],
+    )[1]
+    assert vit_cifar.resume_target(parsed) is True
+
+
+def test_help_says_what_the_options_do(capsys):
+    with pytest.raises(SystemExit):
+        vit_cifar.main(["--help"])
+    text = re.sub(r"\s+", " ", capsys.readouterr().out)
+    # no Sphinx markup in the group descriptions (StarSSEConfig's showed ``TrainingArguments`` :class:`...`)
+    assert "``" not in text and ":class:" not in text and ":mod:" not in text
+    assert "StarSSEConfig options: TrainingArguments for StarSSETrainer" in text
+    # the grid is not "probed in increasing order" (the default search bisects); the default shown for
+    # cycle_learning_rate is the config's, so the help does not claim another
+    grid = text[text.index("--cycle_lr_grid") : text.index("--probe_search")]
+    assert "increasing order" not in grid and "probe_search decides" in grid
+    cycle_lr = text[text.index("--cycle_learning_rate") : text.index("--cycle_lr_grid")]
+    assert "Default: learning_rate" not in cycle_lr and "Unset (None): learning_rate" in cycle_lr

@@ -291,3 +291,16 @@ def test_corrupted_member_config_names_the_file(saved):
     (saved / "member_01" / "config.json").write_text("{not json")
     with pytest.raises(EnsembleLoadError, match=r"member_01[/\\]config\.json"):
         EnsembleModel.from_pretrained(saved)
+
+
+def test_loading_a_recipe_output_dir_points_at_its_repo_folder(tmp_path):
+    """`EnsembleModel.from_pretrained("outputs/offline_starsse")` names the ensemble_repo/ inside it."""
+    (tmp_path / "ensemble_repo").mkdir()
+    (tmp_path / "ensemble_repo" / "ensemble_config.json").write_text("{}")
+    with pytest.raises(
+        EnsembleLoadError, match=r"not an hf-ens ensemble; .*ensemble_repo is one: load that folder"
+    ):
+        EnsembleModel.from_pretrained(tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(EnsembleLoadError, match=r"see EnsembleModel\.save_pretrained"):
+        EnsembleModel.from_pretrained(tmp_path / "empty")

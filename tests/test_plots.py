@@ -93,3 +93,47 @@ def test_png_gets_umask_modes_and_a_failed_write_keeps_the_old_file(tmp_path, mo
         plot_lr_schedule([0, 1], [1e-3, 0.0], [], path)
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lr.png"]
+
+
+def _texts(fig) -> list[str]:
+    return [t.get_text() for t in fig.findobj(lambda a: hasattr(a, "get_text"))]
+
+
+def test_lr_schedule_names_members_as_their_folders(monkeypatch, tmp_path):
+    import hf_ens.plots
+
+    figures = []
+    monkeypatch.setattr(hf_ens.plots, "save_figure", lambda fig, path: figures.append(fig) or path)
+    plot_lr_schedule([0, 1, 2, 3], [1e-3, 5e-4, 1e-3, 0.0], [1, 2, 3], tmp_path / "lr.png")
+    texts = _texts(figures[0])
+    assert {"member_00", "member_01", "member_02"} <= set(texts) and "member 1" not in texts
+
+
+def test_basin_probe_plot_has_a_legend_for_every_line_and_multiplier_ticks():
+    from hf_ens.plots import basin_probe_figure
+
+    probe = {
+        "table": [
+            {
+                "multiplier": m,
+                "loss_barrier": b,
+                "eval_loss": 0.6 + b,
+                "eval_error": 0.2 + b,
+                "chosen": m == 1,
+            }
+            for m, b in ((0.5, 0.01), (1.0, 0.02), (2.0, 0.3))
+        ]
+        + [{"multiplier": 4.0, "diverged": True}],
+        "model1": {"eval_loss": 0.5, "eval_error": 0.18},
+        "basin_tolerance": 0.1,
+        "probe_loss_ratio": 2.0,
+    }
+    fig = basin_probe_figure(probe)
+    left, right = fig.axes[:2]
+    for ax in (left, right):  # the multipliers, not 2^-1 .. 2^2
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["x0.5", "x1", "x2", "x4"]
+    legend = [t.get_text() for t in right.get_legend().get_texts()]
+    assert "probe" in legend and "model 1" in legend and "chosen: x1" in legend
+    assert len(right.get_legend().get_texts()) == len(
+        [line for line in right.get_lines() if line.get_label()[0] != "_"]
+    )

@@ -10,6 +10,7 @@ a Hub repo (`user/vit-cifar10-starsse`) talks to the local Hub of tests/hub_serv
 from __future__ import annotations
 
 import copy
+import os
 import re
 import subprocess
 import sys
@@ -123,3 +124,65 @@ def test_make_says_what_each_install_step_does():
         assert before.startswith('echo "[install'), (before, step)
     demo = next(line for line in lines if "recipes/vit_cifar.py" in line and not line.startswith("echo"))
     assert all(flag in demo for flag in LAUNCH_VALUES)
+
+
+ACTIVATE = "source .venv/bin/activate"
+
+
+def _readme_commands() -> list[tuple[int, str]]:
+    """(offset, command) of every python / accelerate command the README shows, in blocks or inline code."""
+    found = []
+    for match in re.finditer(r"(?:PYTHONPATH=\S+ )?(?:python|accelerate launch) [^`\n|]*", README):
+        found.append((match.start(), match.group(0).strip()))
+    return found
+
+
+def test_readme_commands_come_after_the_venv_activation_and_name_real_scripts():
+    """`make demo` installs into .venv; a bare `python recipes/...` with the system Python fails
+    (ModuleNotFoundError: torch), so the README says to activate it before its first such command."""
+    assert ACTIVATE in README, "the README never says how to use the .venv that make creates"
+    first = README.index(ACTIVATE)
+    commands = _readme_commands()
+    assert len(commands) >= 10
+    early = [command for offset, command in commands if offset < first]
+    assert not early, f"commands before the activation line: {early}"
+    for _, command in commands:
+        for script in re.findall(r"\b((?:recipes|benchmarks)/\w+\.py)\b", command):
+            assert (ROOT / script).is_file(), f"{command!r} names {script}, which does not exist"
+
+
+def test_the_activated_venv_runs_the_readme_commands(tmp_path):
+    """What a user types after `make demo`: the activation line, then `python recipes/vit_cifar.py --help`,
+    in a shell with the system's PATH only (here with the venv running this test)."""
+    venv = os.path.dirname(os.path.dirname(sys.executable))
+    if not os.path.isfile(os.path.join(venv, "bin", "activate")):
+        pytest.skip(f"{sys.executable} is not in a virtual environment")
+    script = f"{ACTIVATE.replace('.venv', venv)} && python recipes/vit_cifar.py --help | head -3"
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        ["bash", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: vit_cifar.py"), proc.stderr[-2000:]
+
+
+def test_the_demo_table_comes_with_its_range_over_numeric_configurations():
+    """The demo table is one draw (issue 26): under it, per row, the min-max over >= 4 numeric
+    configurations, which the comment names; the table's own numbers lie inside their ranges."""
+    match = re.search(r"<!-- demo-table:(.*?)-->\n```\n(.*?)```\n<!-- /demo-table -->", README, flags=re.S)
+    assert match, "the README lost its demo-table block"
+    comment, block = match.groups()
+    configurations = re.findall(r"native|ATEN_CPU_CAPABILITY=\w+", comment)
+    assert len(configurations) >= 4, comment
+    lines = [line for line in block.splitlines() if line.strip()]
+    assert lines[0].split() == ["accuracy", "NLL", "ECE"]
+    rows = {line[:14].strip(): [float(v) for v in line[14:].split()] for line in lines[1:5]}
+    assert list(rows) == ["mean member", "ensemble", "uniform soup", "greedy soup"]
+    ranges = {}
+    for line in lines[5:]:
+        found = re.fullmatch(r"range  (.+?)\s+((?:\d\.\d{4}-\d\.\d{4}\s*){3})", line)
+        assert found, f"not a range line: {line!r}"
+        ranges[found.group(1)] = [tuple(map(float, r.split("-"))) for r in found.group(2).split()]
+    assert list(ranges) == list(rows)
+    for name, values in rows.items():
+        for value, (low, high) in zip(values, ranges[name], strict=True):
+            assert low <= value <= high, (name, value, low, high)

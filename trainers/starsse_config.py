@@ -56,15 +56,15 @@ class StarSSEConfig(TrainingArguments):
         metadata={
             "help": "Peak LR of cycles 2..K (cosine annealed to ~0 inside each cycle): a number, or 'auto' "
             "to choose it after model 1 with short probe cycles (the largest LR of cycle_lr_grid that stays "
-            "in the pre-train basin on eval_dataset; 'starsse' and 'sse' only). Default: learning_rate. Too "
-            "high leaves the pre-train basin and loses the transfer benefit; ignored by 'local_de'."
+            "in the pre-train basin on eval_dataset; 'starsse' and 'sse' only). Unset (None): learning_rate. "
+            "Too high leaves the pre-train basin and loses the transfer benefit; ignored by 'local_de'."
         },
     )
     cycle_lr_grid: list[float] = field(
         default_factory=lambda: list(DEFAULT_CYCLE_LR_GRID),
         metadata={
             "help": "cycle_learning_rate='auto': the candidate cycle LRs, as multiples of learning_rate "
-            "(at least two, each > 0). Probed in increasing order until one leaves the basin."
+            "(at least two, each > 0), sorted; probe_search decides which of them are probed."
         },
     )
     probe_search: str = field(
