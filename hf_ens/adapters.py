@@ -580,7 +580,7 @@ class AdapterEnsembleModel(EnsembleModel):
             }
             assert_finite(state, f"member {k} ({name})")
 
-    def _save_members(self, folder: Path, max_shard_size) -> None:
+    def _save_members(self, folder: Path, max_shard_size, save_original_format: bool = True) -> None:
         for name in self.config.members:
             save_adapter(self.peft_model, name, folder / name)
             if self.processor is not None:
