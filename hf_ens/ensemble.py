@@ -399,6 +399,11 @@ class EnsembleModel(PreTrainedModel):
         return cls._task_class(config)(config, members=models, processor=processor)
 
     @classmethod
+    def _from_config(cls, config: EnsembleConfig, **kwargs) -> EnsembleModel:
+        """``AutoModel.from_config`` / ``EnsembleModel._from_config``: the class of the members' task."""
+        return PreTrainedModel._from_config.__func__(cls._task_class(config), config, **kwargs)
+
+    @classmethod
     def _task_class(cls, config: EnsembleConfig) -> type[EnsembleModel]:
         """`EnsembleModel` builds the ensemble class of its members' task (`EnsembleForImageClassification`,
         `EnsembleForSequenceClassification`); a subclass builds itself."""
@@ -614,12 +619,11 @@ class EnsembleModel(PreTrainedModel):
             return tuple(x for x in (loss, logits, member_logits, *per_member.values()) if x is not None)
         return EnsembleOutput(loss=loss, logits=logits, member_logits=member_logits, **per_member)
 
-    def _member_output_flags(self, kwargs: dict) -> dict[str, bool]:
-        """``output_hidden_states`` / ``output_attentions`` from the call, else from the ensemble's config."""
+    def _member_output_flags(self, kwargs: dict) -> dict[str, Any]:
+        """``output_hidden_states`` / ``output_attentions`` from the call (a bool, or transformers' list of
+        layer indices to capture), else from the ensemble's config; given to every member as they are."""
         return {
-            flag: bool(
-                kwargs.pop(flag) if kwargs.get(flag) is not None else getattr(self.config, flag, False)
-            )
+            flag: kwargs.pop(flag) if kwargs.get(flag) is not None else getattr(self.config, flag, False)
             for flag in ("output_hidden_states", "output_attentions")
         }
 

@@ -87,24 +87,24 @@ def _fetch(root: Path) -> None:
         os.replace(package, root / PACKAGE)
 
 
-def load() -> SimpleNamespace:
-    """The common test modules of the installed transformers, fetched once per version (cached)."""
+def fetch() -> Path:
+    """The folder holding `PACKAGE` for the installed transformers, fetched once per version (cached)."""
     root = cache_root()
     root.mkdir(parents=True, exist_ok=True)
     with FileLock(str(root / ".lock")):
         if not (root / PACKAGE / "__init__.py").is_file():
             _fetch(root)
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    return SimpleNamespace(**{m: importlib.import_module(f"{PACKAGE}.{m}") for m in MODULES})
+    return root
 
 
 def load_or_skip() -> SimpleNamespace:
-    """`load`, or a module-level skip with the reason (an error under CI: see the module docstring)."""
+    """The common test modules, or a module-level skip with the reason when they cannot be fetched (an error
+    under CI: see the module docstring). An import error (e.g. ``parameterized`` not installed: ``.[dev]``)
+    is not a fetch problem and fails as it is."""
     import pytest
 
     try:
-        return load()
+        root = fetch()
     except Exception as e:
         reason = (
             f"transformers' common tests for {transformers.__version__} could not be fetched from the "
@@ -113,3 +113,6 @@ def load_or_skip() -> SimpleNamespace:
         if in_ci():
             raise RuntimeError(f"{reason}; CI must run them.") from e
         pytest.skip(reason, allow_module_level=True)
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    return SimpleNamespace(**{m: importlib.import_module(f"{PACKAGE}.{m}") for m in MODULES})

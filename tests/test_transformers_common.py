@@ -47,6 +47,7 @@ NOT_APPLICABLE: dict[str, str] = {
     "test_hidden_states_output": _PER_MEMBER,
     "test_attention_outputs": _PER_MEMBER,
     "test_retain_grad_hidden_states_attentions": _PER_MEMBER,
+    "test_can_capture_specific_layers_hidden_states": _PER_MEMBER,  # passes by chance at K=2, fails at K=3
     "test_model_get_set_embeddings": _K_TABLES,
     "test_resize_tokens_embeddings": _K_TABLES,
     "test_load_save_without_tied_weights": _ROOT_SOUP,
