@@ -124,3 +124,19 @@ def test_state_dict_and_no_checkpoint(saved):
     assert all(torch.equal(v, copy.state_dict()[k]) for k, v in ens.state_dict().items())
     with pytest.raises(ValueError, match="state_dict= with a checkpoint"):
         EnsembleModel.from_pretrained(saved, state_dict=ens.state_dict())
+
+
+def test_enable_input_require_grads_reaches_every_member():
+    """What PEFT with gradient checkpointing needs: the K embedding outputs require grad, weights frozen."""
+    ens = EnsembleModel.from_members([tiny_bert(0), tiny_bert(1)])
+    ens.requires_grad_(False)
+    ens.enable_input_require_grads()
+    seen = []
+    hooks = [
+        m.bert.embeddings.register_forward_hook(lambda *a: seen.append(a[2].requires_grad))
+        for m in ens.members
+    ]
+    ens(torch.randint(0, 50, (2, 6)))
+    for h in hooks:
+        h.remove()
+    assert seen == [True, True]
