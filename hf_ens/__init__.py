@@ -5,7 +5,15 @@ The library layer: it never imports `trainers`.
 
 from .basin import barrier, distances_to, interpolate, interpolation_profile, plot_profile, weight_distance
 from .checks import NonFiniteError, assert_finite, nonfinite_tensors
-from .ensemble import EnsembleConfig, EnsembleLoadError, EnsembleModel, EnsembleOutput, HubPushError
+from .ensemble import (
+    EnsembleConfig,
+    EnsembleForImageClassification,
+    EnsembleForSequenceClassification,
+    EnsembleLoadError,
+    EnsembleModel,
+    EnsembleOutput,
+    HubPushError,
+)
 from .evaluate_metrics import EVALUATE_METRICS, load_metric
 from .metrics import fit_temperature, temperature_scaled
 from .pipelines import pipeline
@@ -28,6 +36,8 @@ def __getattr__(name: str):
 __all__ = [
     "EnsembleConfig",
     "EnsembleModel",
+    "EnsembleForImageClassification",
+    "EnsembleForSequenceClassification",
     "EnsembleOutput",
     "EnsembleLoadError",
     "HubPushError",

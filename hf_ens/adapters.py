@@ -610,7 +610,7 @@ class AdapterEnsembleModel(EnsembleModel):
             }
             assert_finite(state, f"member {k} ({name})")
 
-    def _save_members(self, folder: Path, max_shard_size) -> None:
+    def _save_members(self, folder: Path, max_shard_size, save_original_format: bool = True) -> None:
         extra = self._base_extra()
         if extra:
             safetensors.torch.save_file(extra, str(folder / BASE_EXTRA_NAME), metadata={"format": "pt"})

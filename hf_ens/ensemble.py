@@ -43,13 +43,15 @@ import torch
 from torch import nn
 from transformers import (
     AutoConfig,
+    AutoModel,
     AutoModelForImageClassification,
     AutoModelForSequenceClassification,
     PreTrainedConfig,
     PreTrainedModel,
 )
 from transformers.configuration_utils import SubConfigSpec
-from transformers.utils import ModelOutput
+from transformers.integrations.accelerate import check_and_set_device_map
+from transformers.utils import CONFIG_NAME, ModelOutput
 
 from . import hub, tasks
 from ._io import atomic_directory
@@ -72,6 +74,8 @@ from .members import (
 __all__ = [
     "EnsembleConfig",
     "EnsembleModel",
+    "EnsembleForImageClassification",
+    "EnsembleForSequenceClassification",
     "EnsembleOutput",
     "EnsembleLoadError",
     "HubPushError",
@@ -146,6 +150,12 @@ class EnsembleConfig(PreTrainedConfig):
     def num_members(self) -> int:
         return len(self.members)
 
+    def get_text_config(self, decoder=None, encoder=None) -> PreTrainedConfig:
+        """The members' text config (the ensemble has no text settings of its own)."""
+        if self.member_config is None:
+            return super().get_text_config(decoder=decoder, encoder=encoder)
+        return self.member_config.get_text_config(decoder=decoder, encoder=encoder)
+
     @classmethod
     def for_members(cls, members: Sequence[PreTrainedModel], metadata: dict | None = None) -> EnsembleConfig:
         """The config of an ensemble of these (already checked) member models."""
@@ -180,14 +190,15 @@ class EnsembleConfig(PreTrainedConfig):
         """Read ``ensemble_config.json`` of a local ensemble directory or a Hub repo (transformers' hub
         kwargs: revision, token, cache_dir, local_files_only...). A config with an ``auto_map`` is refused.
         An ensemble saved in format 1 gets its member config from ``member_00/config.json``."""
-        kwargs.setdefault("_configuration_file", ENSEMBLE_CONFIG_NAME)
+        kwargs.setdefault("_configuration_file", _config_file_name(pretrained_model_name_or_path, kwargs))
         hub_kwargs = {
             k: kwargs[k]
             for k in ("cache_dir", "force_download", "local_files_only", "revision", "token")
             if k in kwargs
         }
+        config_file = kwargs["_configuration_file"]
         config_dict, kwargs = cls.get_config_dict(pretrained_model_name_or_path, **kwargs)
-        where = f"{ENSEMBLE_CONFIG_NAME} of {pretrained_model_name_or_path}"
+        where = f"{config_file} of {pretrained_model_name_or_path}"
         if not isinstance(config_dict, dict) or not isinstance(config_dict.get("members"), list):
             raise EnsembleLoadError(f"Corrupted {where}: no 'members' list (not an hf-ens ensemble?).")
         if "auto_map" in config_dict:
@@ -207,6 +218,20 @@ class EnsembleConfig(PreTrainedConfig):
         return cls.from_dict(config_dict, **kwargs)
 
 
+def _config_file_name(pretrained_model_name_or_path: str | os.PathLike, kwargs: dict) -> str:
+    """``ensemble_config.json`` (a saved ensemble, whose ``config.json`` is the root soup's), or
+    ``config.json`` in a local directory holding only what ``EnsembleConfig.save_pretrained`` wrote."""
+    folder = Path(pretrained_model_name_or_path) / (kwargs.get("subfolder") or "")
+    if folder.is_dir() and not (folder / ENSEMBLE_CONFIG_NAME).is_file():
+        try:
+            content = json.loads((folder / CONFIG_NAME).read_text())
+        except (OSError, ValueError):
+            return ENSEMBLE_CONFIG_NAME  # the loader names the missing file
+        if isinstance(content, dict) and content.get("model_type") == EnsembleConfig.model_type:
+            return CONFIG_NAME
+    return ENSEMBLE_CONFIG_NAME
+
+
 @dataclass
 class EnsembleOutput(ModelOutput):
     """Output of `EnsembleModel`.
@@ -219,12 +244,18 @@ class EnsembleOutput(ModelOutput):
             `hf_ens.tasks`.
         member_logits: raw logits of each member, shape [K, B, C].
         spread: regression only: the standard deviation of the member values, [B, C] (0 for one member).
+        hidden_states: with ``output_hidden_states=True``, a tuple over the K members of each member's
+            ``hidden_states`` (there is no ensemble hidden state: each member has its own basis).
+        attentions: with ``output_attentions=True``, a tuple over the K members of each member's
+            ``attentions``.
     """
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     member_logits: torch.Tensor | None = None
     spread: torch.Tensor | None = None
+    hidden_states: tuple[tuple[torch.Tensor, ...], ...] | None = None
+    attentions: tuple[tuple[torch.Tensor, ...], ...] | None = None
 
 
 def _check_members_given(members: Sequence) -> None:
@@ -287,6 +318,7 @@ class EnsembleModel(PreTrainedModel):
 
     config_class = EnsembleConfig
     base_model_prefix = "members"
+    _member_suffix: str | None = None  # the task subclasses accept only members of their task
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flex_attn = True
@@ -311,21 +343,64 @@ class EnsembleModel(PreTrainedModel):
                 )
             if config.member_config is None or not config.members:
                 raise ValueError("EnsembleConfig needs `members` and `member_config` to build an ensemble.")
+            member_config = config.member_config
+            # Labels set on the ensemble's config after it was made (as transformers' tests and users do:
+            # `config.num_labels = 1; config.problem_type = "regression"`) are the members' labels.
+            if config.num_labels != member_config.num_labels:
+                member_config.num_labels = config.num_labels
+            if config.problem_type is not None and config.problem_type != tasks.problem_type_of(member_config):
+                member_config.problem_type = config.problem_type
             cls = member_class(config.member_config)
-            members = [cls(copy.deepcopy(config.member_config)) for _ in config.members]
+            # One config object shared by all members: it IS the ensemble's sub-config (as in transformers'
+            # composite models), so a change to `config.member_config` reaches every member.
+            members = [cls(config.member_config) for _ in config.members]
         members = list(members)
         _check_compatible(members)
+        if self._member_suffix and not type(members[0]).__name__.endswith(self._member_suffix):
+            raise ValueError(
+                f"{type(self).__name__} ensembles *{self._member_suffix} members; got "
+                f"{type(members[0]).__name__} (use the Ensemble class of that task, or EnsembleModel)."
+            )
         if len(members) != config.num_members:
             raise ValueError(f"EnsembleConfig lists {config.num_members} members; got {len(members)} models.")
         super().__init__(config)
         self.members = nn.ModuleList(members)
-        self.main_input_name = members[0].main_input_name
+        if type(self).main_input_name != members[0].main_input_name:  # the task-agnostic EnsembleModel
+            self.main_input_name = members[0].main_input_name
+        self._sync_attn_implementation()
         self.processor = processor
         self.post_init()
 
+    def _sync_attn_implementation(self) -> None:
+        """The ensemble's config says what attention its members run (what they resolved at load time)."""
+        member_config = getattr(self.members[0], "config", None)
+        if member_config is not None and member_config._attn_implementation is not None:
+            self.config._attn_implementation_internal = member_config._attn_implementation
+
+    @property
+    def supports_gradient_checkpointing(self) -> bool:  # type: ignore[override]
+        """Whether every member supports it: `gradient_checkpointing_enable` then reaches their layers."""
+        members = self._modules.get("members") or ()
+        return bool(members) and all(getattr(m, "supports_gradient_checkpointing", False) for m in members)
+
+    def set_attn_implementation(self, attn_implementation: str | dict, **kwargs) -> None:
+        super().set_attn_implementation(attn_implementation, **kwargs)
+        self._sync_attn_implementation()
+
+    def post_init(self) -> None:
+        self._keep_member_weights = True
+        try:
+            super().post_init()
+        finally:
+            self._keep_member_weights = False
+
     def init_weights(self) -> None:
-        """Nothing to initialise: every member initialised itself when built, and trained members passed in
-        must keep their weights (transformers' default would re-draw any module it finds uninitialised)."""
+        """transformers' ``init_weights`` (each member's own ``_init_weights``, e.g. after building on the
+        meta device and ``to_empty``), except while the ensemble is built (`post_init`): every member
+        initialised itself when built, and trained members passed in must keep their weights (transformers'
+        default would re-draw any module it finds unflagged)."""
+        if not getattr(self, "_keep_member_weights", False):
+            super().init_weights()
 
     @property
     def metadata(self) -> dict:
@@ -353,7 +428,22 @@ class EnsembleModel(PreTrainedModel):
             else:
                 models.append(m)
         _check_members_given(models)
-        return cls(EnsembleConfig.for_members(models, metadata), members=models, processor=processor)
+        config = EnsembleConfig.for_members(models, metadata)
+        return cls._task_class(config)(config, members=models, processor=processor)
+
+    @classmethod
+    def _from_config(cls, config: EnsembleConfig, **kwargs) -> EnsembleModel:
+        """``AutoModel.from_config`` / ``EnsembleModel._from_config``: the class of the members' task."""
+        return PreTrainedModel._from_config.__func__(cls._task_class(config), config, **kwargs)
+
+    @classmethod
+    def _task_class(cls, config: EnsembleConfig) -> type[EnsembleModel]:
+        """`EnsembleModel` builds the ensemble class of its members' task (`EnsembleForImageClassification`,
+        `EnsembleForSequenceClassification`); a subclass builds itself."""
+        if cls is not EnsembleModel:
+            return cls
+        name = config.architecture or ""
+        return next((c for c in _TASK_CLASSES if name.endswith(c._member_suffix)), cls)
 
     @classmethod
     def from_pretrained(
@@ -399,6 +489,24 @@ class EnsembleModel(PreTrainedModel):
         if model_args:
             raise TypeError(
                 f"EnsembleModel.from_pretrained takes no extra positional arguments; got {model_args}."
+            )
+        check_and_set_device_map(device_map)  # transformers' own error under a meta-device context
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        state_dict = kwargs.pop("state_dict", None)
+        num_labels = kwargs.pop("num_labels", None)
+        ignore_mismatched_sizes = kwargs.pop("ignore_mismatched_sizes", False)
+        if pretrained_model_name_or_path is None:  # transformers' "config + state_dict, no checkpoint"
+            if config is None:
+                raise ValueError("from_pretrained(None, ...) needs config= (and optionally state_dict=).")
+            model = cls._task_class(config)(config)
+            if state_dict is not None:
+                model.load_state_dict(state_dict, strict=True)
+            model = model.eval()
+            return (model, _loading_info()) if output_loading_info else model
+        if state_dict is not None:
+            raise ValueError(
+                "state_dict= with a checkpoint is not supported for an ensemble: its members are loaded "
+                "strictly from the repo (load a state_dict into the loaded ensemble with load_state_dict)."
             )
         if kwargs.pop("trust_remote_code", None):
             raise ValueError("hf-ens never runs repository code: trust_remote_code=True is not supported.")
@@ -465,6 +573,12 @@ class EnsembleModel(PreTrainedModel):
         if saved.member_format == "peft_lora":
             from .adapters import AdapterEnsembleModel
 
+            if num_labels is not None and num_labels != saved.num_labels:
+                raise ValueError(
+                    "num_labels= for an ensemble of LoRA adapters is not supported: each adapter carries its "
+                    "trained head; build new adapters (a trainer) for a new label set."
+                )
+
             hub_kwargs = dict(
                 cache_dir=cache_dir,
                 force_download=force_download,
@@ -480,10 +594,34 @@ class EnsembleModel(PreTrainedModel):
             )
         if base_model is not None:
             raise TypeError("base_model applies to ensembles of adapter members only.")
-        members = [load_member(path / name, root=path, **member_kwargs) for name in saved.members]
         _check_same_dtypes(path, saved.members)
-        model = cls(config if config is not None else saved, members=members, processor=load_processor(path))
-        return model.eval()
+        config = config if config is not None else saved
+        info = _loading_info()
+        member_config = None  # transformers' meaning of config= and num_labels=: load into that config
+        if num_labels is not None and num_labels != config.num_labels:  # K fresh heads
+            member_config = copy.deepcopy(config.member_config)
+            member_config.num_labels = num_labels
+        elif not _same_config(config.member_config, saved.member_config):
+            member_config = config.member_config
+        if member_config is not None:
+            members = []
+            for k, name in enumerate(saved.members):
+                member, member_info = _load_member_into(
+                    path / name, member_config, ignore_mismatched_sizes, member_kwargs
+                )
+                members.append(member)
+                info["mismatched_keys"] |= {
+                    (f"members.{k}.{v[0]}", *v[1:]) for v in member_info["mismatched_keys"]
+                }
+            config.member_config = members[0].config
+            config.id2label, config.label2id = (
+                dict(members[0].config.id2label),
+                dict(members[0].config.label2id),
+            )
+        else:
+            members = [load_member(path / name, root=path, **member_kwargs) for name in saved.members]
+        model = cls._task_class(config)(config, members=members, processor=load_processor(path)).eval()
+        return (model, info) if output_loading_info else model
 
     # --- inference --------------------------------------------------------------------------------------
     @property
@@ -503,27 +641,45 @@ class EnsembleModel(PreTrainedModel):
         """Run every member and combine their outputs by the members' problem type (`hf_ens.tasks`): mean
         probability (single- or multi-label) or mean value (regression); extra kwargs go to every member."""
         kwargs.pop("num_items_in_batch", None)  # a Trainer loss kwarg, not a model input
+        flags = self._member_output_flags(kwargs)
         inputs = dict(
             pixel_values=pixel_values,
             input_ids=input_ids,
             attention_mask=attention_mask,
             token_type_ids=token_type_ids,
         )
-        inputs = {k: v for k, v in {**inputs, **kwargs}.items() if v is not None}
-        member_logits = torch.stack([self._member_logits(m, inputs) for m in self.members])
+        inputs = {k: v for k, v in {**inputs, **kwargs, **flags}.items() if v is not None}
+        outputs = [self._member_outputs(m, inputs) for m in self.members]
+        member_logits = torch.stack([o.logits.to(self.members[0].device) for o in outputs])
         problem_type = self.config.problem_type or tasks.problem_type_of(self.config)
         logits, spread = tasks.combine(member_logits, problem_type)
         loss = None if labels is None else tasks.loss(logits, labels, problem_type)
+        per_member = {  # K sets, one per member (each in its own basis): a tuple over members
+            name: tuple(getattr(o, name) for o in outputs) if flags[f"output_{name}"] else None
+            for name in ("hidden_states", "attentions")
+        }
         if return_dict is False:
-            return tuple(x for x in (loss, logits, member_logits, spread) if x is not None)
-        return EnsembleOutput(loss=loss, logits=logits, member_logits=member_logits, spread=spread)
+            return tuple(
+                x for x in (loss, logits, member_logits, spread, *per_member.values()) if x is not None
+            )
+        return EnsembleOutput(
+            loss=loss, logits=logits, member_logits=member_logits, spread=spread, **per_member
+        )
 
-    def _member_logits(self, member: PreTrainedModel, inputs: dict) -> torch.Tensor:
-        """One member's logits, on member 0's device: with ``device_map`` members may sit on different devices
-        (a member dispatched over several devices moves its inputs itself)."""
+    def _member_output_flags(self, kwargs: dict) -> dict[str, Any]:
+        """``output_hidden_states`` / ``output_attentions`` from the call (a bool, or transformers' list of
+        layer indices to capture), else from the ensemble's config; given to every member as they are."""
+        return {
+            flag: kwargs.pop(flag) if kwargs.get(flag) is not None else getattr(self.config, flag, False)
+            for flag in ("output_hidden_states", "output_attentions")
+        }
+
+    def _member_outputs(self, member: PreTrainedModel, inputs: dict):
+        """One member's outputs: with ``device_map`` members may sit on different devices (a member dispatched
+        over several devices moves its inputs itself)."""
         if getattr(member, "hf_device_map", None) is None:
             inputs = _on_device(inputs, member.device)
-        return member(**inputs).logits.to(self.members[0].device)
+        return member(**inputs)
 
     def predict(self, dataloader: Iterable) -> tuple[torch.Tensor, torch.Tensor]:
         """Member logits [K, N, C] and labels [N] of a labelled loader (for `metrics.ensemble_metrics`)."""
@@ -571,6 +727,7 @@ class EnsembleModel(PreTrainedModel):
         soup: PreTrainedModel | None = None,
         metrics: dict | None = None,
         repo_id: str | None = None,
+        save_original_format: bool = True,
         **push_kwargs,
     ) -> Path:
         """Write the ensemble repo layout (members, root soup, processor, ensemble_config.json, README.md).
@@ -591,8 +748,9 @@ class EnsembleModel(PreTrainedModel):
         are written (``safe_serialization=False`` is refused); `is_main_process=False` writes nothing (the
         other ranks of a distributed run); ``push_to_hub=True`` then pushes the directory to `repo_id`
         (default: its name) with `token` and `push_kwargs` (``commit_message``, ``commit_description``,
-        ``private``, ``create_pr``, ``revision``). A `state_dict` is refused: the ensemble saves
-        its own members.
+        ``private``, ``create_pr``, ``revision``); `save_original_format` goes to each member's and the
+        soup's ``save_pretrained`` (transformers' checkpoint key format). A `state_dict` is refused: the
+        ensemble saves its own members.
         """
         from .cards import render_model_card
 
@@ -606,8 +764,10 @@ class EnsembleModel(PreTrainedModel):
         soup = soup if soup is not None else self.soup()
         assert_finite(soup, "the soup (root weights)")
         with atomic_directory(target, keep=lambda name: not hub.owned(name)) as tmp:
-            self._save_members(tmp, max_shard_size)
-            soup.save_pretrained(tmp, max_shard_size=max_shard_size)
+            self._save_members(tmp, max_shard_size, save_original_format=save_original_format)
+            soup.save_pretrained(
+                tmp, max_shard_size=max_shard_size, save_original_format=save_original_format
+            )
             if self.processor is not None:
                 self.processor.save_pretrained(tmp)
             ens_cfg = {**self.ensemble_config(), "files": hub.file_digests(tmp)}
@@ -642,10 +802,14 @@ class EnsembleModel(PreTrainedModel):
         for k, member in enumerate(self.members):
             assert_finite(member, f"member {k} (member_{k:02d})")
 
-    def _save_members(self, folder: Path, max_shard_size: int | str) -> None:
+    def _save_members(
+        self, folder: Path, max_shard_size: int | str, save_original_format: bool = True
+    ) -> None:
         """Each member (and the processor) into ``folder/member_XX``."""
         for name, member in zip(self.config.members, self.members, strict=True):
-            member.save_pretrained(folder / name, max_shard_size=max_shard_size)
+            member.save_pretrained(
+                folder / name, max_shard_size=max_shard_size, save_original_format=save_original_format
+            )
             if self.processor is not None:
                 self.processor.save_pretrained(folder / name)
 
@@ -728,6 +892,47 @@ def _check_same_dtypes(path: Path, names: list[str]) -> None:
             )
 
 
+def _loading_info() -> dict[str, set | list]:
+    """What ``output_loading_info=True`` returns (transformers' keys and types): members load strictly
+    (anything missing or unexpected is an `EnsembleLoadError`), so only ``mismatched_keys`` can be non-empty:
+    the weights re-initialised (``members.<k>.<key>``) for another ``num_labels`` or ``config`` with
+    ``ignore_mismatched_sizes=True``."""
+    return {"missing_keys": set(), "unexpected_keys": set(), "mismatched_keys": set(), "error_msgs": []}
+
+
+def _same_config(a: PreTrainedConfig | None, b: PreTrainedConfig | None) -> bool:
+    """Whether two member configs describe the same model (ignoring where they were loaded from)."""
+
+    def public(config) -> dict:
+        return {
+            k: v for k, v in config.to_dict().items() if not k.startswith("_") and k != "transformers_version"
+        }
+
+    return a is b or (a is not None and b is not None and public(a) == public(b))
+
+
+def _load_member_into(
+    path: Path, member_config: PreTrainedConfig, ignore_mismatched_sizes: bool, member_kwargs: dict
+) -> tuple[PreTrainedModel, dict]:
+    """One member loaded into another config (a new ``num_labels``, or the ``config=`` passed), with
+    transformers' meaning: a size mismatch is its ``RuntimeError``, or with ``ignore_mismatched_sizes`` a
+    fresh weight ("Reinit due to size mismatch") listed in ``mismatched_keys``. Missing or unexpected weights
+    are refused as in `load_member`. The caller has checked the repo (digests, no remote code)."""
+    model, info = member_class(member_config).from_pretrained(
+        path,
+        config=copy.deepcopy(member_config),
+        ignore_mismatched_sizes=ignore_mismatched_sizes,
+        output_loading_info=True,
+        use_safetensors=True,
+        trust_remote_code=False,
+        **member_kwargs,
+    )
+    problems = {k: sorted(map(str, info[k]))[:8] for k in ("missing_keys", "unexpected_keys") if info.get(k)}
+    if problems:
+        raise EnsembleLoadError(f"Member weights in {path} do not match {type(model).__name__}: {problems}.")
+    return model, info
+
+
 def _read_config(path: Path) -> EnsembleConfig:
     """The `EnsembleConfig` of a local ensemble directory, checked against the member folders it holds."""
     cfg_file = path / ENSEMBLE_CONFIG_NAME
@@ -747,7 +952,55 @@ def _read_config(path: Path) -> EnsembleConfig:
     return config
 
 
+class EnsembleForImageClassification(EnsembleModel):
+    """An `EnsembleModel` of *ForImageClassification members (what `AutoModelForImageClassification` and
+    ``EnsembleModel.from_pretrained`` / ``from_members`` of image classifiers build)."""
+
+    main_input_name = "pixel_values"
+    _member_suffix = "ForImageClassification"
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> EnsembleOutput | tuple:
+        """`EnsembleModel.forward` with the images first (positional calls, ``main_input_name``)."""
+        return super().forward(pixel_values=pixel_values, labels=labels, return_dict=return_dict, **kwargs)
+
+
+class EnsembleForSequenceClassification(EnsembleModel):
+    """An `EnsembleModel` of *ForSequenceClassification members (what `AutoModelForSequenceClassification` and
+    ``EnsembleModel.from_pretrained`` / ``from_members`` of text classifiers build)."""
+
+    main_input_name = "input_ids"
+    _member_suffix = "ForSequenceClassification"
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> EnsembleOutput | tuple:
+        """`EnsembleModel.forward` with the token ids first (positional calls, ``main_input_name``)."""
+        return super().forward(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            labels=labels,
+            return_dict=return_dict,
+            **kwargs,
+        )
+
+
+_TASK_CLASSES = (EnsembleForImageClassification, EnsembleForSequenceClassification)
+
 # `import hf_ens` makes the ensemble a model transformers' Auto classes and pipelines know.
 AutoConfig.register(EnsembleConfig.model_type, EnsembleConfig, exist_ok=True)
-for _auto in (AutoModelForImageClassification, AutoModelForSequenceClassification):
-    _auto.register(EnsembleConfig, EnsembleModel, exist_ok=True)
+AutoModelForImageClassification.register(EnsembleConfig, EnsembleForImageClassification, exist_ok=True)
+AutoModelForSequenceClassification.register(EnsembleConfig, EnsembleForSequenceClassification, exist_ok=True)
+AutoModel.register(EnsembleConfig, EnsembleModel, exist_ok=True)  # builds the class of its members' task

@@ -1141,6 +1141,9 @@ def connect_clients(server: HubServer, hf_home: str, monkeypatch) -> None:
     # module cache is frozen.
     transformers_hub = importlib.import_module("transformers.utils.hub")
     monkeypatch.setattr(transformers_hub, "HF_MODULES_CACHE", os.path.join(hf_home, "modules"))
+    # transformers' shared `HfApi` (push_to_hub's create_repo/commit) is made on first use and keeps the
+    # endpoint of that moment: any earlier Hub lookup (e.g. of a missing repo, offline) would freeze hf.co.
+    monkeypatch.setattr(transformers_hub, "_hf_api", None)
 
     drop_client_state()
 

@@ -23,7 +23,13 @@ from transformers import (
     pipeline,
 )
 
-from hf_ens import EnsembleConfig, EnsembleLoadError, EnsembleModel
+from hf_ens import (
+    EnsembleConfig,
+    EnsembleForImageClassification,
+    EnsembleForSequenceClassification,
+    EnsembleLoadError,
+    EnsembleModel,
+)
 from hf_ens.metrics import compute_metrics
 from tests._tiny import tiny_bert, tiny_vit
 
@@ -88,11 +94,14 @@ def test_config_roundtrip_and_auto_from_config(ens, saved):
     # the root config.json is still the soup's
     assert type(AutoConfig.from_pretrained(saved)) is ViTConfig
     fresh = AutoModelForImageClassification.from_config(cfg)
-    assert type(fresh) is EnsembleModel and fresh.num_members == 3
+    assert type(fresh) is EnsembleForImageClassification and fresh.num_members == 3
     assert all(type(m) is ViTForImageClassification for m in fresh.members)
     assert not torch.equal(fresh.members[0].classifier.weight, fresh.members[1].classifier.weight)
     text = EnsembleModel.from_members([tiny_bert(0), tiny_bert(1)])
-    assert type(AutoModelForSequenceClassification.from_config(text.config)) is EnsembleModel
+    assert type(text) is EnsembleForSequenceClassification
+    assert (
+        type(AutoModelForSequenceClassification.from_config(text.config)) is EnsembleForSequenceClassification
+    )
     with pytest.raises(TypeError, match="EnsembleConfig"):
         EnsembleModel(ViTConfig())
 
@@ -155,7 +164,7 @@ def test_auto_pipeline_trainer_and_model_agree(ens, saved, processor, tmp_path):
     direct = EnsembleModel.from_pretrained(saved)
     cfg = EnsembleConfig.from_pretrained(saved)
     auto = AutoModelForImageClassification.from_pretrained(saved, config=cfg)
-    assert type(auto) is EnsembleModel
+    assert type(auto) is type(direct) is EnsembleForImageClassification
     with torch.no_grad():
         p_direct = direct(pixel_values=pixel_values).logits.softmax(-1).double()
         p_auto = auto(pixel_values=pixel_values).logits.softmax(-1).double()
@@ -280,7 +289,7 @@ def test_push_keywords_reach_the_hub(hub, ens, tmp_path):
     cfg = EnsembleConfig.from_pretrained(REPO)
     assert cfg.members == ["member_00", "member_01"] and cfg.id2label == ens.config.id2label
     auto = AutoModelForImageClassification.from_pretrained(REPO, config=cfg)
-    assert type(auto) is EnsembleModel and auto.num_members == 2
+    assert type(auto) is EnsembleForImageClassification and auto.num_members == 2
     pipe = pipeline("image-classification", model=auto, image_processor=auto.processor)
     images = _images(2)
     torch.testing.assert_close(

@@ -260,3 +260,19 @@ def test_fixture_patches_are_undone(hub):
             connect_clients(hub, "/tmp/unused-hf-home", inner)
             assert constants.ENDPOINT == hub.endpoint and not constants.HF_HUB_OFFLINE
         assert constants.ENDPOINT == "http://elsewhere" and constants.HF_HUB_OFFLINE
+
+
+def test_transformers_push_after_an_offline_lookup_reaches_the_test_hub(request, tmp_path):
+    """transformers makes its shared HfApi on first use: an offline Hub lookup before the fixture (as
+    transformers' own ConfigTester does) must not freeze huggingface.co into later pushes."""
+    from transformers import ViTConfig, ViTForImageClassification
+    from transformers.utils import hub as transformers_hub
+
+    with pytest.raises(OSError):
+        ViTConfig.from_pretrained("./no/such-local-dir-or-repo")  # offline: a Hub lookup that fails
+    transformers_hub.hf_api()  # made now, with the session's endpoint
+    hub = request.getfixturevalue("hub")
+    model = _tiny_vit(seed=0)
+    model.push_to_hub("test-user/after-offline")
+    assert transformers_hub.hf_api().endpoint == hub.endpoint
+    _assert_same_weights(ViTForImageClassification.from_pretrained("test-user/after-offline"), model)
