@@ -348,8 +348,9 @@ class EnsembleModel(PreTrainedModel):
             # `config.num_labels = 1; config.problem_type = "regression"`) are the members' labels.
             if config.num_labels != member_config.num_labels:
                 member_config.num_labels = config.num_labels
-            if config.problem_type is not None and config.problem_type != tasks.problem_type_of(member_config):
-                member_config.problem_type = config.problem_type
+            problem_type = config.problem_type
+            if problem_type is not None and problem_type != tasks.problem_type_of(member_config):
+                member_config.problem_type = problem_type
             cls = member_class(config.member_config)
             # One config object shared by all members: it IS the ensemble's sub-config (as in transformers'
             # composite models), so a change to `config.member_config` reaches every member.
