@@ -18,10 +18,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from hf_ens.trainers import StarSSEConfig, StarSSETrainer
 
 from recipes._cli import ConfigError, parse_config_and_args, run_cli
 from recipes.data import DevicePreprocessor, attach_transforms, collate, decode_images
-from trainers import StarSSEConfig, StarSSETrainer
 
 OFFLINE_DATASET = "offline:fashion_mnist"
 OFFLINE_MODEL = "offline:pretrained_vit"

@@ -25,7 +25,7 @@ from transformers import (
 
 from hf_ens import EnsembleConfig, EnsembleLoadError, EnsembleModel
 from hf_ens.metrics import compute_metrics
-from tests._tiny import tiny_bert, tiny_vit
+from hf_ens.testing_utils import tiny_bert, tiny_vit
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 REPO = "test-user/tiny-ensemble"
