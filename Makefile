@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PIN := torch==2.13.0
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test install data lint
+.PHONY: demo test test-fast install data lint
 
 install: $(VENV)/.installed
 
@@ -20,6 +20,9 @@ $(VENV)/.installed: pyproject.toml
 	@echo "$(TORCH_PIN)" > $(VENV)/constraints.txt
 	@echo "[install 4/4] installing hf-ens and its dependencies (transformers, accelerate, datasets, ...) with torch pinned"
 	@$(BIN)/python -m pip install -q -c $(VENV)/constraints.txt -e ".[dev]"
+	@# The checkout's root on the venv's path, so that recipes/, benchmarks/ and tests/ import as packages
+	@# (\`accelerate launch recipes/vit_cifar.py\`). The installed library itself is only \`hf_ens\`.
+	@$(BIN)/python -c "import pathlib, sysconfig; pathlib.Path(sysconfig.get_paths()['purelib'], 'hf_ens_checkout.pth').write_text('$(CURDIR)\\n')"
 	@touch $@
 	@echo "[install] done: $(VENV)"
 
@@ -41,9 +44,15 @@ demo: install data
 	@echo "[demo] $(LAUNCH) recipes/vit_cifar.py --config recipes/configs/offline.yaml --overwrite_output_dir true"
 	@HF_HUB_OFFLINE=$$( [ -d $(FMNIST_DIR) ] && echo 1 || echo 0 ) $(LAUNCH) recipes/vit_cifar.py --config recipes/configs/offline.yaml --overwrite_output_dir true
 
+# The whole suite (CI runs this); the 15 slowest tests are listed at the end.
 test: install data
-	@echo "[test] HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests"
-	@HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
+	@echo "[test] HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=15 tests"
+	@HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=15 tests
+
+# The inner loop: everything but the multi-process and end-to-end runs (marked `slow`).
+test-fast: install data
+	@echo "[test-fast] HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m 'not slow' tests"
+	@HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m 'not slow' tests
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -40,7 +40,6 @@ import glob
 import json
 import math
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -48,13 +47,13 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+
+from hf_ens.trainers import StarSSEConfig  # noqa: E402
+from hf_ens.trainers.probe import PROBE_FILE, choose, format_table, in_basin  # noqa: E402
 
 from recipes._cli import parse_config_and_args  # noqa: E402
 from recipes.report_results import mean_ci  # noqa: E402
 from recipes.vit_cifar import ScriptArguments, run  # noqa: E402
-from trainers import StarSSEConfig  # noqa: E402
-from trainers.probe import PROBE_FILE, choose, format_table, in_basin  # noqa: E402
 
 SOUP_DROP_LIMIT = 0.02  # the issue: never an LR whose uniform soup is > 2 points below model 1
 

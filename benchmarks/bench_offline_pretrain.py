@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from a source checkout without installing
 
 from hf_ens.fashion_mnist import DEBIAN_DIR, load_fashion_mnist, read_idx  # noqa: E402
 from recipes._cli import parse_config_and_args  # noqa: E402

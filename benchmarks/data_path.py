@@ -27,20 +27,18 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # read at torch's first allocation: before `import torch`
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # run from a source checkout without installing
 
 import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
+from hf_ens.testing_utils import tiny_cifar  # noqa: E402
 from recipes.data import DevicePreprocessor, attach_transforms, collate, decode_images  # noqa: E402
-from tests._recipe_utils import tiny_cifar  # noqa: E402
 
 
 def images_per_second(batches, step) -> float:

@@ -13,14 +13,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 from transformers import ViTConfig, ViTForImageClassification
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout without installing
 from hf_ens import EnsembleModel  # noqa: E402
 
 

@@ -18,20 +18,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # the GPU machine runs it from a copy of the tree, not installed
 
 import torch  # noqa: E402
+from hf_ens.trainers import StarSSEConfig, StarSSETrainer  # noqa: E402
 from transformers import TrainerCallback, ViTConfig, ViTForImageClassification  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from recipes.data import DevicePreprocessor, PixelSpec, collate  # noqa: E402
-from trainers import StarSSEConfig, StarSSETrainer  # noqa: E402
 
 GOAL_RATIO, GOAL_IMAGES_PER_SECOND = 0.98, 2780
 MAX_GRAD_NORM = 1.0  # TrainingArguments' default: both loops clip

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import gc
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,7 +28,6 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForImageClassification, ViTConfig, ViTForImageClassification
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout without installing
 from hf_ens import EnsembleModel  # noqa: E402
 from hf_ens.adapters import AdapterEnsembleModel, save_adapter  # noqa: E402
 

@@ -21,9 +21,9 @@ import tempfile
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
+from hf_ens.trainers import StarSSEConfig, StarSSETrainer  # noqa: E402
 from transformers import (  # noqa: E402
     Trainer,
     TrainerCallback,
@@ -32,8 +32,7 @@ from transformers import (  # noqa: E402
 )
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from tests._tiny import TinyImages, tiny_vit  # noqa: E402
-from trainers import StarSSEConfig, StarSSETrainer  # noqa: E402
+from hf_ens.testing_utils import TinyImages, tiny_vit  # noqa: E402
 
 # ~2.7M parameters: big enough that per-step work dominates, as in a real run (not the tests' tiny ViT).
 VIT = dict(

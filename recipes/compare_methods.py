@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from hf_ens.trainers import StarSSEConfig, StarSSETrainer
 
 from recipes._cli import parse_config_and_args, run_cli
 from recipes.vit_cifar import (
@@ -42,7 +43,6 @@ from recipes.vit_cifar import (
     prepare_data,
     resolve_checkpoint,
 )
-from trainers import StarSSEConfig, StarSSETrainer
 
 PHASES = ("grid", "contrasts", "second", "convergence")
 

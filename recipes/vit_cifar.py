@@ -18,10 +18,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from hf_ens.trainers import StarSSEConfig, StarSSETrainer
 
 from recipes._cli import ConfigError, parse_config_and_args, run_cli
 from recipes.data import DevicePreprocessor, attach_transforms, collate, decode_images
-from trainers import StarSSEConfig, StarSSETrainer
 
 OFFLINE_DATASET = "offline:fashion_mnist"
 OFFLINE_MODEL = "offline:pretrained_vit"
@@ -285,8 +285,9 @@ def resume_target(training_args: StarSSEConfig) -> str | bool | None:
 def check_output_dir(args: ScriptArguments, training_args: StarSSEConfig) -> None:
     """Before any (pre-)training: output_dir can be written, and holds no earlier run unless overwriting;
     a run asked to resume has something to resume (it used to train from scratch without a word)."""
+    from hf_ens.trainers.checkpoints import newest_complete_checkpoint
+
     from hf_ens._io import ensure_writable
-    from trainers.checkpoints import newest_complete_checkpoint
 
     out = Path(training_args.output_dir)
     ours = {"members", "metrics.json", args.repo_dirname}

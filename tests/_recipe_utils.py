@@ -9,24 +9,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from tests._tiny import tiny_resnet, tiny_vit_config
+from hf_ens.testing_utils import CLASS_NAMES, tiny_cifar, tiny_processor, tiny_resnet, tiny_vit_config  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
-CLASS_NAMES = ["red", "green", "blue"]
-# One colour per class, so a 2-layer ViT separates the classes after a few steps.
-CLASS_COLOURS = np.array([[200, 40, 40], [40, 200, 40], [40, 40, 200]], dtype=np.float32)
-
-
-def tiny_processor():
-    """A processor that `AutoImageProcessor.from_pretrained` finds, resizing to 32x32."""
-    from transformers import ViTImageProcessor
-
-    return ViTImageProcessor(
-        do_resize=True, size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3
-    )
 
 
 def save_tiny_vit(
@@ -52,28 +39,6 @@ def save_tiny_resnet(path: str | os.PathLike, num_labels: int = 3, seed: int = 0
     tiny_resnet(seed, layer_type="basic", num_labels=num_labels).save_pretrained(path)
     tiny_processor().save_pretrained(path)
     return Path(path)
-
-
-def tiny_cifar(
-    n_train: int = 36, n_test: int = 12, seed: int = 0, image_column: str = "img", classlabel=True
-):
-    """A CIFAR-shaped DatasetDict: `img` (32x32 RGB PIL images), `label` (ClassLabel), train/test splits."""
-    import datasets
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-
-    def split(n: int) -> datasets.Dataset:
-        labels = [i % len(CLASS_NAMES) for i in range(n)]
-        images = []
-        for y in labels:
-            pixels = CLASS_COLOURS[y] + rng.normal(0, 40, (32, 32, 3))
-            images.append(Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), mode="RGB"))
-        label_feature = datasets.ClassLabel(names=CLASS_NAMES) if classlabel else datasets.Value("int64")
-        features = datasets.Features({image_column: datasets.Image(), "label": label_feature})
-        return datasets.Dataset.from_dict({image_column: images, "label": labels}, features=features)
-
-    return datasets.DatasetDict({"train": split(n_train), "test": split(n_test)})
 
 
 def tiny_run_args(output_dir: str | os.PathLike, model: str, dataset: str, *extra: str) -> list[str]:

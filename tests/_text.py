@@ -11,7 +11,7 @@ Everything is built here from configs and code: no Hub, no download. One builder
 * `tiny_lm(family, seed, tie=True)`: GPT2 / Llama causal LMs, with or without tied input/output embeddings;
 * `TextDataset` + `collator(tokenizer)`: tokenised examples and transformers' own padding collator.
 
-Like `tests._tiny`, this module imports neither pytest nor the library.
+Like `hf_ens.testing_utils`, this module imports neither pytest nor the rest of the library.
 """
 
 from __future__ import annotations

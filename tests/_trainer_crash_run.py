@@ -27,14 +27,12 @@ import traceback
 from collections.abc import Callable
 
 import torch
+from hf_ens.trainers import StarSSETrainer  # noqa: E402
+from hf_ens.trainers.checkpoints import TRASH_PREFIX, checkpoint_step, newest_complete_checkpoint  # noqa: E402
 from transformers import PreTrainedModel, Trainer, TrainerState
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import hf_ens._io  # noqa: E402
 from tests._trainer_utils import RecordingCollator, TinyImages, starsse_config, tiny_vit  # noqa: E402
-from trainers import StarSSETrainer  # noqa: E402
-from trainers.checkpoints import TRASH_PREFIX, checkpoint_step, newest_complete_checkpoint  # noqa: E402
 
 NUM_SAMPLES, TOTAL_STEPS = 8, 8
 CONFIG = dict(

@@ -8,12 +8,10 @@ import os
 import sys
 
 import torch
+from hf_ens.trainers import StarSSETrainer  # noqa: E402
 from transformers import TrainerCallback
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from tests._trainer_utils import RecordingCollator, TinyImages, starsse_config, tiny_vit  # noqa: E402
-from trainers import StarSSETrainer  # noqa: E402
 
 
 def digest(model: torch.nn.Module) -> str:

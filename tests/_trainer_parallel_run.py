@@ -19,13 +19,11 @@ import sys
 import time
 
 import torch
+from hf_ens.trainers import StarSSETrainer  # noqa: E402
 from transformers import TrainerCallback
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from tests._tiny import TinyImages, tiny_vit  # noqa: E402
+from hf_ens.testing_utils import TinyImages, tiny_vit  # noqa: E402
 from tests._trainer_utils import RecordingCollator, starsse_config  # noqa: E402
-from trainers import StarSSETrainer  # noqa: E402
 
 
 class SlowCollator(RecordingCollator):

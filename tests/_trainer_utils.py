@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 
 import torch
+from hf_ens.trainers import StarSSEConfig, StarSSETrainer
 from transformers import TrainerCallback, ViTForImageClassification
 
-from tests import _tiny
-from tests._tiny import TinyImages  # noqa: F401  (random 16x16 images, 3 labels, items carry `idx`)
-from trainers import StarSSEConfig, StarSSETrainer
+from hf_ens import testing_utils as _tiny
+from hf_ens.testing_utils import TinyImages  # noqa: F401  (random 16x16 images, 3 labels, items carry `idx`)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

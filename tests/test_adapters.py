@@ -18,7 +18,7 @@ from hf_ens.adapters import (
     member_weights,
     save_adapter,
 )
-from tests._tiny import one_torch_thread, random_images, tiny_vit
+from hf_ens.testing_utils import one_torch_thread, random_images, tiny_vit
 from tests.test_ensemble_safety import _rehash, closed_stdin, make_hostile  # noqa: F401 - closed_stdin: fixture
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

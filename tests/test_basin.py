@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from hf_ens.basin import barrier, distances_to, interpolate, interpolation_profile, weight_distance
-from tests._tiny import one_torch_thread, tiny_vit
+from hf_ens.testing_utils import one_torch_thread, tiny_vit
 
 _one_torch_thread = pytest.fixture(autouse=True)(one_torch_thread)
 

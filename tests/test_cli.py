@@ -13,11 +13,11 @@ import time
 
 import pytest
 import yaml
+from hf_ens.trainers import StarSSEConfig
 
 from recipes import vit_cifar
 from recipes._cli import ConfigError, parse_config_and_args
 from tests._recipe_utils import ROOT
-from trainers import StarSSEConfig
 
 OFFLINE_BASE = [
     "--config",
@@ -34,7 +34,7 @@ class _Reached(Exception):
 @pytest.fixture
 def tripwire(monkeypatch):
     """Stop a run where it would start loading data: everything checked later is found too late."""
-    from trainers import StarSSETrainer
+    from hf_ens.trainers import StarSSETrainer
 
     def stop(*args, **kwargs):
         raise _Reached

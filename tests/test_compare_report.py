@@ -8,10 +8,10 @@ import math
 import statistics
 
 import pytest
+from hf_ens.trainers.branches import branch_seed
 
 from recipes.compare_methods import CompareArguments, Task, choose_settings, grid_tasks
 from recipes.report_results import choose, demo_criterion, mean_ci, paired, t_quantile
-from trainers.branches import branch_seed
 
 
 @pytest.mark.parametrize(("df", "expected"), [(1, 12.7062), (4, 2.7764), (11, 2.2010), (30, 2.0423)])

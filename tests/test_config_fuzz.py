@@ -11,7 +11,7 @@ import random
 
 import pytest
 
-from tests._tiny import one_torch_thread
+from hf_ens.testing_utils import one_torch_thread
 from tests._trainer_utils import make_trainer
 
 _one_thread = pytest.fixture(autouse=True)(one_torch_thread)

@@ -4,13 +4,13 @@ values fail here, not after a download); the paper-code configs carry shared/pap
 from __future__ import annotations
 
 import pytest
+from hf_ens.trainers import StarSSEConfig
 
 from recipes._cli import parse_config_and_args
 from recipes.compare_methods import CompareArguments
 from recipes.pretrain_vit import PretrainArguments
 from recipes.vit_cifar import ScriptArguments
 from tests._recipe_utils import ROOT
-from trainers import StarSSEConfig
 
 CONFIGS = sorted((ROOT / "recipes" / "configs").glob("*.yaml"))
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from hf_ens.testing_utils import tiny_vit
 from recipes.data import (
     DevicePreprocessor,
     _resize_float_passes,
@@ -22,7 +23,6 @@ from recipes.data import (
     resample_boxes,
 )
 from tests._recipe_utils import ROOT, tiny_cifar
-from tests._tiny import tiny_vit
 
 # Measured max |tensor path - processor path| after normalization, in uint8 levels (a level is 1/255/std:
 # 2/255 at std 0.5), for both resizes (the CPU's uint8 kernel, and the float passes other devices use):

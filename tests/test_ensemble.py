@@ -18,7 +18,7 @@ from transformers import (
 
 from hf_ens import EnsembleLoadError, EnsembleModel, uniform_soup
 from hf_ens.metrics import compute_metrics, ensemble_log_probs
-from tests._tiny import tiny_bert, tiny_resnet, tiny_vit
+from hf_ens.testing_utils import tiny_bert, tiny_resnet, tiny_vit
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

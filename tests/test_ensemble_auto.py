@@ -31,7 +31,7 @@ from hf_ens import (
     EnsembleModel,
 )
 from hf_ens.metrics import compute_metrics
-from tests._tiny import tiny_bert, tiny_vit
+from hf_ens.testing_utils import tiny_bert, tiny_vit
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 REPO = "test-user/tiny-ensemble"

@@ -10,7 +10,7 @@ from huggingface_hub import HfApi, ModelCard
 from transformers import AutoModelForImageClassification, ViTForImageClassification, ViTImageProcessor
 
 from hf_ens import EnsembleLoadError, EnsembleModel, HubPushError, NonFiniteError
-from tests._tiny import random_images, tiny_vit_config
+from hf_ens.testing_utils import random_images, tiny_vit_config
 from tests.test_ensemble_safety import _rehash, closed_stdin, make_hostile  # noqa: F401 - closed_stdin: fixture
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

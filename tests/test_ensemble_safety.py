@@ -19,7 +19,7 @@ from transformers import AutoModelForImageClassification, PreTrainedModel, ViTIm
 
 from hf_ens import EnsembleLoadError, EnsembleModel, NonFiniteError, _io, hub
 from hf_ens._io import recover
-from tests._tiny import tiny_vit
+from hf_ens.testing_utils import tiny_vit
 from tests.test_io import Crash, _inject, counted
 
 X = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
@@ -167,7 +167,7 @@ KILLED_SAVE = """
 import os, signal, sys
 from transformers import ViTForImageClassification
 from hf_ens import EnsembleModel
-from tests._tiny import tiny_vit
+from hf_ens.testing_utils import tiny_vit
 
 members = [tiny_vit(s) for s in range(3)]
 calls = []

@@ -16,7 +16,7 @@ from hf_ens import (
     EnsembleLoadError,
     EnsembleModel,
 )
-from tests._tiny import random_images, tiny_bert, tiny_vit
+from hf_ens.testing_utils import random_images, tiny_bert, tiny_vit
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

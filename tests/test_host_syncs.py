@@ -13,13 +13,13 @@ import traceback
 from collections import Counter
 
 import torch
+from hf_ens.trainers import StarSSEConfig, StarSSETrainer
+from hf_ens.trainers.nonfinite import LossWatch
 from torch.overrides import TorchFunctionMode
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from hf_ens.testing_utils import tiny_vit
 from recipes.data import DevicePreprocessor, PixelSpec, collate
-from tests._tiny import tiny_vit
-from trainers import StarSSEConfig, StarSSETrainer
-from trainers.nonfinite import LossWatch
 
 # tensor -> Python conversions: each waits for the device to finish the work queued before it
 SYNCS = {"item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__"}

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from hf_ens import EnsembleLoadError, EnsembleModel, _io, hub
 from hf_ens.metrics import accuracy, ensemble_metrics, fit_temperature
 from hf_ens.soups import greedy_soup, make_accuracy_eval_fn
-from tests._tiny import tiny_bert, tiny_vit
+from hf_ens.testing_utils import tiny_bert, tiny_vit
 from tests.test_ensemble_safety import _logits, _rehash
 
 
@@ -371,7 +371,7 @@ def test_deeply_nested_config_names_the_file(saved):
 MOUNTED_SAVE = """
 import os, sys
 from hf_ens import EnsembleModel
-from tests._tiny import tiny_vit
+from hf_ens.testing_utils import tiny_vit
 
 outcomes = []
 for target in sys.argv[1:]:

@@ -31,7 +31,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import get_session
 from safetensors.torch import save_file
 
-from tests._tiny import tiny_vit
+from hf_ens.testing_utils import tiny_vit
 
 
 def _tiny_vit(seed: int = 0):

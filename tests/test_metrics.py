@@ -110,7 +110,7 @@ def test_bad_inputs_raise_clear_errors():
 def test_evaluate_ensemble_with_soup_matches_manual_metrics():
     from hf_ens import EnsembleModel, uniform_soup
     from hf_ens.metrics import evaluate_ensemble
-    from tests._tiny import tiny_vit
+    from hf_ens.testing_utils import tiny_vit
 
     members = [tiny_vit(seed, num_hidden_layers=1) for seed in range(2)]
     x, y = torch.randn(6, 3, 16, 16), torch.tensor([0, 1, 2, 0, 1, 2])

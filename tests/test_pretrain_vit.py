@@ -12,9 +12,9 @@ import PIL.Image
 import pytest
 import torch
 
+from hf_ens.testing_utils import one_torch_thread
 from recipes._cli import ConfigError, parse_config_and_args
 from recipes.pretrain_vit import PretrainArguments, ensure_pretrained_checkpoint, main
-from tests._tiny import one_torch_thread
 
 _one_torch_thread = pytest.fixture(autouse=True)(one_torch_thread)
 

@@ -14,13 +14,13 @@ import os
 
 import pytest
 import torch
+from hf_ens.trainers import StarSSETrainer
+from hf_ens.trainers.starsse_trainer import PREFIX_CHECKPOINT_DIR
 from torch.utils.data import DataLoader, RandomSampler
 from transformers import Trainer, TrainingArguments, set_seed
 
 from hf_ens.heads import reinit_task_head, task_heads
-from tests._tiny import TinyImages, tiny_vit
-from trainers import StarSSETrainer
-from trainers.starsse_trainer import PREFIX_CHECKPOINT_DIR
+from hf_ens.testing_utils import TinyImages, tiny_vit
 
 
 def _params(hook: str) -> list[str]:

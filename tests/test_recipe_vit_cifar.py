@@ -335,7 +335,7 @@ def test_two_cpu_processes_without_use_cpu_fail_clearly(tmp_path, local_data, lo
 
 def _run_expecting(monkeypatch, exc, match, tmp_path, model, data, *extra):
     """The recipe raises `exc` before training starts (a tripwire on `train` records any start)."""
-    from trainers import StarSSETrainer
+    from hf_ens.trainers import StarSSETrainer
 
     started = []
     monkeypatch.setattr(StarSSETrainer, "train", lambda self, *a, **k: started.append(1))

@@ -13,11 +13,11 @@ import textwrap
 import time
 
 import pytest
+from hf_ens.trainers.run_lock import LOCK_NAME, OWNER_NAME, RunLockedError, run_lock
 from transformers import TrainerCallback
 
-from tests._tiny import one_torch_thread
+from hf_ens.testing_utils import one_torch_thread
 from tests._trainer_utils import make_trainer
-from trainers.run_lock import LOCK_NAME, OWNER_NAME, RunLockedError, run_lock
 
 _one_thread = pytest.fixture(autouse=True)(one_torch_thread)
 
@@ -61,7 +61,7 @@ def test_the_lock_is_released_when_training_fails(tmp_path):
 
 HOLD = """
 import sys, time
-from trainers.run_lock import run_lock
+from hf_ens.trainers.run_lock import run_lock
 with run_lock(sys.argv[1]):
     print("held", flush=True)
     time.sleep(60)
@@ -93,7 +93,7 @@ TWO_RUNS = """
 import os, sys, time
 from transformers import TrainerCallback
 from tests._trainer_utils import make_trainer
-from trainers.run_lock import RunLockedError
+from hf_ens.trainers.run_lock import RunLockedError
 
 out, seed, go = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 

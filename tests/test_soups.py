@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from transformers import BertForMaskedLM, ViTForImageClassification
 
 from hf_ens import greedy_soup, make_accuracy_eval_fn, recompute_batchnorm, uniform_soup
-from tests._tiny import random_images, tiny_bert_config, tiny_resnet, tiny_vit
+from hf_ens.testing_utils import random_images, tiny_bert_config, tiny_resnet, tiny_vit
 
 
 def test_uniform_soup_is_the_mean_of_every_weight():

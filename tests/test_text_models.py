@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from hf_ens.trainers import StarSSEConfig, StarSSETrainer
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from torch.utils.data import DataLoader, TensorDataset
 from transformers import AutoTokenizer, DataCollatorForLanguageModeling, TrainerCallback, pipeline
@@ -23,9 +24,8 @@ from hf_ens.evaluation import predict_logits
 from hf_ens.heads import reinit_task_head
 from hf_ens.members import load_member
 from hf_ens.metrics import evaluate_ensemble, nll
+from hf_ens.testing_utils import one_torch_thread
 from tests import _text
-from tests._tiny import one_torch_thread
-from trainers import StarSSEConfig, StarSSETrainer
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 _one_thread = pytest.fixture(autouse=True)(one_torch_thread)
@@ -271,7 +271,7 @@ def test_image_ensemble_pipeline_needs_no_image_processor():
     from PIL import Image
     from transformers import ViTImageProcessor
 
-    from tests._tiny import tiny_vit
+    from hf_ens.testing_utils import tiny_vit
 
     processor = ViTImageProcessor(size={"height": 16, "width": 16})
     ens = EnsembleModel.from_members([tiny_vit(0), tiny_vit(1)], processor=processor)
@@ -320,9 +320,10 @@ def test_bert_local_de_branches_equal_the_trainer_loop(tmp_path):
     seeing **kwargs, summed the micro-batch means of a step (gradient x accumulation) while the branch loop
     averages them: Local DE members differed by ~4e-4. Now the Trainer is told, and both loops agree bit for
     bit, also with a short last batch (30 samples, batches of 4)."""
+    from hf_ens.trainers.starsse_trainer import loss_normalized_by_num_items
+
     from tests._trainer_parallel_run import main as run_here
     from tests._trainer_utils import max_diff, weights
-    from trainers.starsse_trainer import loss_normalized_by_num_items
 
     assert not loss_normalized_by_num_items(_text.tiny_classifier("bert"))
     assert loss_normalized_by_num_items(_text.tiny_classifier("llama"))

@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from hf_ens.trainers import StarSSEConfig, StarSSETrainer
+from hf_ens.trainers.probe import PROBE_FILE, choose, in_basin, next_probes, probe_steps
 from transformers import HfArgumentParser
 
 from hf_ens import EnsembleModel
 from hf_ens.plots import plot_basin_probe
-from tests._tiny import TinyImages, one_torch_thread
+from hf_ens.testing_utils import TinyImages, one_torch_thread
 from tests._trainer_utils import LR, RecordingCollator, load_member, max_diff, starsse_config, tiny_vit
-from trainers import StarSSEConfig, StarSSETrainer
-from trainers.probe import PROBE_FILE, choose, in_basin, next_probes, probe_steps
 
 _one_thread = pytest.fixture(autouse=True)(one_torch_thread)
 
@@ -197,7 +197,7 @@ def test_the_ensemble_repo_and_card_carry_the_choice(tmp_path, reference):
 
 
 def test_batchnorm_models_are_probed_with_recomputed_statistics(tmp_path):
-    from tests._tiny import tiny_resnet
+    from hf_ens.testing_utils import tiny_resnet
 
     trainer = StarSSETrainer(
         model=tiny_resnet(0, num_labels=3).train(),

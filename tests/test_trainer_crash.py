@@ -15,12 +15,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from hf_ens.trainers.checkpoints import (
+    CYCLE_STATE_NAME,
+    checkpoint_problems,
+    checkpoint_step,
+    list_checkpoints,
+)
 from transformers import TrainerCallback
 
 from hf_ens.checks import NonFiniteError, nonfinite_tensors
-from tests._tiny import one_torch_thread
+from hf_ens.testing_utils import one_torch_thread
 from tests._trainer_utils import load_member, make_trainer, max_diff
-from trainers.checkpoints import CYCLE_STATE_NAME, checkpoint_problems, checkpoint_step, list_checkpoints
 
 _one_thread = pytest.fixture(autouse=True)(one_torch_thread)
 

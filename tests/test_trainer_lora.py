@@ -9,15 +9,15 @@ import shutil
 import pytest
 import safetensors.torch
 import torch
+from hf_ens.trainers import StarSSETrainer
+from hf_ens.trainers.branches import branch_seed
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import ViTForImageClassification
 
 from hf_ens import uniform_soup
 from hf_ens.adapters import AdapterEnsembleModel, member_weights, reinit_adapter
-from tests._tiny import one_torch_thread
+from hf_ens.testing_utils import one_torch_thread
 from tests._trainer_utils import Recorder, RecordingCollator, StopAfter, TinyImages, starsse_config, tiny_vit
-from trainers import StarSSETrainer
-from trainers.branches import branch_seed
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 _one_thread = pytest.fixture(autouse=True)(one_torch_thread)

@@ -18,14 +18,14 @@ import time
 from pathlib import Path
 
 import pytest
+from hf_ens.trainers.branches import BRANCHES_DIR, MemberSeededSampler, branch_config, branch_seed
+from hf_ens.trainers.checkpoints import CYCLE_STATE_NAME
+from hf_ens.trainers.parallel import assigned_members
 
 from hf_ens.members import load_member as hf_load_member
-from tests._tiny import one_torch_thread
+from hf_ens.testing_utils import one_torch_thread
 from tests._trainer_parallel_run import main as run_here
 from tests._trainer_utils import StopAfter, load_member, make_trainer, max_diff, starsse_config, weights
-from trainers.branches import BRANCHES_DIR, MemberSeededSampler, branch_config, branch_seed
-from trainers.checkpoints import CYCLE_STATE_NAME
-from trainers.parallel import assigned_members
 
 _one_thread = pytest.fixture(autouse=True)(one_torch_thread)
 
@@ -254,9 +254,8 @@ def test_what_a_parallel_member_cannot_honour_is_refused(tmp_path, overrides, ma
 
 
 def test_parallel_members_reaches_argparse():
+    from hf_ens.trainers import StarSSEConfig
     from transformers import HfArgumentParser
-
-    from trainers import StarSSEConfig
 
     (args,) = HfArgumentParser(StarSSEConfig).parse_args_into_dataclasses(
         ["--output_dir", "x", "--parallel_members", "true", "--use_cpu", "true"]

@@ -9,9 +9,10 @@ import shutil
 import pytest
 import safetensors.torch
 import torch
+from hf_ens.trainers import StarSSEConfig
 from transformers import HfArgumentParser, Trainer, TrainerCallback
 
-from tests._tiny import one_torch_thread
+from hf_ens.testing_utils import one_torch_thread
 from tests._trainer_utils import (
     BATCH,
     CYCLE_LR,
@@ -24,7 +25,6 @@ from tests._trainer_utils import (
     tiny_vit,
     weights,
 )
-from trainers import StarSSEConfig
 
 STEPS_PER_EPOCH = 6  # 24 samples / batch 4
 

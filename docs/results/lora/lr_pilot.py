@@ -8,11 +8,11 @@ import copy
 import json
 
 import torch
+from hf_ens.trainers import StarSSEConfig
 
 from recipes._cli import parse_config_and_args
 from recipes.compare_methods import CompareArguments, Task, run_task
 from recipes.vit_cifar import ScriptArguments
-from trainers import StarSSEConfig
 
 torch.set_num_threads(1)
 cmp, script, train = parse_config_and_args(

@@ -2,13 +2,15 @@
 
 Every builder seeds torch's global RNG first, so a `seed` names one set of weights everywhere. The defaults
 (a 2-layer ViT on 16x16 RGB images, 3 labels) are what most tests need; pass config fields to change them.
-This module imports neither pytest nor the library, so benchmarks and subprocess scripts can import it too.
+It imports neither pytest nor the rest of the library, so benchmarks and subprocess scripts import it too (as
+`transformers.testing_utils` serves transformers' tests).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 from transformers import (
     BertConfig,
@@ -111,3 +113,41 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# A CIFAR-shaped dataset for recipe tests and the data-path benchmark: one colour per class, so a 2-layer ViT
+# separates the classes after a few steps.
+CLASS_NAMES = ["red", "green", "blue"]
+# One colour per class, so a 2-layer ViT separates the classes after a few steps.
+CLASS_COLOURS = np.array([[200, 40, 40], [40, 200, 40], [40, 40, 200]], dtype=np.float32)
+
+
+def tiny_processor():
+    """A processor that `AutoImageProcessor.from_pretrained` finds, resizing to 32x32."""
+    from transformers import ViTImageProcessor
+
+    return ViTImageProcessor(
+        do_resize=True, size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3
+    )
+
+
+def tiny_cifar(
+    n_train: int = 36, n_test: int = 12, seed: int = 0, image_column: str = "img", classlabel=True
+):
+    """A CIFAR-shaped DatasetDict: `img` (32x32 RGB PIL images), `label` (ClassLabel), train/test splits."""
+    import datasets
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+
+    def split(n: int) -> datasets.Dataset:
+        labels = [i % len(CLASS_NAMES) for i in range(n)]
+        images = []
+        for y in labels:
+            pixels = CLASS_COLOURS[y] + rng.normal(0, 40, (32, 32, 3))
+            images.append(Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), mode="RGB"))
+        label_feature = datasets.ClassLabel(names=CLASS_NAMES) if classlabel else datasets.Value("int64")
+        features = datasets.Features({image_column: datasets.Image(), "label": label_feature})
+        return datasets.Dataset.from_dict({image_column: images, "label": labels}, features=features)
+
+    return datasets.DatasetDict({"train": split(n_train), "test": split(n_test)})
