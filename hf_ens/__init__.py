@@ -6,6 +6,7 @@ The library layer: it never imports `trainers`.
 from .basin import barrier, distances_to, interpolate, interpolation_profile, plot_profile, weight_distance
 from .checks import NonFiniteError, assert_finite, nonfinite_tensors
 from .ensemble import EnsembleConfig, EnsembleLoadError, EnsembleModel, EnsembleOutput, HubPushError
+from .ensemble_lm import EnsembleModelForCausalLM
 from .evaluate_metrics import EVALUATE_METRICS, load_metric
 from .metrics import fit_temperature, temperature_scaled
 from .soups import greedy_soup, make_accuracy_eval_fn, recompute_batchnorm, uniform_soup, weighted_average
@@ -28,6 +29,7 @@ __all__ = [
     "EnsembleConfig",
     "EnsembleModel",
     "EnsembleOutput",
+    "EnsembleModelForCausalLM",
     "EnsembleLoadError",
     "HubPushError",
     "NonFiniteError",

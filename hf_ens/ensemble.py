@@ -55,7 +55,8 @@ from .checks import assert_finite
 from .evaluation import _predict
 from .hub import ENSEMBLE_CONFIG_NAME, HubPushError
 from .members import (
-    SUPPORTED_SUFFIXES,
+    CAUSAL_LM_SUFFIXES,
+    CLASSIFICATION_SUFFIXES,
     EnsembleLoadError,
     load_member,
     load_processor,
@@ -216,13 +217,21 @@ def _check_members_given(members: Sequence) -> None:
             raise TypeError(f"Member {i} is a {type(m).__name__}; expected a transformers PreTrainedModel.")
 
 
-def _check_compatible(members: Sequence[PreTrainedModel]) -> None:
+def _check_compatible(
+    members: Sequence[PreTrainedModel], suffixes: tuple[str, ...] = CLASSIFICATION_SUFFIXES
+) -> None:
     _check_members_given(members)
     ref = members[0]
-    if not type(ref).__name__.endswith(SUPPORTED_SUFFIXES):
+    if not type(ref).__name__.endswith(suffixes):
+        hint = (
+            " (causal-LM members: use EnsembleModelForCausalLM, or EnsembleModel.from_members / "
+            "from_pretrained, which pick it)"
+            if type(ref).__name__.endswith(CAUSAL_LM_SUFFIXES)
+            else ""
+        )
         raise ValueError(
-            f"EnsembleModel supports *ForImageClassification and *ForSequenceClassification members; got "
-            f"{type(ref).__name__}."
+            f"This ensemble class supports {' and '.join('*' + s for s in suffixes)} members; got "
+            f"{type(ref).__name__}{hint}."
         )
     for i, m in enumerate(members[1:], start=1):
         if type(m) is not type(ref):
@@ -261,6 +270,7 @@ class EnsembleModel(PreTrainedModel):
 
     config_class = EnsembleConfig
     base_model_prefix = "members"
+    _member_suffixes = CLASSIFICATION_SUFFIXES  # the member classes this ensemble class averages
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flex_attn = True
@@ -288,7 +298,7 @@ class EnsembleModel(PreTrainedModel):
             cls = member_class(config.member_config)
             members = [cls(copy.deepcopy(config.member_config)) for _ in config.members]
         members = list(members)
-        _check_compatible(members)
+        _check_compatible(members, self._member_suffixes)
         if len(members) != config.num_members:
             raise ValueError(f"EnsembleConfig lists {config.num_members} members; got {len(members)} models.")
         super().__init__(config)
@@ -327,7 +337,18 @@ class EnsembleModel(PreTrainedModel):
             else:
                 models.append(m)
         _check_members_given(models)
-        return cls(EnsembleConfig.for_members(models, metadata), members=models, processor=processor)
+        model_cls = cls._class_for(type(models[0]).__name__)
+        return model_cls(EnsembleConfig.for_members(models, metadata), members=models, processor=processor)
+
+    @classmethod
+    def _class_for(cls, architecture: str | None) -> type[EnsembleModel]:
+        """The ensemble class for members of `architecture`: ``EnsembleModel.from_members`` /
+        ``from_pretrained`` on causal-LM members give an `EnsembleModelForCausalLM` (it generates)."""
+        if cls is EnsembleModel and architecture and architecture.endswith(CAUSAL_LM_SUFFIXES):
+            from .ensemble_lm import EnsembleModelForCausalLM
+
+            return EnsembleModelForCausalLM
+        return cls
 
     @classmethod
     def from_pretrained(
@@ -444,7 +465,10 @@ class EnsembleModel(PreTrainedModel):
         if base_model is not None:
             raise TypeError("base_model applies to ensembles of adapter members only.")
         members = [load_member(path / name, **member_kwargs) for name in saved.members]
-        model = cls(config if config is not None else saved, members=members, processor=load_processor(path))
+        model_cls = cls._class_for(saved.architecture)
+        model = model_cls(
+            config if config is not None else saved, members=members, processor=load_processor(path)
+        )
         return model.eval()
 
     # --- inference --------------------------------------------------------------------------------------
