@@ -247,3 +247,41 @@ def test_refusals_are_clear():
     with pytest.raises(TypeError, match="EnsembleCache"):
         ens.generate(**_batch(), max_new_tokens=2, cache=DynamicCache())
     assert isinstance(ens.members[0], GPT2LMHeadModel)
+
+
+def test_hub_round_trip_generates_the_same_tokens(hub):
+    """Push to the local test Hub, load the repo id back: same tokens, tokenizer included; the repo id alone
+    is the soup to plain transformers."""
+    tokenizer = word_tokenizer()
+    ens = EnsembleModel.from_members(_members("gpt2", 2), processor=tokenizer, metadata={"method": "starsse"})
+    batch = _batch(tokenizer)
+    before = ens.generate(**batch, max_new_tokens=5, do_sample=False)
+    ens.push_to_hub("test-user/tiny-gpt2-ensemble")
+    loaded = EnsembleModelForCausalLM.from_pretrained("test-user/tiny-gpt2-ensemble")
+    assert loaded.processor(PROMPTS[1])["input_ids"] == tokenizer(PROMPTS[1])["input_ids"]
+    after = loaded.generate(**_batch(loaded.processor), max_new_tokens=5, do_sample=False)
+    torch.testing.assert_close(after, before, atol=0, rtol=0)
+    soup = AutoModelForCausalLM.from_pretrained("test-user/tiny-gpt2-ensemble")
+    assert type(soup) is GPT2LMHeadModel and soup.lm_head.weight is soup.transformer.wte.weight
+
+
+def test_from_config_static_cache_and_trainer_loss_sum():
+    ens = EnsembleModel.from_members(_members("llama", 2))
+    fresh = AutoModelForCausalLM.from_config(ens.config)
+    assert type(fresh) is EnsembleModelForCausalLM and fresh.num_members == 2
+    batch = _batch()
+    dynamic = ens.generate(**batch, max_new_tokens=4, do_sample=False)
+    static = ens.generate(
+        **batch,
+        max_new_tokens=4,
+        do_sample=False,
+        cache_implementation="static",
+        return_dict_in_generate=True,
+    )
+    assert [type(c).__name__ for c in static.cache.caches] == ["StaticCache", "StaticCache"]
+    torch.testing.assert_close(static.sequences, dynamic, atol=0, rtol=0)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    with torch.no_grad():
+        mean = ens(**batch, labels=labels).loss
+        total = ens(**batch, labels=labels, num_items_in_batch=torch.tensor(1)).loss
+    assert total.item() == pytest.approx(mean.item() * int((labels[:, 1:] != -100).sum()), rel=1e-5)
