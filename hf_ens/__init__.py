@@ -8,6 +8,7 @@ from .checks import NonFiniteError, assert_finite, nonfinite_tensors
 from .ensemble import EnsembleConfig, EnsembleLoadError, EnsembleModel, EnsembleOutput, HubPushError
 from .ensemble_lm import EnsembleModelForCausalLM
 from .evaluate_metrics import EVALUATE_METRICS, load_metric
+from .lm_metrics import evaluate_lm_ensemble, lm_ensemble_metrics, lm_metrics, token_uncertainty
 from .metrics import fit_temperature, temperature_scaled
 from .soups import greedy_soup, make_accuracy_eval_fn, recompute_batchnorm, uniform_soup, weighted_average
 
@@ -50,5 +51,9 @@ __all__ = [
     "load_metric",
     "fit_temperature",
     "temperature_scaled",
+    "lm_metrics",
+    "lm_ensemble_metrics",
+    "evaluate_lm_ensemble",
+    "token_uncertainty",
     *_ADAPTER_NAMES,
 ]
