@@ -496,7 +496,18 @@ class AdapterEnsembleModel(EnsembleModel):
 
             processor = load_processor(adapters[0])
         config = EnsembleConfig.for_adapters(peft_model, names, metadata, base_model=name)
-        return cls(config, peft_model, processor=processor).eval()
+        return cls._class_for(config.architecture)(config, peft_model, processor=processor).eval()
+
+    @classmethod
+    def _class_for(cls, architecture: str | None) -> type[AdapterEnsembleModel]:
+        """Adapters on a causal-LM base give an `AdapterEnsembleModelForCausalLM` (it generates)."""
+        from .members import CAUSAL_LM_SUFFIXES
+
+        if cls is AdapterEnsembleModel and architecture and architecture.endswith(CAUSAL_LM_SUFFIXES):
+            from .adapters_lm import AdapterEnsembleModelForCausalLM
+
+            return AdapterEnsembleModelForCausalLM
+        return cls
 
     @classmethod
     def _from_saved(
@@ -525,7 +536,8 @@ class AdapterEnsembleModel(EnsembleModel):
             peft_model.to(dtype=_dtype(dtype))
         from .members import load_processor
 
-        model = cls(config if config is not None else saved, peft_model, processor=load_processor(path))
+        model_cls = cls._class_for(saved.architecture)
+        model = model_cls(config if config is not None else saved, peft_model, processor=load_processor(path))
         return model.eval()
 
     # --- inference ------------------------------------------------------------------------------------

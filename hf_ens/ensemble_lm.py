@@ -23,7 +23,7 @@ import math
 from dataclasses import dataclass
 
 import torch
-from transformers import AutoModelForCausalLM, GenerationMixin
+from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.utils import ModelOutput
@@ -160,17 +160,23 @@ class EnsembleModelForCausalLM(EnsembleModel, GenerationMixin):
 
     def __init__(self, config: EnsembleConfig, members=None, processor=None):
         super().__init__(config, members=members, processor=processor)
+        self._setup_generation()
+
+    def _setup_generation(self) -> None:
+        """Decoding defaults and member keywords, read from member 0's transformers model."""
+        model = self._member_model(0)
         # The members' decoding defaults (eos/pad/bos, max_length...), not ones derived from EnsembleConfig.
-        self.generation_config = copy.deepcopy(self.members[0].generation_config)
-        self._member_cache_key = (
-            "cache" if "cache" in inspect.signature(self.members[0].forward).parameters else "past_key_values"
-        )
-        self._member_logits_to_keep = (
-            "logits_to_keep" in inspect.signature(self.members[0].forward).parameters
-        )
+        self.generation_config = copy.deepcopy(model.generation_config)
+        parameters = inspect.signature(model.forward).parameters
+        self._member_cache_key = "cache" if "cache" in parameters else "past_key_values"
+        self._member_logits_to_keep = "logits_to_keep" in parameters
+
+    def _member_model(self, k: int) -> PreTrainedModel:
+        """The transformers model that runs member k (adapter ensembles: the shared base)."""
+        return self.members[k]
 
     def get_input_embeddings(self) -> torch.nn.Module:
-        return self.members[0].get_input_embeddings()  # what generation asks of a model (e.g. for dtype)
+        return self._member_model(0).get_input_embeddings()  # what generation asks of a model
 
     def forward(
         self,
@@ -260,12 +266,15 @@ class EnsembleModelForCausalLM(EnsembleModel, GenerationMixin):
         if generation_config.use_cache is False:
             return
         caches = []
-        for member in self.members:
-            member_kwargs = {k: v for k, v in model_kwargs.items() if k != _CACHE_KEY}
-            member._prepare_cache_for_generation(
+        for k in range(self.num_members):
+            member_kwargs = {key: v for key, v in model_kwargs.items() if key != _CACHE_KEY}
+            self._member_model(k)._prepare_cache_for_generation(
                 generation_config, member_kwargs, generation_mode, batch_size, max_cache_length
             )
-            caches.append(member_kwargs.get(_CACHE_KEY))
+            cache = member_kwargs.get(_CACHE_KEY)
+            # Members that share one model (adapters on one base) must never share a cache object, e.g.
+            # where a transformers version keeps and reuses a model's static cache: a repeat is copied.
+            caches.append(copy.deepcopy(cache) if any(cache is c for c in caches) else cache)
         if all(isinstance(c, Cache) for c in caches):
             model_kwargs[_CACHE_KEY] = EnsembleCache(caches)
 
