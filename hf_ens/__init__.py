@@ -8,7 +8,13 @@ from .checks import NonFiniteError, assert_finite, nonfinite_tensors
 from .ensemble import EnsembleConfig, EnsembleLoadError, EnsembleModel, EnsembleOutput, HubPushError
 from .ensemble_lm import EnsembleModelForCausalLM
 from .evaluate_metrics import EVALUATE_METRICS, load_metric
-from .lm_metrics import evaluate_lm_ensemble, lm_ensemble_metrics, lm_metrics, token_uncertainty
+from .lm_metrics import (
+    evaluate_lm_ensemble,
+    lm_ensemble_metrics,
+    lm_metrics,
+    make_lm_eval_fn,
+    token_uncertainty,
+)
 from .metrics import fit_temperature, temperature_scaled
 from .soups import greedy_soup, make_accuracy_eval_fn, recompute_batchnorm, uniform_soup, weighted_average
 
@@ -55,5 +61,6 @@ __all__ = [
     "lm_ensemble_metrics",
     "evaluate_lm_ensemble",
     "token_uncertainty",
+    "make_lm_eval_fn",
     *_ADAPTER_NAMES,
 ]

@@ -18,7 +18,7 @@ probabilities of a whole evaluation set, so a held-out corpus costs the memory o
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -30,6 +30,7 @@ __all__ = [
     "token_uncertainty",
     "lm_ensemble_metrics",
     "evaluate_lm_ensemble",
+    "make_lm_eval_fn",
 ]
 
 LM_METRICS = ("nll", "perplexity", "accuracy", "ece", "brier")
@@ -231,3 +232,29 @@ def evaluate_lm_ensemble(
     if acc is None:
         raise ValueError("evaluate_lm_ensemble got an empty dataloader.")
     return acc.compute()
+
+
+def make_lm_eval_fn(dataloader: Iterable, ignore_index: int = -100) -> Callable[[torch.nn.Module], float]:
+    """``eval_fn(model) -> -token NLL`` on a HELD-OUT loader of causal-LM batches, for `hf_ens.greedy_soup`
+    (higher is better: greedy selection by held-out loss). Never pass the test set."""
+
+    @torch.no_grad()
+    def eval_fn(model: torch.nn.Module) -> float:
+        acc, was_training = LMMetricAccumulator(), model.training
+        model.eval()
+        try:
+            for batch in dataloader:
+                if "labels" not in batch:
+                    raise ValueError("make_lm_eval_fn needs batches with `labels` (a causal-LM collator).")
+                device = next(model.parameters()).device
+                inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+                acc.add(*scored_tokens(model(**inputs).logits, batch["labels"], ignore_index))
+        finally:
+            model.train(was_training)
+        if acc.tokens == 0:
+            raise ValueError(
+                "The held-out loader yielded no scored tokens; greedy_soup needs a non-empty split."
+            )
+        return -acc.compute()["nll"]
+
+    return eval_fn

@@ -10,12 +10,13 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import DataCollatorForLanguageModeling
 
-from hf_ens import EnsembleModel, metrics
+from hf_ens import EnsembleModel, greedy_soup, metrics, uniform_soup
 from hf_ens.lm_metrics import (
     LM_METRICS,
     evaluate_lm_ensemble,
     lm_ensemble_metrics,
     lm_metrics,
+    make_lm_eval_fn,
     scored_tokens,
     token_uncertainty,
 )
@@ -108,3 +109,27 @@ def test_bad_input_is_refused():
         scored_tokens(torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="Targets must lie in"):
         lm_metrics(torch.zeros(1, 3, 5), torch.tensor([[0, 9, 1]]))
+
+
+def test_greedy_soup_of_lm_members_by_held_out_loss():
+    members = [tiny_gpt2(s) for s in range(3)]
+    tokenizer = word_tokenizer(padding_side="right")
+    collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    loader = DataLoader([tokenizer(t) for t in TEXTS], batch_size=2, collate_fn=collator)
+    eval_fn = make_lm_eval_fn(loader)
+    batch = _batch()
+    with torch.no_grad():
+        assert eval_fn(members[1]) == pytest.approx(
+            -lm_metrics(members[1](**batch).logits, batch["labels"])["nll"]
+        )
+    soup, chosen = greedy_soup(members, eval_fn)
+    best = max(range(3), key=lambda i: eval_fn(members[i]))
+    assert chosen[0] == best and type(soup) is type(members[0])
+    assert eval_fn(soup) >= eval_fn(members[best])  # never worse than the best member on the held-out split
+    if len(chosen) == 1:  # no member improved the soup: the soup is the best member
+        torch.testing.assert_close(soup.lm_head.weight, members[best].lm_head.weight)
+    else:
+        torch.testing.assert_close(
+            soup.lm_head.weight, uniform_soup([members[i] for i in chosen]).lm_head.weight, atol=1e-6, rtol=0
+        )
+    assert soup.lm_head.weight is soup.transformer.wte.weight
