@@ -285,3 +285,33 @@ def test_from_config_static_cache_and_trainer_loss_sum():
         mean = ens(**batch, labels=labels).loss
         total = ens(**batch, labels=labels, num_items_in_batch=torch.tensor(1)).loss
     assert total.item() == pytest.approx(mean.item() * int((labels[:, 1:] != -100).sum()), rel=1e-5)
+
+
+def test_docs_language_models_snippet_runs(tmp_path, monkeypatch):
+    """docs/language_models.md as a user runs it, with tiny members and a tiny held-out loader."""
+    import re
+    from pathlib import Path
+
+    from torch.utils.data import DataLoader
+    from transformers import DataCollatorForLanguageModeling
+
+    tokenizer = word_tokenizer()
+    member_dirs = []
+    for k, member in enumerate(_members("gpt2", 2)):
+        member.save_pretrained(tmp_path / f"m{k}")
+        tokenizer.save_pretrained(tmp_path / f"m{k}")
+        member_dirs.append(tmp_path / f"m{k}")
+    right = word_tokenizer(padding_side="right")
+    loader = DataLoader(
+        [right(t) for t in PROMPTS],
+        batch_size=2,
+        collate_fn=DataCollatorForLanguageModeling(right, mlm=False),
+    )
+    text = (Path(__file__).parents[1] / "docs" / "language_models.md").read_text()
+    (snippet,) = re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M)
+    monkeypatch.chdir(tmp_path)
+    namespace = {"member_dirs": member_dirs, "held_out_loader": loader}
+    exec(compile(snippet, "docs/language_models.md", "exec"), namespace)
+    assert namespace["flags"].shape == namespace["tokens"].shape and (namespace["flags"] >= 0).all()
+    assert namespace["metrics"]["ensemble/nll"] <= namespace["metrics"]["member_mean/nll"]
+    assert type(namespace["soup"]) is GPT2LMHeadModel and namespace["chosen"]
