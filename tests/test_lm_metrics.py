@@ -133,3 +133,13 @@ def test_greedy_soup_of_lm_members_by_held_out_loss():
             soup.lm_head.weight, uniform_soup([members[i] for i in chosen]).lm_head.weight, atol=1e-6, rtol=0
         )
     assert soup.lm_head.weight is soup.transformer.wte.weight
+
+
+def test_classification_helpers_refuse_lm_batches_with_a_pointer():
+    from hf_ens import make_accuracy_eval_fn
+
+    batch = _batch()
+    with pytest.raises(ValueError, match="per-token logits.*make_lm_eval_fn"):
+        make_accuracy_eval_fn([batch])(tiny_gpt2(0))
+    with pytest.raises(ValueError, match="per-token logits.*evaluate_lm_ensemble"):
+        EnsembleModel.from_members([tiny_gpt2(0), tiny_gpt2(1)]).predict([batch])
