@@ -126,6 +126,22 @@ def test_generation_uses_one_kv_cache_per_member(family):
         c.get_seq_length() == prompt + 5 for c in out.cache.caches
     )
     assert out.cache.caches[0] is not out.cache.caches[1]
+    # continuing from the returned cache: the members see only the tokens not cached yet (no eos here: a
+    # new generate() call restarts rows that had finished)
+    ens.generation_config.eos_token_id = None
+    out = ens.generate(**batch, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
+    lengths[0].clear()
+    mask = torch.cat([batch["attention_mask"], torch.ones(3, 6, dtype=torch.long)], 1)
+    more = ens.generate(
+        input_ids=out.sequences, attention_mask=mask, cache=out.cache, max_new_tokens=3, do_sample=False
+    )
+    assert lengths[0] == [1, 1, 1]
+    once = ens.generate(**batch, max_new_tokens=9, do_sample=False)
+    torch.testing.assert_close(more, once, atol=0, rtol=0)
+    # and without a cache at all, the same tokens
+    torch.testing.assert_close(
+        ens.generate(**batch, max_new_tokens=9, do_sample=False, use_cache=False), once, atol=0, rtol=0
+    )
 
 
 def test_one_member_equals_the_single_model(family):
