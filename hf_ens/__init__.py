@@ -9,6 +9,7 @@ from .ensemble import EnsembleConfig, EnsembleLoadError, EnsembleModel, Ensemble
 from .ensemble_lm import EnsembleModelForCausalLM
 from .evaluate_metrics import EVALUATE_METRICS, load_metric
 from .lm_metrics import (
+    compute_lm_metrics,
     evaluate_lm_ensemble,
     lm_ensemble_metrics,
     lm_metrics,
@@ -62,5 +63,6 @@ __all__ = [
     "evaluate_lm_ensemble",
     "token_uncertainty",
     "make_lm_eval_fn",
+    "compute_lm_metrics",
     *_ADAPTER_NAMES,
 ]

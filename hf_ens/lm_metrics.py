@@ -31,6 +31,7 @@ __all__ = [
     "lm_ensemble_metrics",
     "evaluate_lm_ensemble",
     "make_lm_eval_fn",
+    "compute_lm_metrics",
 ]
 
 LM_METRICS = ("nll", "perplexity", "accuracy", "ece", "brier")
@@ -258,3 +259,17 @@ def make_lm_eval_fn(dataloader: Iterable, ignore_index: int = -100) -> Callable[
         return -acc.compute()["nll"]
 
     return eval_fn
+
+
+def compute_lm_metrics(eval_pred) -> dict[str, float]:
+    """``compute_metrics`` for `transformers.Trainer` on a causal LM (one model or an LM ensemble, whose
+    logits already are log-mean-probabilities): `LM_METRICS` of the scored tokens, e.g. ``eval_perplexity``.
+
+    The Trainer pads predictions of different lengths with -100, where the labels are -100 too, so padding
+    is never scored. It holds every [N, T, V] logit of the evaluation set in memory: for a large vocabulary
+    or set use `evaluate_lm_ensemble` (streamed) instead.
+    """
+    predictions, labels = eval_pred[0], eval_pred[1]
+    if isinstance(predictions, (tuple, list)):
+        predictions = predictions[0]
+    return lm_metrics(torch.as_tensor(predictions), torch.as_tensor(labels).long())

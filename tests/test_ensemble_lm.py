@@ -5,12 +5,20 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2LMHeadModel, pipeline
 
-from hf_ens import EnsembleConfig, EnsembleModel, EnsembleModelForCausalLM, uniform_soup
+from hf_ens import (
+    EnsembleConfig,
+    EnsembleModel,
+    EnsembleModelForCausalLM,
+    compute_lm_metrics,
+    evaluate_lm_ensemble,
+    uniform_soup,
+)
 from hf_ens.ensemble_lm import EnsembleCache
 from tests._lm import EOS_ID, PAD_ID, tiny_gpt2, tiny_llama, word_tokenizer
 from tests._tiny import tiny_bert
@@ -242,11 +250,21 @@ def test_trainer_evaluate_reports_the_ensemble_loss(tmp_path):
     data = Dataset.from_dict(dict(tokenizer(PROMPTS * 2)))
     collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
     args = TrainingArguments(tmp_path, per_device_eval_batch_size=6, report_to=[], use_cpu=True)
-    metrics = Trainer(model=ens, args=args, eval_dataset=data, data_collator=collator).evaluate()
+    trainer = Trainer(
+        model=ens, args=args, eval_dataset=data, data_collator=collator, compute_metrics=compute_lm_metrics
+    )
+    metrics = trainer.evaluate()
     batch = collator([data[i] for i in range(len(data))])
     with torch.no_grad():
         expected = ens(**batch).loss.item()
     assert metrics["eval_loss"] == pytest.approx(expected, abs=1e-5)
+    assert metrics["eval_nll"] == pytest.approx(expected, abs=1e-5)
+    assert metrics["eval_perplexity"] == pytest.approx(math.exp(expected), rel=1e-5)
+    assert 0 <= metrics["eval_ece"] <= 1 and 0 <= metrics["eval_brier"] <= 2
+    # the card of a repo saved with LM metrics: perplexity-era numbers in its table
+    ens.save_pretrained(tmp_path / "ens", metrics=evaluate_lm_ensemble(ens, [batch], soup=ens.soup()))
+    card = (tmp_path / "ens" / "README.md").read_text()
+    assert "mutual_information" in card and f"{metrics['eval_nll']:.4f}" in card
 
 
 def test_refusals_are_clear():
