@@ -265,6 +265,19 @@ def test_trainer_evaluate_reports_the_ensemble_loss(tmp_path):
     ens.save_pretrained(tmp_path / "ens", metrics=evaluate_lm_ensemble(ens, [batch], soup=ens.soup()))
     card = (tmp_path / "ens" / "README.md").read_text()
     assert "mutual_information" in card and f"{metrics['eval_nll']:.4f}" in card
+    # batches of different lengths: the Trainer pads logits and labels with -100, nothing padded is scored
+    texts = [PROMPTS[1]] * 4 + [PROMPTS[0], PROMPTS[2]]  # a batch of 2 words, then one of 5
+    data = Dataset.from_dict(dict(tokenizer(texts)))
+    args = TrainingArguments(tmp_path, per_device_eval_batch_size=4, report_to=[], use_cpu=True)
+    trainer = Trainer(
+        model=ens, args=args, eval_dataset=data, data_collator=collator, compute_metrics=compute_lm_metrics
+    )
+    batches = [collator([data[i] for i in range(4)]), collator([data[i] for i in range(4, 6)])]
+    assert batches[0]["input_ids"].shape[1] != batches[1]["input_ids"].shape[1]
+    streamed = evaluate_lm_ensemble(ens, batches)
+    got = trainer.evaluate()
+    for name in ("nll", "perplexity", "accuracy", "ece", "brier"):
+        assert got[f"eval_{name}"] == pytest.approx(streamed[f"ensemble/{name}"], abs=1e-5)
 
 
 def test_refusals_are_clear():
