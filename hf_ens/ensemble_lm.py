@@ -47,23 +47,39 @@ class EnsembleCache(Cache):
 
     Generation asks a cache for its length, to reorder it (beam search), crop it or repeat it; each call is
     passed to every member cache. The members read and write their own cache (``caches[k]``) in their forward.
+
+    With ``members_in_batch=K`` it holds ONE cache whose batch is the K members' rows stacked member-major
+    (``[member 0's B rows, member 1's B rows, ...]``): the cache of K LoRA members run in one forward over
+    their shared base. Beam reordering then applies the same permutation inside every member's block.
     """
 
-    def __init__(self, caches: list[Cache]):
+    def __init__(self, caches: list[Cache], members_in_batch: int = 1):
         super().__init__(layers=[])  # no layers of its own: every call goes to the member caches
         if not caches or not all(isinstance(c, Cache) for c in caches):
             raise TypeError(f"EnsembleCache holds one transformers Cache per member; got {caches!r}.")
+        if members_in_batch > 1 and len(caches) != 1:
+            raise ValueError("An EnsembleCache of members batched together holds exactly one cache.")
         self.caches = list(caches)
+        self.members_in_batch = members_in_batch
 
     def __repr__(self) -> str:
-        return f"EnsembleCache({len(self.caches)} members: {type(self.caches[0]).__name__})"
+        layout = (
+            f"{self.num_members} members in one batch"
+            if self.members_in_batch > 1
+            else (f"{self.num_members} members")
+        )
+        return f"EnsembleCache({layout}: {type(self.caches[0]).__name__})"
 
     def __len__(self) -> int:
         return len(self.caches[0])
 
     @property
     def num_members(self) -> int:
-        return len(self.caches)
+        return self.members_in_batch if self.members_in_batch > 1 else len(self.caches)
+
+    def _member_major(self, indices: torch.Tensor, rows: int) -> torch.Tensor:
+        """Row `indices` of one member's block of `rows` rows, repeated for every member's block."""
+        return torch.cat([indices + k * rows for k in range(self.members_in_batch)])
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.caches[0].get_seq_length(layer_idx)
@@ -82,6 +98,8 @@ class EnsembleCache(Cache):
         self._each("reset")
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.members_in_batch > 1:  # beam_idx permutes the rows of one member's block
+            beam_idx = self._member_major(beam_idx, beam_idx.numel())
         self._each("reorder_cache", beam_idx)
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -91,6 +109,8 @@ class EnsembleCache(Cache):
         self._each("batch_repeat_interleave", repeats)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.members_in_batch > 1:
+            raise NotImplementedError("Selecting rows of members batched together is not supported.")
         self._each("batch_select_indices", indices)
 
     def activate_past_recording(self) -> None:
@@ -216,25 +236,10 @@ class EnsembleModelForCausalLM(EnsembleModel, GenerationMixin):
         inputs["use_cache"] = bool(use_cache) or cache is not None
         if self._member_logits_to_keep:
             inputs["logits_to_keep"] = logits_to_keep
-        member_logits, member_caches = [], []
-        device = self.members[0].device
-        for k, member in enumerate(self.members):
-            member_inputs = (
-                inputs if getattr(member, "hf_device_map", None) else _on_device(inputs, member.device)
-            )
-            if cache is not None:
-                member_inputs = {**member_inputs, self._member_cache_key: cache.caches[k]}
-            out = member(**member_inputs, return_dict=True)
-            member_logits.append(out.logits.to(device))
-            member_caches.append(out.get("cache"))
-        member_logits = torch.stack(member_logits)
+        member_logits, new_cache = self._run_members(inputs, cache)
         logits = torch.logsumexp(torch.log_softmax(member_logits.float(), dim=-1), dim=0) - math.log(
             self.num_members
         )
-        new_cache = None
-        if all(isinstance(c, Cache) for c in member_caches):
-            new_cache = cache if cache is not None else EnsembleCache(member_caches)
-            new_cache.caches = member_caches
         loss = None
         if labels is not None or shift_labels is not None:
             loss = ForCausalLMLoss(
@@ -247,6 +252,31 @@ class EnsembleModelForCausalLM(EnsembleModel, GenerationMixin):
         if return_dict is False:
             return tuple(x for x in (loss, logits, member_logits, new_cache) if x is not None)
         return EnsembleCausalLMOutput(loss=loss, logits=logits, member_logits=member_logits, cache=new_cache)
+
+    def _run_members(
+        self, inputs: dict, cache: EnsembleCache | None
+    ) -> tuple[torch.Tensor, EnsembleCache | None]:
+        """Member logits [K, B, T, V] (on member 0's device) and the members' caches: one forward each."""
+        if cache is not None and cache.members_in_batch > 1:
+            raise ValueError(
+                "This EnsembleCache holds members batched together; these members run one by one."
+            )
+        member_logits, member_caches = [], []
+        device = self.members[0].device
+        for k, member in enumerate(self.members):
+            member_inputs = (
+                inputs if getattr(member, "hf_device_map", None) else _on_device(inputs, member.device)
+            )
+            if cache is not None:
+                member_inputs = {**member_inputs, self._member_cache_key: cache.caches[k]}
+            out = member(**member_inputs, return_dict=True)
+            member_logits.append(out.logits.to(device))
+            member_caches.append(out.get("cache"))
+        new_cache = None
+        if all(isinstance(c, Cache) for c in member_caches):
+            new_cache = cache if cache is not None else EnsembleCache(member_caches)
+            new_cache.caches = member_caches
+        return torch.stack(member_logits), new_cache
 
     def _prepare_cache_for_generation(
         self, generation_config, model_kwargs: dict, generation_mode, batch_size: int, max_cache_length: int
