@@ -5,10 +5,12 @@ behaviour of `hf_ens.ensemble_lm.EnsembleModelForCausalLM`: token NLL of the ave
 ``generate()`` with a KV cache per member, the exact merged soup at the repo root. Built by
 ``AdapterEnsembleModel.from_adapters`` / ``EnsembleModel.from_pretrained`` when the base is a causal LM.
 
-Two ways to run the K members: one base forward per member, its adapter active (``batch_members=False``), or
-ONE base forward over the K members' rows stacked, each row routed to its adapter by peft's mixed-adapter
-batches (``adapter_names=``; ``batch_members=True``): the base weights are then read once per step for all
-K members, which is what memory-bound decoding on a GPU pays for. Both give the same numbers.
+Two ways to run the K members: ONE base forward over the K members' rows stacked, each row routed to its
+adapter by peft's mixed-adapter batches (``adapter_names=``; ``batch_members=True``, the default in eval
+mode): the base weights are read once per step for all K members, which is what memory-bound decoding on a
+GPU pays for; or one base forward per member, its adapter active (``batch_members=False``, and always in
+train mode, where peft refuses mixed batches). Both give the same numbers (within float rounding).
+``benchmarks/lm_ensemble_generate.py`` measures them.
 """
 
 from __future__ import annotations
@@ -28,12 +30,12 @@ _ROW_INPUTS = ("input_ids", "attention_mask", "position_ids", "token_type_ids", 
 class AdapterEnsembleModelForCausalLM(AdapterEnsembleModel, EnsembleModelForCausalLM):
     """An `EnsembleModelForCausalLM` whose K members are LoRA adapters on one shared base.
 
-    ``batch_members`` (default False): run the K members in one forward over the shared base (peft's
-    ``adapter_names=`` mixed batches) instead of one forward per member. Set it before ``generate()``: a cache
-    built one way cannot be continued the other way.
+    ``batch_members`` (default True): in eval mode, run the K members in one forward over the shared base
+    (peft's ``adapter_names=`` mixed batches) instead of one forward per member. Set it before
+    ``generate()``: a cache built one way cannot be continued the other way.
     """
 
-    def __init__(self, config, peft_model, processor=None, batch_members: bool = False):
+    def __init__(self, config, peft_model, processor=None, batch_members: bool = True):
         AdapterEnsembleModel.__init__(self, config, peft_model, processor=processor)
         self._setup_generation()
         self.batch_members = batch_members
@@ -41,8 +43,11 @@ class AdapterEnsembleModelForCausalLM(AdapterEnsembleModel, EnsembleModelForCaus
     def _member_model(self, k: int) -> PreTrainedModel:
         return self.peft_model.get_base_model()
 
+    def _batched(self) -> bool:
+        return self.batch_members and not self.training
+
     def _run_members(self, inputs: dict, cache: EnsembleCache | None):
-        if not self.batch_members:
+        if not self._batched():
             return super()._run_members(inputs, cache)
         k = self.num_members
         if cache is not None and cache.members_in_batch != k:
@@ -69,7 +74,7 @@ class AdapterEnsembleModelForCausalLM(AdapterEnsembleModel, EnsembleModelForCaus
     def _prepare_cache_for_generation(
         self, generation_config, model_kwargs: dict, generation_mode, batch_size: int, max_cache_length: int
     ) -> None:
-        if not self.batch_members or model_kwargs.get(_CACHE_KEY) is not None:
+        if not self._batched() or model_kwargs.get(_CACHE_KEY) is not None:
             return super()._prepare_cache_for_generation(
                 generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
             )

@@ -70,6 +70,8 @@ def test_adapter_ensemble_equals_the_ensemble_of_merged_members(adapters):
 def test_adapter_members_keep_their_own_kv_cache(adapters):
     family, paths = adapters
     ens = AdapterEnsembleModel.from_adapters(BUILDERS[family](0), paths)
+    assert ens.batch_members  # the default; this test is about the member loop
+    ens.batch_members = False
     lengths = []
     ens.peft_model.get_base_model().register_forward_pre_hook(
         lambda _m, _a, kw: lengths.append(kw["input_ids"].shape[1]), with_kwargs=True
@@ -118,6 +120,7 @@ def test_members_batched_on_the_base_equal_the_member_loop(adapters):
     batch = _batch()
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     with torch.no_grad():
+        ens.batch_members = False
         loop = ens(**batch, labels=labels)
         ens.batch_members = True
         batched = ens(**batch, labels=labels)
@@ -141,6 +144,12 @@ def test_members_batched_on_the_base_equal_the_member_loop(adapters):
         rows = 3 * 3 * kwargs.get("num_beams", 1)  # 3 members x 3 prompts (x beams)
         assert calls == [(rows, batch["input_ids"].shape[1])] + [(rows, 1)] * 4, kwargs
         assert out.cache.members_in_batch == 3 and len(out.cache.caches) == 1
+    ens.train()  # peft refuses mixed-adapter batches in train mode: the member loop runs
+    calls[:] = []
+    with torch.no_grad():
+        ens(**batch)
+    assert calls == [tuple(batch["input_ids"].shape)] * 3
+    ens.eval()
     with pytest.raises(ValueError, match="built with members run one by one"):
         ens.batch_members = False
         cache = ens.generate(**batch, max_new_tokens=2, return_dict_in_generate=True).cache
