@@ -122,7 +122,9 @@ class EnsembleCache(Cache):
 
     @property
     def batch_size(self) -> int:
-        return self.caches[0].batch_size
+        """Rows per member (-1 before the first forward)."""
+        size = self.caches[0].batch_size
+        return size // self.members_in_batch if size > 0 else size
 
     @property
     def is_compileable(self) -> bool:

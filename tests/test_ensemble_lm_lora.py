@@ -144,6 +144,16 @@ def test_members_batched_on_the_base_equal_the_member_loop(adapters):
         rows = 3 * 3 * kwargs.get("num_beams", 1)  # 3 members x 3 prompts (x beams)
         assert calls == [(rows, batch["input_ids"].shape[1])] + [(rows, 1)] * 4, kwargs
         assert out.cache.members_in_batch == 3 and len(out.cache.caches) == 1
+    # continuing from a returned batched cache: only the uncached token goes in, same tokens as one call
+    ens.generation_config.eos_token_id = None
+    first = ens.generate(**batch, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+    mask = torch.cat([batch["attention_mask"], torch.ones(3, 3, dtype=torch.long)], 1)
+    calls[:] = []
+    more = ens.generate(
+        input_ids=first.sequences, attention_mask=mask, cache=first.cache, max_new_tokens=2, do_sample=False
+    )
+    assert calls == [(9, 1), (9, 1)]
+    torch.testing.assert_close(more, ens.generate(**batch, max_new_tokens=5, do_sample=False), atol=0, rtol=0)
     ens.train()  # peft refuses mixed-adapter batches in train mode: the member loop runs
     calls[:] = []
     with torch.no_grad():
