@@ -16,6 +16,7 @@ from .lm_metrics import (
     make_lm_eval_fn,
     token_uncertainty,
 )
+from .merges import MERGE_METHODS, lora_merge, merge_models, task_arithmetic
 from .metrics import fit_temperature, temperature_scaled
 from .soups import greedy_soup, make_accuracy_eval_fn, recompute_batchnorm, uniform_soup, weighted_average
 
@@ -46,6 +47,10 @@ __all__ = [
     "uniform_soup",
     "greedy_soup",
     "weighted_average",
+    "MERGE_METHODS",
+    "merge_models",
+    "task_arithmetic",
+    "lora_merge",
     "recompute_batchnorm",
     "make_accuracy_eval_fn",
     "interpolate",

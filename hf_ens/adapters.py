@@ -569,8 +569,13 @@ class AdapterEnsembleModel(EnsembleModel):
 
         return _finish(lora_uniform_soup(self.peft_model, list(self.config.members)), bn_dataloader, True)
 
-    def soup_adapter(self, name: str = "soup") -> PeftModel:
-        """A copy of the shared peft model holding only the soup, as one adapter (`lora_soup_adapter`)."""
+    def soup_adapter(self, name: str = "soup", rank: int | None = None) -> PeftModel:
+        """A copy of the shared peft model holding only the soup, as one adapter: exact, of rank ``sum_k r_k``
+        (`lora_soup_adapter`), or with `rank` the truncated SVD of the soup's deltas (`hf_ens.merges`)."""
+        if rank is not None:
+            from .merges import lora_merge
+
+            return lora_merge(self.peft_model, list(self.config.members), rank=rank, name=name)
         model = copy.deepcopy(self.peft_model)
         lora_soup_adapter(model, list(self.config.members), name=name)
         model.set_adapter(name)
