@@ -5,8 +5,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_PIN := torch==2.13.0
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
+FORTUNES_DIR := /usr/share/games/fortunes
 
-.PHONY: demo test test-fast install data lint
+.PHONY: demo demo-lm test test-fast install data fortunes lint
 
 install: $(VENV)/.installed
 
@@ -43,6 +44,20 @@ LAUNCH := $(BIN)/accelerate launch --quiet --num_processes 1 --num_machines 1 --
 demo: install data
 	@echo "[demo] $(LAUNCH) recipes/vit_cifar.py --config recipes/configs/offline.yaml --overwrite_output_dir true"
 	@HF_HUB_OFFLINE=$$( [ -d $(FMNIST_DIR) ] && echo 1 || echo 0 ) $(LAUNCH) recipes/vit_cifar.py --config recipes/configs/offline.yaml --overwrite_output_dir true
+
+# The LM demo's real English text: Debian's `fortunes` quotations (recipes/pretrain_lm.py reads the plain files).
+fortunes:
+	@if [ ! -d $(FORTUNES_DIR) ] && command -v apt-get >/dev/null; then \
+	  echo "[fortunes] installing Debian's fortunes (quotations into $(FORTUNES_DIR))"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq fortunes >/dev/null; \
+	fi
+
+# The offline LM demo (recipes/configs/lm_lora_offline.yaml): pre-trains a tiny Llama on fortunes (cached), then
+# StarSSE LoRA members, and prints member / ensemble / soup / best-merge perplexity, NLL, ECE and samples.
+demo-lm: install fortunes
+	@echo "[demo-lm] $(LAUNCH) recipes/lm_lora.py --overwrite_output_dir true"
+	@HF_HUB_OFFLINE=1 $(LAUNCH) recipes/lm_lora.py --overwrite_output_dir true
 
 # The whole suite (CI runs this); the 15 slowest tests are listed at the end.
 test: install data

@@ -14,7 +14,17 @@ from .ensemble import (
     EnsembleOutput,
     HubPushError,
 )
+from .ensemble_lm import EnsembleModelForCausalLM
 from .evaluate_metrics import EVALUATE_METRICS, load_metric
+from .lm_metrics import (
+    compute_lm_metrics,
+    evaluate_lm_ensemble,
+    lm_ensemble_metrics,
+    lm_metrics,
+    make_lm_eval_fn,
+    token_uncertainty,
+)
+from .merges import MERGE_METHODS, lora_merge, merge_models, task_arithmetic
 from .metrics import fit_temperature, temperature_scaled
 from .pipelines import pipeline
 from .soups import greedy_soup, make_accuracy_eval_fn, recompute_batchnorm, uniform_soup, weighted_average
@@ -39,6 +49,7 @@ __all__ = [
     "EnsembleForImageClassification",
     "EnsembleForSequenceClassification",
     "EnsembleOutput",
+    "EnsembleModelForCausalLM",
     "EnsembleLoadError",
     "HubPushError",
     "NonFiniteError",
@@ -47,6 +58,10 @@ __all__ = [
     "uniform_soup",
     "greedy_soup",
     "weighted_average",
+    "MERGE_METHODS",
+    "merge_models",
+    "task_arithmetic",
+    "lora_merge",
     "recompute_batchnorm",
     "make_accuracy_eval_fn",
     "interpolate",
@@ -60,5 +75,11 @@ __all__ = [
     "fit_temperature",
     "temperature_scaled",
     "pipeline",
+    "lm_metrics",
+    "lm_ensemble_metrics",
+    "evaluate_lm_ensemble",
+    "token_uncertainty",
+    "make_lm_eval_fn",
+    "compute_lm_metrics",
     *_ADAPTER_NAMES,
 ]

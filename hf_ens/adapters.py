@@ -511,7 +511,18 @@ class AdapterEnsembleModel(EnsembleModel):
 
             processor = load_processor(adapters[0])
         config = EnsembleConfig.for_adapters(peft_model, names, metadata, base_model=name)
-        return cls(config, peft_model, processor=processor).eval()
+        return cls._class_for(config.architecture)(config, peft_model, processor=processor).eval()
+
+    @classmethod
+    def _class_for(cls, architecture: str | None) -> type[AdapterEnsembleModel]:
+        """Adapters on a causal-LM base give an `AdapterEnsembleModelForCausalLM` (it generates)."""
+        from .members import CAUSAL_LM_SUFFIXES
+
+        if cls is AdapterEnsembleModel and architecture and architecture.endswith(CAUSAL_LM_SUFFIXES):
+            from .adapters_lm import AdapterEnsembleModelForCausalLM
+
+            return AdapterEnsembleModelForCausalLM
+        return cls
 
     @classmethod
     def _from_saved(
@@ -542,7 +553,8 @@ class AdapterEnsembleModel(EnsembleModel):
             peft_model.to(dtype=_dtype(dtype))
         from .members import load_processor
 
-        model = cls(config if config is not None else saved, peft_model, processor=load_processor(path))
+        model_cls = cls._class_for(saved.architecture)
+        model = model_cls(config if config is not None else saved, peft_model, processor=load_processor(path))
         return model.eval()
 
     # --- inference ------------------------------------------------------------------------------------
@@ -574,8 +586,9 @@ class AdapterEnsembleModel(EnsembleModel):
 
         return _finish(lora_uniform_soup(self.peft_model, list(self.config.members)), bn_dataloader, True)
 
-    def soup_adapter(self, name: str = "default") -> PeftModel:
-        """A copy of the shared peft model holding only the soup, as one adapter (`lora_soup_adapter`).
+    def soup_adapter(self, name: str = "default", rank: int | None = None) -> PeftModel:
+        """A copy of the shared peft model holding only the soup, as one adapter: exact, of rank ``sum_k r_k``
+        (`lora_soup_adapter`), or with `rank` the truncated SVD of the soup's deltas (`hf_ens.merges`).
 
         Named ``"default"``, so ``soup_adapter().save_pretrained(dir)`` writes the adapter into `dir` itself
         (peft puts any other name into ``dir/<name>/``) and ``PeftModel.from_pretrained(base, dir)`` loads
@@ -584,11 +597,16 @@ class AdapterEnsembleModel(EnsembleModel):
         """
         from .hub import is_hub_id
 
-        model = copy.deepcopy(self.peft_model)
-        lora_soup_adapter(model, list(self.config.members), name=name)
-        model.set_adapter(name)
-        for adapter in list(self.config.members):
-            model.delete_adapter(adapter)
+        if rank is not None:
+            from .merges import lora_merge
+
+            model = lora_merge(self.peft_model, list(self.config.members), rank=rank, name=name)
+        else:
+            model = copy.deepcopy(self.peft_model)
+            lora_soup_adapter(model, list(self.config.members), name=name)
+            model.set_adapter(name)
+            for adapter in list(self.config.members):
+                model.delete_adapter(adapter)
         config = model.peft_config[name]
         if config.modules_to_save:
             config.modules_to_save = list(dict.fromkeys(config.modules_to_save))

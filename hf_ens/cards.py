@@ -60,6 +60,8 @@ _RESULTS = (("ensemble", "ensemble"), ("soup", "uniform soup"), ("greedy_soup", 
 _AUTO_CLASSES = {
     "ForImageClassification": ("AutoModelForImageClassification", "image-classification"),
     "ForSequenceClassification": ("AutoModelForSequenceClassification", "text-classification"),
+    "ForCausalLM": ("AutoModelForCausalLM", "text-generation"),
+    "LMHeadModel": ("AutoModelForCausalLM", "text-generation"),  # GPT2LMHeadModel
 }
 
 

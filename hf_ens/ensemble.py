@@ -59,8 +59,9 @@ from .checks import assert_finite
 from .evaluation import _predict
 from .hub import ENSEMBLE_CONFIG_NAME, HubPushError
 from .members import (
+    CAUSAL_LM_SUFFIXES,
+    CLASSIFICATION_SUFFIXES,
     LOADER_READS,
-    SUPPORTED_SUFFIXES,
     EnsembleLoadError,
     check_repo_tree,
     load_member,
@@ -266,13 +267,21 @@ def _check_members_given(members: Sequence) -> None:
             raise TypeError(f"Member {i} is a {type(m).__name__}; expected a transformers PreTrainedModel.")
 
 
-def _check_compatible(members: Sequence[PreTrainedModel]) -> None:
+def _check_compatible(
+    members: Sequence[PreTrainedModel], suffixes: tuple[str, ...] = CLASSIFICATION_SUFFIXES
+) -> None:
     _check_members_given(members)
     ref = members[0]
-    if not type(ref).__name__.endswith(SUPPORTED_SUFFIXES):
+    if not type(ref).__name__.endswith(suffixes):
+        hint = (
+            " (causal-LM members: use EnsembleModelForCausalLM, or EnsembleModel.from_members / "
+            "from_pretrained, which pick it)"
+            if type(ref).__name__.endswith(CAUSAL_LM_SUFFIXES)
+            else ""
+        )
         raise ValueError(
-            f"EnsembleModel supports *ForImageClassification and *ForSequenceClassification members; got "
-            f"{type(ref).__name__}."
+            f"This ensemble class supports {' and '.join('*' + s for s in suffixes)} members; got "
+            f"{type(ref).__name__}{hint}."
         )
     tasks.problem_type_of(ref.config)  # an unknown problem type: refused before any work
     for i, m in enumerate(members[1:], start=1):
@@ -319,6 +328,7 @@ class EnsembleModel(PreTrainedModel):
     config_class = EnsembleConfig
     base_model_prefix = "members"
     _member_suffix: str | None = None  # the task subclasses accept only members of their task
+    _member_suffixes = CLASSIFICATION_SUFFIXES  # the member classes this ensemble class averages
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flex_attn = True
@@ -356,7 +366,7 @@ class EnsembleModel(PreTrainedModel):
             # composite models), so a change to `config.member_config` reaches every member.
             members = [cls(config.member_config) for _ in config.members]
         members = list(members)
-        _check_compatible(members)
+        _check_compatible(members, self._member_suffixes)
         if self._member_suffix and not type(members[0]).__name__.endswith(self._member_suffix):
             raise ValueError(
                 f"{type(self).__name__} ensembles *{self._member_suffix} members; got "
@@ -440,10 +450,15 @@ class EnsembleModel(PreTrainedModel):
     @classmethod
     def _task_class(cls, config: EnsembleConfig) -> type[EnsembleModel]:
         """`EnsembleModel` builds the ensemble class of its members' task (`EnsembleForImageClassification`,
-        `EnsembleForSequenceClassification`); a subclass builds itself."""
+        `EnsembleForSequenceClassification`, `EnsembleModelForCausalLM`, which generates); a subclass builds
+        itself."""
         if cls is not EnsembleModel:
             return cls
         name = config.architecture or ""
+        if name.endswith(CAUSAL_LM_SUFFIXES):
+            from .ensemble_lm import EnsembleModelForCausalLM
+
+            return EnsembleModelForCausalLM
         return next((c for c in _TASK_CLASSES if name.endswith(c._member_suffix)), cls)
 
     @classmethod

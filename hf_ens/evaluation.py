@@ -72,7 +72,14 @@ def _predict(
             if y is None:
                 keys = "'labels' or 'label'" if label_key == "labels" else repr(label_key)
                 raise ValueError(f"A batch carries no labels ({keys}); evaluation needs labelled batches.")
-            chunks.append(getattr(model(**inputs), output).float().cpu())
+            out = getattr(model(**inputs), output)
+            if out.ndim > (3 if output == "member_logits" else 2):
+                raise ValueError(
+                    f"The model returns per-token logits of shape {tuple(out.shape)} (a language model): "
+                    "per-sample metrics and accuracy do not apply. Use hf_ens.evaluate_lm_ensemble / "
+                    "hf_ens.lm_metrics, and hf_ens.make_lm_eval_fn for a greedy soup by held-out token NLL."
+                )
+            chunks.append(out.float().cpu())
             labels.append(torch.as_tensor(y).cpu())
     finally:
         model.train(was_training)

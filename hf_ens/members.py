@@ -27,7 +27,9 @@ __all__ = [
     "weight_dtypes",
 ]
 
-SUPPORTED_SUFFIXES = ("ForImageClassification", "ForSequenceClassification")
+CLASSIFICATION_SUFFIXES = ("ForImageClassification", "ForSequenceClassification")
+CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")  # GPT2 is GPT2LMHeadModel
+SUPPORTED_SUFFIXES = CLASSIFICATION_SUFFIXES + CAUSAL_LM_SUFFIXES
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "tokenizer_config.json")
 # Files of a repo root the processor loader reads: digests must cover them.
 PROCESSOR_READS = (
@@ -122,8 +124,7 @@ def member_class(config) -> type[PreTrainedModel]:
     if cls is None or not (isinstance(cls, type) and issubclass(cls, PreTrainedModel)):
         raise EnsembleLoadError(
             f"Member config names architectures={getattr(config, 'architectures', None)}; hf-ens loads only "
-            f"transformers' own *{SUPPORTED_SUFFIXES[0]} / *{SUPPORTED_SUFFIXES[1]} classes"
-            " (no remote code)."
+            f"transformers' own {' / '.join('*' + s for s in SUPPORTED_SUFFIXES)} classes (no remote code)."
         )
     return cls
 

@@ -8,6 +8,8 @@ from hf_ens.trainers import StarSSEConfig
 
 from recipes._cli import parse_config_and_args
 from recipes.compare_methods import CompareArguments
+from recipes.lm_lora import LMScriptArguments
+from recipes.pretrain_lm import PretrainLMArguments
 from recipes.pretrain_vit import PretrainArguments
 from recipes.vit_cifar import ScriptArguments
 from tests._recipe_utils import ROOT
@@ -16,6 +18,10 @@ CONFIGS = sorted((ROOT / "recipes" / "configs").glob("*.yaml"))
 
 
 def _parse(path):
+    if path.name.startswith("pretrain_lm"):
+        return parse_config_and_args(PretrainLMArguments, ["--config", str(path)])
+    if path.name.startswith("lm_"):
+        return parse_config_and_args((LMScriptArguments, StarSSEConfig), ["--config", str(path)])
     if path.name.startswith("pretrain_"):
         return parse_config_and_args(PretrainArguments, ["--config", str(path)])
     classes = (ScriptArguments, StarSSEConfig)

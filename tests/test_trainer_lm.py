@@ -1,0 +1,68 @@
+"""StarSSETrainer on causal LMs (issue 23): after train(), ensemble() is an LM ensemble that generates and
+soup() a plain causal LM, for full members (tiny GPT2, tied embeddings) and LoRA members (tiny Llama)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from datasets import Dataset
+from hf_ens.trainers import StarSSETrainer
+from peft import LoraConfig, get_peft_model
+from transformers import DataCollatorForLanguageModeling, GPT2LMHeadModel, LlamaForCausalLM
+
+from hf_ens import EnsembleModelForCausalLM, lm_ensemble_metrics
+from hf_ens.adapters_lm import AdapterEnsembleModelForCausalLM
+from hf_ens.testing_utils import one_torch_thread
+from tests._lm import tiny_gpt2, tiny_llama, word_tokenizer
+from tests._trainer_utils import starsse_config
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+_one_thread = pytest.fixture(autouse=True)(one_torch_thread)
+TEXTS = [
+    "the cat sat on the mat",
+    "a dog ran in the park",
+    "the small red bird saw a big green tree",
+    "it was night and the dog was home",
+] * 4
+
+
+def _train(tmp_path, model, **overrides):
+    tokenizer = word_tokenizer(padding_side="right")
+    data = Dataset.from_dict(dict(tokenizer(TEXTS)))
+    collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    settings = dict(num_members=2, remove_unused_columns=True, learning_rate=1e-2, cycle_learning_rate=5e-3)
+    args = starsse_config(tmp_path, **{**settings, **overrides})
+    trainer = StarSSETrainer(
+        model=model.train(), args=args, train_dataset=data, data_collator=collator, processing_class=tokenizer
+    )
+    trainer.train()
+    return trainer, collator([dict(tokenizer(t)) for t in TEXTS[:4]])
+
+
+def _check(trainer, batch, ens_type, soup_type):
+    ens, soup = trainer.ensemble(), trainer.soup()
+    assert type(ens) is ens_type and type(soup) is soup_type
+    assert ens.metadata["method"] == "starsse" and ens.num_members == 2
+    with torch.no_grad():
+        out = ens(**batch)
+        got = lm_ensemble_metrics(out.member_logits, batch["labels"], soup_logits=soup(**batch).logits)
+    assert got["ensemble/nll"] == pytest.approx(out.loss.item(), abs=1e-5)
+    assert got["ensemble/nll"] < got["member_mean/nll"] and got["diversity/mutual_information"] > 0
+    prompt = ens.processor(["the cat", "a"], return_tensors="pt", padding=True, padding_side="left")
+    tokens = ens.generate(**prompt, max_new_tokens=4, do_sample=False)
+    assert tokens.shape == (2, prompt["input_ids"].shape[1] + 4)
+    return ens, soup
+
+
+def test_starsse_gpt2_members_give_an_lm_ensemble_and_a_tied_soup(tmp_path):
+    trainer, batch = _train(tmp_path, tiny_gpt2(0))
+    _, soup = _check(trainer, batch, EnsembleModelForCausalLM, GPT2LMHeadModel)
+    assert soup.lm_head.weight is soup.transformer.wte.weight
+
+
+def test_starsse_lora_llama_members_give_an_adapter_lm_ensemble(tmp_path):
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    trainer, batch = _train(
+        tmp_path, get_peft_model(tiny_llama(0), config), learning_rate=5e-2, cycle_learning_rate=2e-2
+    )
+    _check(trainer, batch, AdapterEnsembleModelForCausalLM, LlamaForCausalLM)
