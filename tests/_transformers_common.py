@@ -23,6 +23,8 @@ where that is an error: a lane that silently skipped would pass with nothing tes
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
+import importlib.util
 import os
 import subprocess
 import sys
@@ -113,6 +115,9 @@ def load_or_skip() -> SimpleNamespace:
         if in_ci():
             raise RuntimeError(f"{reason}; CI must run them.") from e
         pytest.skip(reason, allow_module_level=True)
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
+    if PACKAGE not in sys.modules:  # the fetched package, found in its folder (sys.path is left alone)
+        spec = importlib.machinery.PathFinder.find_spec(PACKAGE, [str(root)])
+        package = importlib.util.module_from_spec(spec)
+        sys.modules[PACKAGE] = package
+        spec.loader.exec_module(package)
     return SimpleNamespace(**{m: importlib.import_module(f"{PACKAGE}.{m}") for m in MODULES})
