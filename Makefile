@@ -11,6 +11,8 @@ FORTUNES_DIR := /usr/share/games/fortunes
 
 install: $(VENV)/.installed
 
+# The last step puts the checkout's root on the venv's path, so that the recipes, benchmarks and tests import
+# as packages from the checkout; the installed library itself is only `hf_ens` (trainers/ as hf_ens.trainers).
 $(VENV)/.installed: pyproject.toml
 	@echo "[install 1/4] creating the virtual environment $(VENV)"
 	@$(PYTHON) -m venv $(VENV)
@@ -21,8 +23,6 @@ $(VENV)/.installed: pyproject.toml
 	@echo "$(TORCH_PIN)" > $(VENV)/constraints.txt
 	@echo "[install 4/4] installing hf-ens and its dependencies (transformers, accelerate, datasets, ...) with torch pinned"
 	@$(BIN)/python -m pip install -q -c $(VENV)/constraints.txt -e ".[dev]"
-	@# The checkout's root on the venv's path, so that recipes/, benchmarks/ and tests/ import as packages
-	@# (\`accelerate launch recipes/vit_cifar.py\`). The installed library itself is only \`hf_ens\`.
 	@$(BIN)/python -c "import pathlib, sysconfig; pathlib.Path(sysconfig.get_paths()['purelib'], 'hf_ens_checkout.pth').write_text('$(CURDIR)\\n')"
 	@touch $@
 	@echo "[install] done: $(VENV)"

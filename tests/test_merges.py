@@ -200,7 +200,7 @@ def test_adapter_ensemble_soup_adapter_of_rank_r(tmp_path):
         save_adapter(model, n, tmp_path / n)
     ens = AdapterEnsembleModel.from_adapters(tiny_llama(0), [tmp_path / n for n in names])
     exact, low = ens.soup_adapter(), ens.soup_adapter(rank=3)
-    assert exact.peft_config["soup"].r == 8 and low.peft_config["soup"].r == 3
+    assert exact.peft_config["default"].r == 8 and low.peft_config["default"].r == 3
     batch = word_tokenizer()(["the cat sat on the"], return_tensors="pt")
     with torch.no_grad():
         target = exact(**batch).logits
