@@ -60,12 +60,12 @@ demo-lm: install fortunes
 	@HF_HUB_OFFLINE=1 $(LAUNCH) recipes/lm_lora.py --overwrite_output_dir true
 
 # The whole suite (CI runs this); the 15 slowest tests are listed at the end.
-test: install data
+test: install data fortunes
 	@echo "[test] HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=15 tests"
 	@HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=15 tests
 
 # The inner loop: everything but the multi-process and end-to-end runs (marked `slow`).
-test-fast: install data
+test-fast: install data fortunes
 	@echo "[test-fast] HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m 'not slow' tests"
 	@HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m 'not slow' tests
 
