@@ -517,7 +517,8 @@ class EnsembleLlamaMembersTest(ModelTesterMixin, GenerationTesterMixin, unittest
             model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"])
         shared = model.members[0].get_input_embeddings().weight
         with torch.no_grad():
-            model.members[1].get_input_embeddings().weight.copy_(shared)
+            for member in model.members[1:]:
+                member.get_input_embeddings().weight.copy_(shared)
             by_ids = model(**inputs).logits
             by_embeds = model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"]).logits
         torch.testing.assert_close(by_embeds, by_ids)
