@@ -13,12 +13,13 @@ its reason (also in docs/transformers_model.md).
 from __future__ import annotations
 
 import copy
+import re
 import unittest
 from unittest import mock
 
 import pytest
 import torch
-from transformers import BertConfig, LlamaConfig, ViTConfig
+from transformers import BertConfig, GPT2Config, LlamaConfig, ViTConfig
 from transformers.models.auto import modeling_auto
 from transformers.testing_utils import torch_device
 
@@ -79,7 +80,9 @@ def not_applicable(cls):
     included) on a TestCase class, each with its reason."""
     table = {**NOT_APPLICABLE, **getattr(cls, "not_applicable_here", {})}
     for attr in dir(cls):
-        reason = next((r for n, r in table.items() if attr == n or attr.startswith(f"{n}_")), None)
+        # `name` itself, or its parameterized variants `name_<index>_...`
+        base = re.sub(r"_\d+(_.*)?$", "", attr)
+        reason = table.get(attr, table.get(base))
         if reason is not None and callable(getattr(cls, attr)):  # parameterized leaves its template as None
             setattr(cls, attr, unittest.skip(f"not applicable to an ensemble: {reason}")(getattr(cls, attr)))
     return cls
@@ -522,3 +525,40 @@ class EnsembleLlamaMembersTest(ModelTesterMixin, GenerationTesterMixin, unittest
             by_ids = model(**inputs).logits
             by_embeds = model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"]).logits
         torch.testing.assert_close(by_embeds, by_ids)
+
+
+class EnsembleGPT2ModelTester(EnsembleLlamaModelTester):
+    """GPT2's model tester (tests/models/gpt2: the same CausalLMModelTester defaults), K tiny GPT2 members:
+    the causal-LM family with tied input/output embeddings (Llama's are untied)."""
+
+    def get_member_config(self) -> GPT2Config:
+        return GPT2Config(
+            vocab_size=self.vocab_size,
+            n_embd=self.hidden_size,
+            n_layer=self.num_hidden_layers,
+            n_head=self.num_attention_heads,
+            n_inner=self.intermediate_size,
+            activation_function=self.hidden_act,
+            n_positions=self.max_position_embeddings,
+            initializer_range=self.initializer_range,
+            pad_token_id=self.pad_token_id,
+            bos_token_id=self.bos_token_id,
+            eos_token_id=self.eos_token_id,
+            architectures=["GPT2LMHeadModel"],
+        )
+
+
+@not_applicable
+class EnsembleGPT2MembersTest(EnsembleLlamaMembersTest):
+    """An ensemble of GPT2 causal LMs (tied embeddings); GPT2ModelTest's flags are CausalLMModelTest's (it
+    opts out of no common test that runs here)."""
+
+    model_split_percents = [0.5, 0.7, 0.9]  # ModelTesterMixin's default (GPT2ModelTest keeps it)
+
+    def setUp(self):
+        super().setUp()
+        self.model_tester = EnsembleGPT2ModelTester(self)
+
+    def test_tp_plan_reaches_members(self):
+        """GPT2 has no tensor-parallel plan: nor has the ensemble."""
+        self.assertEqual(EnsembleModelForCausalLM(self.model_tester.get_config()).tp_plan, {})
