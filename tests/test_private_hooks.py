@@ -176,3 +176,29 @@ def test_save_pretrained_asks_should_save_on_this_rank(tmp_path):
     model.should_save_on_this_rank = lambda is_main_process: False
     model.save_pretrained(tmp_path / "skipped")
     assert not list((tmp_path / "skipped").glob("*.safetensors")), f"save_pretrained no longer asks {hook}"
+
+
+def test_branches_and_probe_use_only_the_public_interface_of_the_trainer():
+    """`trainers.branches` and `trainers.probe` drive the trainer through its documented methods
+    (start_cycle, save_member, new_lr_scheduler, diverged_message, ...), never its private members, so the
+    trainer's internals can change without breaking them."""
+    import ast
+
+    import hf_ens.trainers.branches as branches
+    import hf_ens.trainers.probe as probe
+
+    for module in (branches, probe):
+        tree = ast.parse(inspect.getsource(module))
+        private = sorted(
+            {
+                node.attr
+                for node in ast.walk(tree)
+                if isinstance(node, ast.Attribute)
+                and isinstance(node.value, (ast.Name, ast.Attribute))
+                and (getattr(node.value, "id", None) or getattr(node.value, "attr", None)) == "trainer"
+                and node.attr.startswith("_")
+            }
+        )
+        assert not private, f"{module.__name__} reads private trainer members {private}"
+    for name in ("start_cycle", "save_member", "new_lr_scheduler", "diverged_message", "check_losses"):
+        assert getattr(StarSSETrainer, name).__doc__, f"StarSSETrainer.{name} is public: document it"

@@ -246,8 +246,7 @@ def prepare_output_dir(
     their own checkpoints; model 1's newest checkpoint, if any, must still come from this run's settings.
     Returns the checkpoint for ``Trainer.train`` (None: start fresh, or the branches resume alone).
     """
-    out = args.output_dir
-    _io.ensure_writable(out)
+    out = args.output_dir  # writable: StarSSETrainer.__init__ and trainers.run_lock checked it
     if args.should_save:
         remove_leftovers(out, member_paths)
     if resume_from_checkpoint in (None, False, ""):
