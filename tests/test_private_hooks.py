@@ -161,16 +161,37 @@ def test_reinit_task_head_is_a_fresh_default_linear_under_the_seed():
         reinit_task_head(torch.nn.Linear(2, 2))
 
 
+def test_lambda_lr_attributes_the_global_step_schedule_uses():
+    """`_GlobalStepLR.sync` (trainers/starsse_trainer.py) sets the LR of a global step through LambdaLR's
+    public attributes `last_epoch`, `base_lrs`, `lr_lambdas`, and the Trainer logs `get_last_lr()`."""
+    from hf_ens.trainers.starsse_trainer import _GlobalStepLR
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
+    scheduler = _GlobalStepLR(optimizer, lambda step: 1.0 / (1 + step))
+    assert scheduler.base_lrs == [0.5] and len(scheduler.lr_lambdas) == 1 and scheduler.last_epoch == 0
+    scheduler.sync(3)
+    assert scheduler.last_epoch == 3
+    assert optimizer.param_groups[0]["lr"] == scheduler.get_last_lr()[0] == 0.125
+    optimizer.step()
+    scheduler.step()  # the Trainer's own call: LambdaLR's formula at the next step
+    assert scheduler.last_epoch == 4 and scheduler.get_last_lr() == [0.1]
+    assert "get_last_lr" in inspect.getsource(Trainer._get_learning_rate), (
+        "transformers.Trainer._get_learning_rate no longer logs lr_scheduler.get_last_lr(); check the LR "
+        "StarSSETrainer's logs show."
+    )
+
+
 def test_save_pretrained_asks_should_save_on_this_rank(tmp_path):
-    """`StarSSETrainer._write_member` lets a non-zero rank write its member (parallel_members) by shadowing
-    `PreTrainedModel.should_save_on_this_rank` on the model: transformers 5.24 writes nothing on rank != 0."""
+    """`trainers.cycles.MemberCycles.save_member` lets a non-zero rank write its member (parallel_members)
+    by shadowing `PreTrainedModel.should_save_on_this_rank` on the model: transformers 5.24 writes nothing
+    on rank != 0."""
     from transformers import PreTrainedModel
 
     hook = "should_save_on_this_rank"
     params = list(inspect.signature(getattr(PreTrainedModel, hook, lambda: None)).parameters)
     assert params == ["self", "is_main_process"], (
-        f"transformers.PreTrainedModel.{hook} changed ({params}); StarSSETrainer._write_member relies on it "
-        "(trainers/starsse_trainer.py, _saves_on_this_process): update it and this test."
+        f"transformers.PreTrainedModel.{hook} changed ({params}); trainers/cycles.py relies on it "
+        "(_saves_on_this_process): update it and this test."
     )
     model = tiny_vit(0)
     model.should_save_on_this_rank = lambda is_main_process: False

@@ -613,11 +613,12 @@ def loss_normalized_by_num_items(model: torch.nn.Module) -> bool:
 
 
 class _GlobalStepLR(torch.optim.lr_scheduler.LambdaLR):
-    """``LambdaLR`` whose step count is re-synchronised to ``TrainerState.global_step`` after every step.
+    """``LambdaLR`` whose LR is a function of ``TrainerState.global_step``, re-synchronised after every step.
 
     The Trainer skips ``lr_scheduler.step()`` when fp16 loss scaling skipped the optimizer step, while
     ``global_step`` (which places the cycle boundaries) still advances; ``sync`` makes the LR follow
-    global_step.
+    global_step. Uses ``LambdaLR``'s public attributes only (``last_epoch``, ``base_lrs``, ``lr_lambdas``;
+    pinned by tests/test_private_hooks.py); the LR reported to the Trainer's logs is the optimizer's own.
     """
 
     def sync(self, global_step: int, force: bool = False) -> None:
@@ -625,8 +626,10 @@ class _GlobalStepLR(torch.optim.lr_scheduler.LambdaLR):
         `force`: also when already there (the LR function changed)."""
         if force or self.last_epoch != global_step:
             self.last_epoch = global_step
-            self._last_lr = [
-                base * fn(global_step) for base, fn in zip(self.base_lrs, self.lr_lambdas, strict=True)
-            ]
-            for group, lr in zip(self.optimizer.param_groups, self._last_lr, strict=True):
-                group["lr"] = lr
+            groups = self.optimizer.param_groups
+            for group, base, fn in zip(groups, self.base_lrs, self.lr_lambdas, strict=True):
+                group["lr"] = base * fn(global_step)
+
+    def get_last_lr(self) -> list[float]:
+        """The LR of every parameter group as the optimizer holds it (set by ``step`` or ``sync``)."""
+        return [group["lr"] for group in self.optimizer.param_groups]
