@@ -20,6 +20,7 @@ written (``trainers.checkpoints``), so a killed process resumes each branch from
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
 import warnings
@@ -32,6 +33,7 @@ import safetensors.torch
 import torch
 from accelerate.utils import send_to_device
 from torch.utils.data import DataLoader, Sampler
+from transformers.trainer_utils import TrainOutput
 from transformers.utils import logging
 
 from hf_ens import adapters
@@ -49,6 +51,8 @@ from .checkpoints import (
 )
 from .cycles import branch_seed
 from .nonfinite import LossWatch
+from .parallel import MemberProgress, assigned_members, wait_for_members
+from .schedule import plan_cycles
 
 # In transformers' logger tree: log_level / log_level_replica decide per process, as for the Trainer.
 logger = logging.get_logger("transformers.trainer.branches")
@@ -344,3 +348,37 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def train_branches(trainer) -> TrainOutput:
+    """The branch phase of ``parallel_members`` (after model 1): each process trains its members alone
+    (``trainers.parallel`` assigns them), then all wait for every member."""
+    args, began = trainer.args, time.perf_counter()
+    data = BranchData.from_trainer(trainer)
+    plan = plan_cycles(args, data.steps_per_epoch)
+    if trainer.plan is not None and trainer.plan != plan:
+        raise ValueError(f"Model 1 was trained with {trainer.plan}, the branches would use {plan}.")
+    trainer.plan = plan
+    trainer.cycles.anchor_from_model1()
+    trainer.model_wrapped = trainer.model  # no DDP wrapper: a branch exchanges nothing with other processes
+    trainer.accelerator.free_memory()
+    if args.auto_cycle_learning_rate:  # after model 1, before any branch: every process probes
+        adapters.load_member_weights(trainer.model, trainer.cycles.anchor)
+        trainer.choose_cycle_learning_rate(reuse_probe_file=True)
+    members = range(1 if args.method == "starsse" else 0, args.num_members)
+    mine = assigned_members(members, args.process_index, args.world_size)
+    progress = MemberProgress(
+        trainer.member_paths, enabled=trainer.is_world_process_zero() and not args.disable_tqdm
+    )
+    losses = [
+        train_branch(trainer, k, data, progress) for k in mine if not os.path.isdir(trainer.member_paths[k])
+    ]
+    wait_for_members(progress)
+    progress.close()
+    trainer.accelerator.wait_for_everyone()
+    if args.should_save:  # every branch left with its member
+        discard([Path(args.output_dir) / BRANCHES_DIR])
+    trainer.branch_seconds = time.perf_counter() - began
+    trainer.state.global_step = plan.total_steps
+    loss = sum(losses) / len(losses) if losses else 0.0
+    return TrainOutput(plan.total_steps, loss, {"branch_runtime": trainer.branch_seconds, "train_loss": loss})

@@ -280,3 +280,47 @@ def prepare_output_dir(
     saved = read_cycle_state(checkpoint)  # a ValueError naming any missing or damaged file
     refuse_other_run(checkpoint, saved.get("run", {}), run_config(args))
     return str(checkpoint)
+
+
+def rotate_checkpoints(run_dir: str | os.PathLike, limit: int | None, best: str | None) -> None:
+    """``save_total_limit`` as the Trainer applies it (the newest `limit` and the best one stay), but every
+    checkpoint leaves in one rename (:func:`discard`)."""
+    if not limit or limit <= 0:
+        return
+    checkpoints = list_checkpoints(run_dir)  # newest first
+    keep = set(checkpoints[:limit])
+    if best is not None:
+        keep.add(Path(best))
+    discard([p for p in checkpoints if p not in keep])
+
+
+def load_model_weights(model, checkpoint: str | os.PathLike, plain: bool = True) -> bool:
+    """Restore `model`'s weights from a Trainer checkpoint strictly; False when the Trainer's own loader must
+    do it (not a ``PreTrainedModel``, or FSDP / DeepSpeed: `plain` False).
+
+    transformers 5.24's ``Trainer._load_from_checkpoint`` loads the legacy key names that ``save_pretrained``
+    writes without converting them (upstream #48805): for ViT it silently keeps wrong weights. Loading a fresh
+    copy with ``from_pretrained`` and copying it in with ``strict=True`` either restores every tensor or
+    raises. A peft model restores its adapter only (the base is frozen and never saved).
+    """
+    from transformers import PreTrainedModel
+
+    from hf_ens import adapters
+
+    if adapters.is_peft_model(model):
+        try:
+            adapters.load_adapter_weights(model, checkpoint)
+        except OSError as err:
+            raise ValueError(f"Checkpoint {checkpoint} does not match the model: {err}") from err
+        return True
+    if not (isinstance(model, PreTrainedModel) and plain):
+        return False
+    loaded, info = type(model).from_pretrained(checkpoint, output_loading_info=True, dtype=model.dtype)
+    problems = {
+        k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v
+    }
+    if problems:
+        raise ValueError(f"Checkpoint {checkpoint} does not match the model: {problems}")
+    model.load_state_dict(loaded.state_dict(), strict=True)
+    del loaded
+    return True

@@ -44,34 +44,32 @@ import inspect
 import json
 import math
 import os
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import PreTrainedModel, Trainer, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
 from hf_ens import adapters
 from hf_ens._io import atomic_file, ensure_writable
 
-from .branches import BranchData, MemberSeededSampler, train_branch
+from .branches import BranchData, MemberSeededSampler, train_branches
 from .checkpoints import (
-    BRANCHES_DIR,
     MEMBERS_DIR,
     PROBE_FILE,
     discard,
-    list_checkpoints,
+    load_model_weights,
     prepare_output_dir,
     read_cycle_state,
     refuse_other_run,
+    rotate_checkpoints,
     run_config,
     write_cycle_state,
 )
 from .cycles import CycleCallback, MemberCycles, load_anchor
 from .nonfinite import LossWatch
-from .parallel import MemberProgress, assigned_members, wait_for_members
 from .probe import ProbeRun, check_eval_dataset, format_table, probe_steps
 from .run_lock import run_lock
 from .schedule import CyclePlan, plan_cycles
@@ -129,7 +127,7 @@ class StarSSETrainer(Trainer):
             # SUM the micro-batch means of a step (a gradient N x accumulation too large, unlike the branch
             # loop's mean): told the truth, it averages them, like the branch loop and one big batch.
             self.model_accepts_loss_kwargs = False
-        self.plan: CyclePlan | None = None  # sized by train(); the LR of every step and the boundaries
+        self._plan: CyclePlan | None = None  # sized by train(); the LR of every step and the boundaries
         self.cycles = MemberCycles(self)  # the anchor, members written, cycles started (trainers.cycles)
         self.branch_seconds = 0.0  # parallel_members: wall time of the branch phase
         self.branches_resumed: dict[int, int] = {}  # parallel_members: member -> step its branch resumed at
@@ -148,6 +146,15 @@ class StarSSETrainer(Trainer):
     def is_peft(self) -> bool:
         """Whether the members are LoRA adapters on the model's frozen base (a ``peft`` model)."""
         return adapters.is_peft_model(self.accelerator.unwrap_model(self.model))
+
+    @property
+    def plan(self) -> CyclePlan | None:
+        """The run's :class:`~trainers.schedule.CyclePlan` (boundaries, LR of every step), once sized."""
+        return self._plan
+
+    @plan.setter
+    def plan(self, plan: CyclePlan) -> None:
+        self._plan, self._lr_lambda = plan, plan.lr_lambda()
 
     @property
     def written_members(self) -> list[int]:
@@ -292,48 +299,11 @@ class StarSSETrainer(Trainer):
             return super().train(resume_from_checkpoint=checkpoint, trial=trial, **kwargs)
         if not self._model1_done():  # StarSSE's model 1: data-parallel, as an ordinary run
             super().train(resume_from_checkpoint=checkpoint, trial=trial, **kwargs)
-        return self._train_branches()
+        return train_branches(self)
 
     def _model1_done(self) -> bool:
         """Under ``parallel_members``: Local DE has no shared model 1; StarSSE's is done once written."""
         return self.args.method == "local_de" or os.path.isdir(self.member_paths[0])
-
-    def _train_branches(self) -> TrainOutput:
-        """Each process trains its members alone (``trainers.branches``), then all wait for every member."""
-        args, began = self.args, time.perf_counter()
-        data = BranchData.from_trainer(self)
-        plan = plan_cycles(args, data.steps_per_epoch)
-        if self.plan is not None and self.plan != plan:
-            raise ValueError(f"Model 1 was trained with {self.plan}, the branches would use {plan}.")
-        self.plan, self._lr_lambda = plan, plan.lr_lambda()
-        self.cycles.anchor_from_model1()
-        self.model_wrapped = self.model  # no DDP wrapper: a branch exchanges nothing with other processes
-        self.accelerator.free_memory()
-        if args.auto_cycle_learning_rate:  # after model 1, before any branch: every process probes
-            result = self._read_probe_file()
-            if result is None:
-                adapters.load_member_weights(self.model, self.cycles.anchor)
-                result = self._run_probes()
-            self._apply_probe_result(result)
-        members = range(1 if args.method == "starsse" else 0, args.num_members)
-        mine = assigned_members(members, args.process_index, args.world_size)
-        progress = MemberProgress(
-            self.member_paths, enabled=self.is_world_process_zero() and not args.disable_tqdm
-        )
-        losses = [
-            train_branch(self, k, data, progress) for k in mine if not os.path.isdir(self.member_paths[k])
-        ]
-        wait_for_members(progress)
-        progress.close()
-        self.accelerator.wait_for_everyone()
-        if args.should_save:  # every branch left with its member
-            discard([Path(args.output_dir) / BRANCHES_DIR])
-        self.branch_seconds = time.perf_counter() - began
-        self.state.global_step = plan.total_steps
-        loss = sum(losses) / len(losses) if losses else 0.0
-        return TrainOutput(
-            plan.total_steps, loss, {"branch_runtime": self.branch_seconds, "train_loss": loss}
-        )
 
     def _get_train_sampler(self, train_dataset=None):
         sampler = super()._get_train_sampler(train_dataset)
@@ -392,7 +362,6 @@ class StarSSETrainer(Trainer):
             ours = {"model1_steps": plan.model1_steps, "cycle_steps": plan.cycle_steps}
             refuse_other_run(saved["path"], saved, ours, hint="a different training set size?")
         self.plan = plan
-        self._lr_lambda = plan.lr_lambda()
         if self._resumed_state is not None and self._resumed_state.get("basin_probe"):
             self._apply_probe_result(self._resumed_state["basin_probe"])  # probed before the checkpoint
         # parallel_members: this loop trains model 1 only; the branches follow, one process each.
@@ -460,7 +429,14 @@ class StarSSETrainer(Trainer):
     def on_member_written(self, k: int) -> None:
         """After member k: with ``cycle_learning_rate="auto"``, model 1 chooses the cycles' LR (loop only)."""
         if k == 0 and self.args.auto_cycle_learning_rate and not self.args.parallel_members:
-            self._apply_probe_result(self._run_probes())
+            self.choose_cycle_learning_rate()
+
+    def choose_cycle_learning_rate(self, reuse_probe_file: bool = False) -> None:
+        """``cycle_learning_rate="auto"``: probe from the current weights (model 1) on every process and use
+        the chosen LR for cycles 2..K; `reuse_probe_file`: take the choice an earlier launch of this run
+        wrote (``parallel_members``), if any."""
+        result = self._read_probe_file() if reuse_probe_file else None
+        self._apply_probe_result(result if result is not None else self._run_probes())
 
     # ------------------------------------------------------------------ cycle_learning_rate="auto"
     def _run_probes(self) -> dict[str, Any]:
@@ -485,7 +461,6 @@ class StarSSETrainer(Trainer):
         """Cycles 2..K use the chosen LR from now on (the scheduler looks ``_lr_lambda`` up at every step)."""
         self.basin_probe = result
         self.plan = dataclasses.replace(self.plan, cycle_learning_rate=result["cycle_learning_rate"])
-        self._lr_lambda = self.plan.lr_lambda()
         if self.lr_scheduler is not None:  # the Trainer already asked for the next step's LR: NaN until now
             self.lr_scheduler.sync(self.state.global_step, force=True)
 
@@ -523,7 +498,7 @@ class StarSSETrainer(Trainer):
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             write_cycle_state(output_dir, self._cycle_state())
-            self._rotate_checkpoints_safely(run_dir)
+            rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint)
 
     def _cycle_state(self) -> dict[str, Any]:
         return {
@@ -534,17 +509,6 @@ class StarSSETrainer(Trainer):
             "basin_probe": self.basin_probe,
         }
 
-    def _rotate_checkpoints_safely(self, run_dir: str) -> None:
-        """``save_total_limit`` as the Trainer applies it, but every checkpoint leaves in one rename."""
-        limit = self.args.save_total_limit
-        if not limit or limit <= 0:
-            return
-        checkpoints = list_checkpoints(run_dir)  # newest first
-        keep = set(checkpoints[:limit])
-        if self.state.best_model_checkpoint is not None:
-            keep.add(Path(self.state.best_model_checkpoint))
-        discard([p for p in checkpoints if p not in keep])
-
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         """Restore weights through ``from_pretrained`` (with its key conversion) and the cycle state.
 
@@ -554,29 +518,8 @@ class StarSSETrainer(Trainer):
         tensor or raises.
         """
         target = model if model is not None else self.model
-        if adapters.is_peft_model(target):  # the adapter only: the base is frozen and never saved
-            try:
-                adapters.load_adapter_weights(target, resume_from_checkpoint)
-            except OSError as err:
-                raise ValueError(
-                    f"Checkpoint {resume_from_checkpoint} does not match the model: {err}"
-                ) from err
-        elif (
-            isinstance(target, PreTrainedModel) and not self.is_fsdp_enabled and not self.is_deepspeed_enabled
-        ):
-            loaded, info = type(target).from_pretrained(
-                resume_from_checkpoint, output_loading_info=True, dtype=target.dtype
-            )
-            problems = {
-                k: v
-                for k, v in info.items()
-                if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v
-            }
-            if problems:
-                raise ValueError(f"Checkpoint {resume_from_checkpoint} does not match the model: {problems}")
-            target.load_state_dict(loaded.state_dict(), strict=True)
-            del loaded
-        else:
+        plain = not self.is_fsdp_enabled and not self.is_deepspeed_enabled
+        if not load_model_weights(target, resume_from_checkpoint, plain):
             super()._load_from_checkpoint(resume_from_checkpoint, model)
         state = {**read_cycle_state(resume_from_checkpoint), "path": str(resume_from_checkpoint)}
         self._resumed_state = load_anchor(resume_from_checkpoint, state, target)
