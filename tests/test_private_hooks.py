@@ -1,8 +1,10 @@
 """The private transformers internals hf-ens relies on, pinned one test each, so an upgrade says what broke.
 
-`trainers.StarSSETrainer` overrides four private `Trainer` hooks and reads a few private attributes; each test
-checks the upstream signature and, where the trainer unpacks a result, its shape, and fails with a message
-naming the hook. The last test pins the upstream bug the trainer's resume works around (transformers #48805):
+`hf_ens.trainers.StarSSETrainer` overrides three private `Trainer` hooks (`_get_train_sampler`,
+`_save_checkpoint`, `_load_from_checkpoint`) and the undocumented `set_initial_training_values`, reads a few
+private attributes, and sets the LR of a global step through `LambdaLR`'s attributes; each test checks the
+upstream signature and, where the trainer unpacks a result, its shape, and fails with a message naming the
+hook. The last test pins the upstream bug the trainer's resume works around (transformers #48805):
 when it starts failing, upstream is fixed and the workaround can go. `hf_ens.heads.reinit_task_head` uses no
 private hook any more (PyTorch's public ``reset_parameters``), which its test shows.
 """
