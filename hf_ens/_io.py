@@ -12,6 +12,8 @@ pre-training cache) goes through `atomic_directory` or `atomic_file`:
 - files in an existing directory that the writer does not own (``keep``) are carried over by hard link, so
   a user's ``notes.txt`` beside a saved ensemble survives;
 - leftovers of a killed writer (``.NAME.tmp-*``, ``.NAME.old-*``) are removed by the next writer of NAME;
+  whole directories that must go (old checkpoints, an old run) leave through `discard`: one rename into a
+  hidden trash directory, then a delete, so a kill leaves each in place or out of the way;
   a live writer holds a lock on its temporary directory, so a concurrent writer of NAME never removes it
   (two saves at once both complete; the later swap wins);
 - entries another process adds to the directory while it is being rewritten are moved into the new one
@@ -38,6 +40,8 @@ from pathlib import Path
 __all__ = [
     "atomic_directory",
     "atomic_file",
+    "delete",
+    "discard",
     "ensure_writable",
     "recover",
     "remove_leftovers",
@@ -110,12 +114,36 @@ def remove_leftovers(target: str | os.PathLike) -> list[Path]:
             for p in target.parent.glob(prefix + "*"):
                 if _in_use(p):  # a live writer's (another save of the same directory, right now)
                     continue
-                if p.is_dir() and not p.is_symlink():
-                    shutil.rmtree(p, ignore_errors=True)
-                else:
-                    p.unlink(missing_ok=True)
+                delete(p)
                 removed.append(p)
     return removed
+
+
+def delete(path: str | os.PathLike) -> None:
+    """Remove a file, a symlink or a whole directory tree (best effort: a kill may leave part of a tree, so
+    call it on what is already out of the way: trash, a temporary sibling)."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def discard(paths: list[Path], trash_prefix: str = ".trash-") -> None:
+    """Remove directories so that a kill leaves each one either in place or out of the way.
+
+    Each is renamed into a hidden trash directory beside it (``trash_prefix`` + random; one atomic step),
+    then the trash is deleted; trash a kill leaves behind is the caller's to `delete` on its next start.
+    """
+    by_parent: dict[Path, list[Path]] = {}
+    for path in map(Path, paths):
+        if path.exists():
+            by_parent.setdefault(path.parent, []).append(path)
+    for parent, children in by_parent.items():
+        trash = Path(tempfile.mkdtemp(prefix=trash_prefix, dir=parent))
+        for child in children:
+            os.rename(child, trash / child.name)
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 def _hold(path: Path) -> int:

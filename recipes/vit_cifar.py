@@ -285,14 +285,13 @@ def resume_target(training_args: StarSSEConfig) -> str | bool | None:
 def check_output_dir(args: ScriptArguments, training_args: StarSSEConfig) -> None:
     """Before any (pre-)training: output_dir can be written, and holds no earlier run unless overwriting;
     a run asked to resume has something to resume (it used to train from scratch without a word)."""
-    from hf_ens.trainers.checkpoints import newest_complete_checkpoint
+    from hf_ens.trainers.checkpoints import earlier_run, newest_complete_checkpoint
 
     from hf_ens._io import ensure_writable
 
     out = Path(training_args.output_dir)
-    ours = {"members", "metrics.json", args.repo_dirname}
-    found = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
-    earlier = [name for name in found if name in ours or name.startswith("checkpoint-")]
+    # the trainer's own policy (what counts as an earlier run), plus this recipe's outputs
+    earlier = earlier_run(out, also=("metrics.json", args.repo_dirname))
     resume = resume_target(training_args)
     if resume is True and out.is_dir() and newest_complete_checkpoint(str(out))[0] is None:
         found_branches = (out / "branches").is_dir() and training_args.parallel_members

@@ -52,3 +52,17 @@ def test_paper_code_configs_carry_its_settings():
     for args in (swin, resnet):
         assert args.num_members == 5 and args.cycle_epochs == args.num_train_epochs
         assert args.cycle_learning_rate == args.learning_rate and args.cycle_warmup_steps == 0
+
+
+def test_starsse_config_documents_every_field_with_help_and_in_its_parameters_docstring():
+    """TRL's config pattern: each field of StarSSEConfig has ``metadata["help"]`` (the CLI's --help) and an
+    entry under the ``Parameters:`` headings of the class docstring."""
+    import dataclasses
+
+    fields = {f.name: f for f in dataclasses.fields(StarSSEConfig)}
+    ours = list(StarSSEConfig.__annotations__)
+    assert "method" in ours and "parallel_members" in ours
+    doc = StarSSEConfig.__doc__.split("Parameters:", 1)[1]
+    for name in ours:
+        assert fields[name].metadata.get("help", "").strip(), f"{name} has no metadata help"
+        assert f"\n        {name} (`" in doc, f"{name} is not documented under Parameters:"

@@ -133,3 +133,30 @@ def test_assert_finite_names_the_tensors():
     assert nonfinite_tensors(model) == ["0.bias", "1.running_var"]
     with pytest.raises(NonFiniteError, match=r"member 2 .* 2 tensor\(s\): 0.bias, 1.running_var"):
         assert_finite(model.state_dict(), "member 2")
+
+
+def test_discard_moves_directories_out_in_one_rename_then_deletes_them(tmp_path, monkeypatch):
+    """`hf_ens._io.discard`, the one crash-safe remover: cut before the delete, every directory is either in
+    place or whole inside the hidden trash (never half deleted), and nothing else beside it is touched."""
+    import shutil
+
+    from hf_ens._io import delete, discard
+
+    for name in ("a", "b"):
+        (tmp_path / name / "sub").mkdir(parents=True)
+        (tmp_path / name / "sub" / "w.bin").write_bytes(b"x" * 10)
+    (tmp_path / "keep.txt").write_text("mine")
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        discard([tmp_path / "a", tmp_path / "b", tmp_path / "absent"], trash_prefix=".t-")
+    monkeypatch.undo()
+    (trash,) = tmp_path.glob(".t-*")
+    assert sorted(p.name for p in trash.iterdir()) == ["a", "b"]
+    assert (trash / "a" / "sub" / "w.bin").read_bytes() == b"x" * 10
+    assert not (tmp_path / "a").exists() and (tmp_path / "keep.txt").read_text() == "mine"
+    delete(trash)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]

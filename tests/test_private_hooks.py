@@ -1,8 +1,10 @@
 """The private transformers internals hf-ens relies on, pinned one test each, so an upgrade says what broke.
 
-`trainers.StarSSETrainer` overrides four private `Trainer` hooks and reads a few private attributes; each test
-checks the upstream signature and, where the trainer unpacks a result, its shape, and fails with a message
-naming the hook. The last test pins the upstream bug the trainer's resume works around (transformers #48805):
+`hf_ens.trainers.StarSSETrainer` overrides three private `Trainer` hooks (`_get_train_sampler`,
+`_save_checkpoint`, `_load_from_checkpoint`) and the undocumented `set_initial_training_values`, reads a few
+private attributes, and sets the LR of a global step through `LambdaLR`'s attributes; each test checks the
+upstream signature and, where the trainer unpacks a result, its shape, and fails with a message naming the
+hook. The last test pins the upstream bug the trainer's resume works around (transformers #48805):
 when it starts failing, upstream is fixed and the workaround can go. `hf_ens.heads.reinit_task_head` uses no
 private hook any more (PyTorch's public ``reset_parameters``), which its test shows.
 """
@@ -161,18 +163,65 @@ def test_reinit_task_head_is_a_fresh_default_linear_under_the_seed():
         reinit_task_head(torch.nn.Linear(2, 2))
 
 
+def test_lambda_lr_attributes_the_global_step_schedule_uses():
+    """`_GlobalStepLR.sync` (trainers/starsse_trainer.py) sets the LR of a global step through LambdaLR's
+    public attributes `last_epoch`, `base_lrs`, `lr_lambdas`, and the Trainer logs `get_last_lr()`."""
+    from hf_ens.trainers.starsse_trainer import _GlobalStepLR
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
+    scheduler = _GlobalStepLR(optimizer, lambda step: 1.0 / (1 + step))
+    assert scheduler.base_lrs == [0.5] and len(scheduler.lr_lambdas) == 1 and scheduler.last_epoch == 0
+    scheduler.sync(3)
+    assert scheduler.last_epoch == 3
+    assert optimizer.param_groups[0]["lr"] == scheduler.get_last_lr()[0] == 0.125
+    optimizer.step()
+    scheduler.step()  # the Trainer's own call: LambdaLR's formula at the next step
+    assert scheduler.last_epoch == 4 and scheduler.get_last_lr() == [0.1]
+    assert "get_last_lr" in inspect.getsource(Trainer._get_learning_rate), (
+        "transformers.Trainer._get_learning_rate no longer logs lr_scheduler.get_last_lr(); check the LR "
+        "StarSSETrainer's logs show."
+    )
+
+
 def test_save_pretrained_asks_should_save_on_this_rank(tmp_path):
-    """`StarSSETrainer._write_member` lets a non-zero rank write its member (parallel_members) by shadowing
-    `PreTrainedModel.should_save_on_this_rank` on the model: transformers 5.24 writes nothing on rank != 0."""
+    """`trainers.cycles.MemberCycles.save_member` lets a non-zero rank write its member (parallel_members)
+    by shadowing `PreTrainedModel.should_save_on_this_rank` on the model: transformers 5.24 writes nothing
+    on rank != 0."""
     from transformers import PreTrainedModel
 
     hook = "should_save_on_this_rank"
     params = list(inspect.signature(getattr(PreTrainedModel, hook, lambda: None)).parameters)
     assert params == ["self", "is_main_process"], (
-        f"transformers.PreTrainedModel.{hook} changed ({params}); StarSSETrainer._write_member relies on it "
-        "(trainers/starsse_trainer.py, _saves_on_this_process): update it and this test."
+        f"transformers.PreTrainedModel.{hook} changed ({params}); trainers/cycles.py relies on it "
+        "(_saves_on_this_process): update it and this test."
     )
     model = tiny_vit(0)
     model.should_save_on_this_rank = lambda is_main_process: False
     model.save_pretrained(tmp_path / "skipped")
     assert not list((tmp_path / "skipped").glob("*.safetensors")), f"save_pretrained no longer asks {hook}"
+
+
+def test_branches_and_probe_use_only_the_public_interface_of_the_trainer():
+    """`trainers.branches` and `trainers.probe` drive the trainer through its documented methods
+    (start_cycle, save_member, new_lr_scheduler, diverged_message, ...), never its private members, so the
+    trainer's internals can change without breaking them."""
+    import ast
+
+    import hf_ens.trainers.branches as branches
+    import hf_ens.trainers.probe as probe
+
+    for module in (branches, probe):
+        tree = ast.parse(inspect.getsource(module))
+        private = sorted(
+            {
+                node.attr
+                for node in ast.walk(tree)
+                if isinstance(node, ast.Attribute)
+                and isinstance(node.value, (ast.Name, ast.Attribute))
+                and (getattr(node.value, "id", None) or getattr(node.value, "attr", None)) == "trainer"
+                and node.attr.startswith("_")
+            }
+        )
+        assert not private, f"{module.__name__} reads private trainer members {private}"
+    for name in ("start_cycle", "save_member", "new_lr_scheduler", "diverged_message", "check_losses"):
+        assert getattr(StarSSETrainer, name).__doc__, f"StarSSETrainer.{name} is public: document it"

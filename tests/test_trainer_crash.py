@@ -283,3 +283,28 @@ def test_sigkill_at_random_moments_always_resumes_to_the_same_members(tmp_path):
         f"{len(report['chains'])} chains, max |member - reference| = {worst:.3g}, {report['seconds']:.1f} s"
     )
     assert worst <= 1e-6
+
+
+def test_one_refusal_of_another_runs_checkpoint_and_one_earlier_run_policy(tmp_path):
+    """`trainers.checkpoints` holds THE refusal (loop, branch, model 1 and probe file all call it) and THE
+    answer to "does output_dir hold an earlier run" (the trainer's and the recipe's)."""
+    from hf_ens.trainers.checkpoints import earlier_run, refuse_other_run
+
+    refuse_other_run(tmp_path, {"seed": 1, "method": "sse"}, {"seed": 1, "method": "sse"})  # same: passes
+    with pytest.raises(
+        ValueError,
+        match=r"Cannot resume from .*other settings: seed \(checkpoint: 1, now: 2\); method \(checkpoint: "
+        r"'not recorded', now: 'sse'\) \(a hint\)\. Resume with the same settings",
+    ):
+        refuse_other_run(tmp_path, {"seed": 1}, {"seed": 2, "method": "sse"}, hint="a hint")
+    assert earlier_run(tmp_path / "absent") == []
+    for name in ("checkpoint-12", "checkpoint-6", "members", "notes"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "metrics.json").write_text("{}")
+    assert earlier_run(tmp_path) == ["checkpoint-6", "checkpoint-12", "members"]
+    assert earlier_run(tmp_path, also=("metrics.json", "repo")) == [
+        "checkpoint-6",
+        "checkpoint-12",
+        "members",
+        "metrics.json",
+    ]

@@ -282,6 +282,18 @@ def test_member_seeds_are_a_hash_of_seed_and_member():
     assert sampler.seed_of_epoch(5) == (branch_seed(7, 2), 1)
 
 
+def test_members_and_probes_share_one_seed_hash_with_the_values_of_earlier_releases():
+    """One hash (`trainers.cycles.derived_seed`) for members and probes; its values are pinned, since a
+    changed seed silently changes every member of a resumed or replicated run."""
+    from hf_ens.trainers.cycles import derived_seed, probe_seed
+
+    assert branch_seed(0, 1) == derived_seed(0, "member", 1) == 3216615607
+    assert branch_seed(42, 3) == 2770460523
+    assert probe_seed(0, 0) == derived_seed(0, "probe", 0) == 1413217473
+    assert probe_seed(7, 2) == 149235716
+    assert probe_seed(5, 1) != branch_seed(5, 1)  # a probe never replays a member's draws
+
+
 def test_a_branch_checkpoint_does_not_depend_on_the_number_of_processes(tmp_path):
     one = branch_config(starsse_config(tmp_path, **ONE))
     assert one["member_accumulation"] == 2  # gradient_accumulation_steps x processes, not each alone

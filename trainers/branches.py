@@ -8,18 +8,19 @@ of model 1. Everything random in branch k comes from ``(seed, k)`` (:func:`branc
 global RNGs (dropout, augmentation in the collator) and the Local DE head. Hence one process training every
 branch in turn and N processes training them at once give the same members.
 
-The branch reuses the trainer's one mechanism for everything that is not "which process, which batches": the
-cycle start (``StarSSETrainer._start_cycle``: anchor, seed, head), the LR schedule (``trainer._lr_lambda`` at
-the branch's global step), the optimizer (``Trainer.create_optimizer``), the loss (``Trainer.compute_loss``)
-and the member snapshot (``StarSSETrainer._save_member``). Checkpoints live in
+The branch reuses the trainer's one mechanism for everything that is not "which process, which batches",
+through its public interface: the cycle start (``StarSSETrainer.start_cycle``: anchor, seed, head), the LR
+schedule (``StarSSETrainer.new_lr_scheduler`` at the branch's global step), the optimizer
+(``Trainer.create_optimizer``), the loss (``Trainer.compute_loss``) and the member snapshot
+(``StarSSETrainer.save_member``). Checkpoints live in
 ``{output_dir}/branches/member_XX/checkpoint-<step>`` and are complete once their ``starsse_state.json`` is
 written (``trainers.checkpoints``), so a killed process resumes each branch from its newest complete one.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
+import os
 import random
 import time
 import warnings
@@ -32,40 +33,42 @@ import safetensors.torch
 import torch
 from accelerate.utils import send_to_device
 from torch.utils.data import DataLoader, Sampler
+from transformers.trainer_utils import TrainOutput
 from transformers.utils import logging
 
 from hf_ens import adapters
 
 from .checkpoints import (
+    BRANCHES_DIR,
     TRASH_PREFIX,
-    config_differences,
     discard,
     list_checkpoints,
+    member_run_config,
     newest_complete_checkpoint,
     read_cycle_state,
-    run_config,
+    refuse_other_run,
     write_cycle_state,
 )
+from .cycles import branch_seed
 from .nonfinite import LossWatch
+from .parallel import MemberProgress, assigned_members, wait_for_members
+from .schedule import plan_cycles
 
 # In transformers' logger tree: log_level / log_level_replica decide per process, as for the Trainer.
 logger = logging.get_logger("transformers.trainer.branches")
 
-BRANCHES_DIR = "branches"
+__all__ = [
+    "BRANCHES_DIR",
+    "BranchData",
+    "MemberSeededSampler",
+    "branch_config",
+    "branch_seed",
+    "train_branch",
+]
+
 BRANCH_MODEL_NAME = "model.safetensors"
 BRANCH_OPTIMIZER_NAME = "optimizer.pt"
 BRANCH_RNG_NAME = "rng_state.pt"
-
-
-def branch_seed(seed: int, k: int) -> int:
-    """The seed of member k: the run's own seed for model 1 (k = 0), else a hash of ``(seed, k)``.
-
-    A hash, not ``seed + k``: replicates with seeds s and s + k would otherwise share member k and model 1.
-    Four bytes, because numpy's global seed must be below 2**32.
-    """
-    if k == 0:
-        return seed
-    return int.from_bytes(hashlib.sha256(f"hf-ens/member/{seed}/{k}".encode()).digest()[:4], "little")
 
 
 class MemberSeededSampler(Sampler[int]):
@@ -109,10 +112,7 @@ def member_accumulation(args) -> int:
 def branch_config(args) -> dict[str, Any]:
     """The run settings a branch checkpoint must match: those of the run, but the member's accumulation in
     place of processes x accumulation (a branch does not depend on how many processes share the run)."""
-    config = run_config(args)
-    for name in ("world_size", "gradient_accumulation_steps"):
-        config.pop(name)
-    return {**config, "member_accumulation": member_accumulation(args)}
+    return {**member_run_config(args), "member_accumulation": member_accumulation(args)}
 
 
 class BranchData:
@@ -203,10 +203,10 @@ def train_branch(trainer, k: int, data: BranchData, progress=None) -> float:
     directory = branch_dir(trainer, k)
     checkpoint = _checkpoint_to_resume(trainer, directory, k)
 
-    trainer._start_cycle(k)  # anchor weights, the member's seed, the Local DE head
+    trainer.start_cycle(k)  # anchor weights, the member's seed, the Local DE head
     trainer.optimizer = None
     optimizer = trainer.create_optimizer()
-    scheduler = trainer._new_lr_scheduler(optimizer)
+    scheduler = trainer.new_lr_scheduler(optimizer)
     start = 0
     if checkpoint is not None:
         start = _load_branch_checkpoint(checkpoint, model, optimizer)
@@ -223,7 +223,7 @@ def train_branch(trainer, k: int, data: BranchData, progress=None) -> float:
     watch, loss_sum = LossWatch(), torch.zeros((), device=args.device)
 
     def check_losses() -> None:
-        watch.check(lambda loss, step: trainer._diverged_message(loss, step, k))
+        watch.check(lambda loss, step: trainer.diverged_message(loss, step, k))
 
     model.train()
     for step, micro_batches in data.steps(k, start, total):
@@ -245,7 +245,7 @@ def train_branch(trainer, k: int, data: BranchData, progress=None) -> float:
         if progress is not None:
             progress.refresh()
     check_losses()
-    trainer._save_member(k, first_global + total)
+    trainer.save_member(k, first_global + total)
     discard([directory])  # the member replaces its checkpoints
     logger.info(f"{where}: member {k:02d} written in {time.perf_counter() - began:.1f} s")
     return float(loss_sum) / (total - start) if total > start else 0.0
@@ -293,7 +293,7 @@ def _save_branch_checkpoint(trainer, directory: Path, k: int, step: int, optimiz
     else:
         safetensors.torch.save_model(trainer.model, str(target / BRANCH_MODEL_NAME))
     torch.save(optimizer.state_dict(), target / BRANCH_OPTIMIZER_NAME)
-    torch.save(_rng_state(), target / BRANCH_RNG_NAME)
+    torch.save(rng_state(), target / BRANCH_RNG_NAME)
     write_cycle_state(target, _branch_state(trainer, k, step))
     discard([p for p in list_checkpoints(directory) if p != target])
 
@@ -311,14 +311,8 @@ def _checkpoint_to_resume(trainer, directory: Path, k: int) -> Path | None:
         return None
     saved = read_cycle_state(checkpoint)
     ours = _branch_state(trainer, k, saved.get("step"))
-    differences = config_differences(saved.get("run", {}), ours.pop("run"))
-    differences += config_differences(saved, ours)
-    if differences:
-        raise ValueError(
-            f"Cannot resume from {checkpoint}: it was made by a run with other settings: "
-            + "; ".join(differences)
-            + ". Resume with the same settings, or start a new run with overwrite_output_dir=True."
-        )
+    flat = {**saved.get("run", {}), **{name: value for name, value in saved.items() if name != "run"}}
+    refuse_other_run(checkpoint, flat, {**ours.pop("run"), **ours})
     return checkpoint
 
 
@@ -329,11 +323,11 @@ def _load_branch_checkpoint(checkpoint: Path, model: torch.nn.Module, optimizer)
     else:
         safetensors.torch.load_model(model, str(checkpoint / BRANCH_MODEL_NAME), strict=True)
     optimizer.load_state_dict(torch.load(checkpoint / BRANCH_OPTIMIZER_NAME, map_location=device))
-    _set_rng_state(torch.load(checkpoint / BRANCH_RNG_NAME, weights_only=True))
+    set_rng_state(torch.load(checkpoint / BRANCH_RNG_NAME, weights_only=True))
     return int(read_cycle_state(checkpoint)["step"])
 
 
-def _rng_state() -> dict[str, Any]:
+def rng_state() -> dict[str, Any]:
     version, keys, gauss = random.getstate()
     name, mt, pos, has_gauss, cached = np.random.get_state()
     state = {
@@ -346,7 +340,7 @@ def _rng_state() -> dict[str, Any]:
     return state
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any]) -> None:
     version, keys, gauss = state["python"]
     random.setstate((version, tuple(keys), gauss))
     name, mt, pos, has_gauss, cached = state["numpy"]
@@ -354,3 +348,37 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def train_branches(trainer) -> TrainOutput:
+    """The branch phase of ``parallel_members`` (after model 1): each process trains its members alone
+    (``trainers.parallel`` assigns them), then all wait for every member."""
+    args, began = trainer.args, time.perf_counter()
+    data = BranchData.from_trainer(trainer)
+    plan = plan_cycles(args, data.steps_per_epoch)
+    if trainer.plan is not None and trainer.plan != plan:
+        raise ValueError(f"Model 1 was trained with {trainer.plan}, the branches would use {plan}.")
+    trainer.plan = plan
+    trainer.cycles.anchor_from_model1()
+    trainer.model_wrapped = trainer.model  # no DDP wrapper: a branch exchanges nothing with other processes
+    trainer.accelerator.free_memory()
+    if args.auto_cycle_learning_rate:  # after model 1, before any branch: every process probes
+        adapters.load_member_weights(trainer.model, trainer.cycles.anchor)
+        trainer.choose_cycle_learning_rate(reuse_probe_file=True)
+    members = range(1 if args.method == "starsse" else 0, args.num_members)
+    mine = assigned_members(members, args.process_index, args.world_size)
+    progress = MemberProgress(
+        trainer.member_paths, enabled=trainer.is_world_process_zero() and not args.disable_tqdm
+    )
+    losses = [
+        train_branch(trainer, k, data, progress) for k in mine if not os.path.isdir(trainer.member_paths[k])
+    ]
+    wait_for_members(progress)
+    progress.close()
+    trainer.accelerator.wait_for_everyone()
+    if args.should_save:  # every branch left with its member
+        discard([Path(args.output_dir) / BRANCHES_DIR])
+    trainer.branch_seconds = time.perf_counter() - began
+    trainer.state.global_step = plan.total_steps
+    loss = sum(losses) / len(losses) if losses else 0.0
+    return TrainOutput(plan.total_steps, loss, {"branch_runtime": trainer.branch_seconds, "train_loss": loss})

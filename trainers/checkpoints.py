@@ -7,9 +7,14 @@ checkpoint with its size. A kill anywhere while a checkpoint is written therefor
 half the files. The cycle state also records the run configuration (:func:`run_config`), so a resume can
 refuse a checkpoint of another run instead of silently continuing it.
 
-Whole directories (old checkpoints, an old ``members/``) are removed by first renaming them into a hidden
-trash directory (one atomic step each) and then deleting that; trash a kill leaves behind is removed by the
-next start (:func:`remove_leftovers`).
+This module also holds the run directory's policy, in one place for the trainer and the recipe: what counts
+as an earlier run (:func:`earlier_run`), which checkpoint a resume continues and the ONE refusal of another
+run's checkpoint or probe file (:func:`refuse_other_run`), all applied by :func:`prepare_output_dir` before
+any weight is touched.
+
+Whole directories (old checkpoints, an old ``members/``) are removed with ``hf_ens._io.discard`` (renamed
+into a hidden trash directory, one atomic step each, then deleted); trash a kill leaves behind is removed by
+the next start (:func:`remove_leftovers`).
 """
 
 from __future__ import annotations
@@ -17,8 +22,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +31,10 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from hf_ens import _io
 
+# The run directory: {output_dir}/members/member_XX, checkpoint-N/, branches/member_XX/, basin_probe.json
+MEMBERS_DIR = "members"
+BRANCHES_DIR = "branches"
+PROBE_FILE = "basin_probe.json"
 CYCLE_STATE_NAME = "starsse_state.json"
 ANCHOR_NAME = "starsse_anchor.safetensors"
 TRASH_PREFIX = ".starsse-trash-"
@@ -70,6 +78,15 @@ def run_config(args) -> dict[str, Any]:
     values = {name: getattr(args, name, None) for name in names}
     values = {k: getattr(v, "value", v) for k, v in values.items()}
     return json.loads(json.dumps(values, default=str))
+
+
+# What a branch does not depend on: how many processes share the run (trainers.branches).
+PROCESS_FIELDS = ("world_size", "gradient_accumulation_steps")
+
+
+def member_run_config(args) -> dict[str, Any]:
+    """:func:`run_config` without :data:`PROCESS_FIELDS`: what a member trained alone depends on."""
+    return {k: v for k, v in run_config(args).items() if k not in PROCESS_FIELDS}
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -173,19 +190,8 @@ def newest_complete_checkpoint(output_dir: str | os.PathLike) -> tuple[Path | No
 
 
 def discard(paths: list[Path]) -> None:
-    """Remove directories so that a kill leaves each one either in place or out of the way.
-
-    Each is renamed into a hidden trash directory beside it (one atomic step), then the trash is deleted.
-    """
-    by_parent: dict[Path, list[Path]] = {}
-    for path in paths:
-        if path.exists():
-            by_parent.setdefault(path.parent, []).append(path)
-    for parent, children in by_parent.items():
-        trash = Path(tempfile.mkdtemp(prefix=TRASH_PREFIX, dir=parent))
-        for child in children:
-            os.rename(child, trash / child.name)
-        shutil.rmtree(trash, ignore_errors=True)
+    """``hf_ens._io.discard`` with this run's trash prefix (so :func:`remove_leftovers` finds its trash)."""
+    _io.discard(paths, trash_prefix=TRASH_PREFIX)
 
 
 def remove_leftovers(output_dir: str | os.PathLike, member_paths: list[str]) -> list[Path]:
@@ -203,12 +209,118 @@ def remove_leftovers(output_dir: str | os.PathLike, member_paths: list[str]) -> 
         if folder is not None and folder.is_dir():
             for leftover in folder.glob(pattern):
                 removed.append(leftover)
-                _delete(leftover)
+                _io.delete(leftover)
     return removed
 
 
-def _delete(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
+def refuse_other_run(
+    where: str | os.PathLike, saved: dict[str, Any], ours: dict[str, Any], hint: str = ""
+) -> None:
+    """THE refusal of a checkpoint (the loop's, a branch's, model 1's) or probe file that a run with other
+    settings made: a ValueError naming every differing field (``saved``: the recorded values)."""
+    differences = config_differences(saved, ours)
+    if differences:
+        raise ValueError(
+            f"Cannot resume from {where}: it was made by a run with other settings: {'; '.join(differences)}"
+            + (f" ({hint})" if hint else "")
+            + ". Resume with the same settings, or start a new run with overwrite_output_dir=True."
+        )
+
+
+def earlier_run(output_dir: str | os.PathLike, also: tuple[str, ...] = ()) -> list[str]:
+    """What an earlier run left in `output_dir` (checkpoints oldest first, members, branches, the probe file,
+    and the caller's own outputs `also`): a new run there must resume it or overwrite it."""
+    out = Path(output_dir)
+    found = [p.name for p in reversed(list_checkpoints(out))]
+    return found + [name for name in (BRANCHES_DIR, MEMBERS_DIR, PROBE_FILE, *also) if (out / name).exists()]
+
+
+def prepare_output_dir(
+    args, member_paths: list[str], resume_from_checkpoint, branches_only: bool
+) -> str | None:
+    """Before any weight is touched: remove what a killed run left, then either pick the checkpoint to resume
+    from (the newest complete one for ``True``; refused if another run configuration made it), or move the
+    previous run out of the way (``overwrite_output_dir``), or refuse to mix two runs.
+
+    `branches_only`: ``parallel_members`` with model 1 already written, so the branches resume alone, from
+    their own checkpoints; model 1's newest checkpoint, if any, must still come from this run's settings.
+    Returns the checkpoint for ``Trainer.train`` (None: start fresh, or the branches resume alone).
+    """
+    out = args.output_dir  # writable: StarSSETrainer.__init__ and trainers.run_lock checked it
+    if args.should_save:
+        remove_leftovers(out, member_paths)
+    if resume_from_checkpoint in (None, False, ""):
+        if args.overwrite_output_dir:
+            if args.should_save:  # checkpoints first: a kill in between cannot resume them
+                old = [Path(out) / BRANCHES_DIR, Path(out) / MEMBERS_DIR, Path(out) / PROBE_FILE]
+                discard(list_checkpoints(out) + old)
+        elif existing := earlier_run(out):
+            raise ValueError(
+                f"output_dir {out!r} already holds {existing}; pass resume_from_checkpoint=... to "
+                "continue that run or overwrite_output_dir=True to replace it."
+            )
+        return None
+    if branches_only:
+        checkpoint, _ = newest_complete_checkpoint(out)
+        if checkpoint is not None:
+            refuse_other_run(checkpoint, read_cycle_state(checkpoint).get("run", {}), member_run_config(args))
+        return None
+    if resume_from_checkpoint is True:
+        checkpoint, skipped = newest_complete_checkpoint(out)
+        for path, problems in skipped.items():
+            warnings.warn(f"Skipping incomplete checkpoint {path}: {'; '.join(problems)}.", stacklevel=5)
+        if checkpoint is None:
+            raise ValueError(
+                f"No complete checkpoint in {out!r} to resume from"
+                + (f" (incomplete: {[p.name for p in skipped]})" if skipped else "")
+                + "; start a new run with overwrite_output_dir=True."
+            )
     else:
-        path.unlink(missing_ok=True)
+        checkpoint = resume_from_checkpoint
+    saved = read_cycle_state(checkpoint)  # a ValueError naming any missing or damaged file
+    refuse_other_run(checkpoint, saved.get("run", {}), run_config(args))
+    return str(checkpoint)
+
+
+def rotate_checkpoints(run_dir: str | os.PathLike, limit: int | None, best: str | None) -> None:
+    """``save_total_limit`` as the Trainer applies it (the newest `limit` and the best one stay), but every
+    checkpoint leaves in one rename (:func:`discard`)."""
+    if not limit or limit <= 0:
+        return
+    checkpoints = list_checkpoints(run_dir)  # newest first
+    keep = set(checkpoints[:limit])
+    if best is not None:
+        keep.add(Path(best))
+    discard([p for p in checkpoints if p not in keep])
+
+
+def load_model_weights(model, checkpoint: str | os.PathLike, plain: bool = True) -> bool:
+    """Restore `model`'s weights from a Trainer checkpoint strictly; False when the Trainer's own loader must
+    do it (not a ``PreTrainedModel``, or FSDP / DeepSpeed: `plain` False).
+
+    transformers 5.24's ``Trainer._load_from_checkpoint`` loads the legacy key names that ``save_pretrained``
+    writes without converting them (upstream #48805): for ViT it silently keeps wrong weights. Loading a fresh
+    copy with ``from_pretrained`` and copying it in with ``strict=True`` either restores every tensor or
+    raises. A peft model restores its adapter only (the base is frozen and never saved).
+    """
+    from transformers import PreTrainedModel
+
+    from hf_ens import adapters
+
+    if adapters.is_peft_model(model):
+        try:
+            adapters.load_adapter_weights(model, checkpoint)
+        except OSError as err:
+            raise ValueError(f"Checkpoint {checkpoint} does not match the model: {err}") from err
+        return True
+    if not (isinstance(model, PreTrainedModel) and plain):
+        return False
+    loaded, info = type(model).from_pretrained(checkpoint, output_loading_info=True, dtype=model.dtype)
+    problems = {
+        k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v
+    }
+    if problems:
+        raise ValueError(f"Checkpoint {checkpoint} does not match the model: {problems}")
+    model.load_state_dict(loaded.state_dict(), strict=True)
+    del loaded
+    return True

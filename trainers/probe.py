@@ -34,7 +34,6 @@ metadata, the model card and ``{output_dir}/basin_probe.json``.
 from __future__ import annotations
 
 import copy
-import hashlib
 import math
 import time
 import warnings
@@ -46,22 +45,19 @@ from transformers.trainer_utils import set_seed
 from transformers.utils import logging
 
 from hf_ens.basin import barrier, interpolation_profile
+from hf_ens.checks import nonfinite_tensors
 from hf_ens.evaluation import predict_logits
 from hf_ens.soups import has_batchnorm, recompute_batchnorm
 
-from .branches import BranchData, _rng_state, _set_rng_state, accumulate_gradients, apply_update
+from .branches import BranchData, accumulate_gradients, apply_update, rng_state, set_rng_state
+from .checkpoints import PROBE_FILE  # noqa: F401 - its home was here
+from .cycles import probe_seed
 from .schedule import CyclePlan, cosine_cycle_factor
 
 logger = logging.get_logger("transformers.trainer.probe")
 
-PROBE_FILE = "basin_probe.json"
 PATH_POINTS = 5  # alphas 0, 0.25, 0.5, 0.75, 1 on the path model 1 -> probe end
 BN_BATCHES = 32  # training batches that re-estimate BatchNorm statistics at each path point
-
-
-def probe_seed(seed: int, i: int) -> int:
-    """The seed of probe i (data order, dropout, augmentation): a hash of ``(seed, i)``, unlike members'."""
-    return int.from_bytes(hashlib.sha256(f"hf-ens/probe/{seed}/{i}".encode()).digest()[:4], "little")
 
 
 def probe_steps(args, cycle_steps: int) -> int:
@@ -192,7 +188,7 @@ class ProbeRun:
         trainer, args = self.trainer, self.args
         began = time.perf_counter()
         model = trainer.model
-        rng = _rng_state()
+        rng = rng_state()
         model1_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         model1 = copy.deepcopy(model).eval()
         model1_metrics = self.evaluate(copy.deepcopy(model1))
@@ -210,7 +206,7 @@ class ProbeRun:
             model.load_state_dict(model1_state, strict=True)
             model.zero_grad(set_to_none=True)
             model.train()
-            _set_rng_state(rng)
+            set_rng_state(rng)
         table = [probed[i] for i in sorted(probed)]
         chosen, why = choose(table)
         for i, row in enumerate(table):
@@ -256,7 +252,7 @@ class ProbeRun:
         set_seed(seed)
         optimizer = _fresh_optimizer(trainer)
         steps, warmup = self.steps, self.warmup
-        scheduler = trainer._new_lr_scheduler(
+        scheduler = trainer.new_lr_scheduler(
             optimizer, lambda s: multiplier * cosine_cycle_factor(s, steps, warmup)
         )
         model.train()
@@ -278,7 +274,7 @@ class ProbeRun:
             "learning_rate": multiplier * args.learning_rate,
             "steps": steps,
             "train_loss": sum(losses) / len(losses) if losses else None,
-            "diverged": diverged or not _finite(model),
+            "diverged": diverged or bool(nonfinite_tensors(model)),
         }
         if not row["diverged"]:
             profile = interpolation_profile(model1, model, self.evaluate, alphas=self.alphas[1:])
@@ -357,10 +353,6 @@ def _fresh_optimizer(trainer) -> torch.optim.Optimizer:
         return trainer.create_optimizer()
     finally:
         trainer.optimizer = saved
-
-
-def _finite(model: torch.nn.Module) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.is_floating_point())
 
 
 def _gather(rows: list[dict[str, Any]], world: int) -> list[dict[str, Any]]:

@@ -16,19 +16,63 @@ DEFAULT_CYCLE_LR_GRID = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 
 @dataclass
 class StarSSEConfig(TrainingArguments):
-    """``TrainingArguments`` for :class:`~trainers.StarSSETrainer` (TRL's ``XConfig``/``XTrainer`` pattern).
+    r"""``TrainingArguments`` for :class:`~hf_ens.trainers.StarSSETrainer`, plus the ensemble fields.
+
+    The configuration class of the trainer (TRL's ``XConfig`` / ``XTrainer`` pattern). Only the parameters
+    specific to the ensemble are listed here; for the rest see ``transformers.TrainingArguments``.
 
     ``num_train_epochs``, ``learning_rate``, ``lr_scheduler_type`` and ``warmup_steps`` describe model 1, an
     ordinary fine-tune. Cycles 2..K restart at ``cycle_learning_rate`` and anneal by cosine over
-    ``cycle_epochs``. ``method`` decides where each later cycle starts: ``"sse"`` from the current weights,
-    ``"starsse"`` from model 1 (Sadrtdinov et al., NeurIPS 2023), ``"local_de"`` from the original pre-trained
-    weights with a fresh head, a member-specific seed and model 1's full schedule. ``parallel_members`` trains
-    the members that do not depend on each other (StarSSE's after model 1, all of Local DE's) one per process.
+    ``cycle_epochs`` (Sadrtdinov et al., NeurIPS 2023).
 
-    ``cycle_learning_rate="auto"`` (StarSSE, SSE) lets the run choose the cycle LR itself: after model 1,
-    short probe cycles from model 1 at ``cycle_lr_grid`` x ``learning_rate`` are judged on the trainer's
-    ``eval_dataset`` (:mod:`trainers.probe`), and the largest LR that stays in the pre-train basin within
-    ``basin_tolerance`` trains cycles 2..K.
+    Parameters:
+        > Parameters that control the ensemble
+
+        method (`str`, *optional*, defaults to `"starsse"`):
+            Where each later cycle starts: `"starsse"` from model 1, `"sse"` from the previous member,
+            `"local_de"` from the original pre-trained weights with a fresh head, a member-specific seed and
+            model 1's full schedule.
+        num_members (`int`, *optional*, defaults to `5`):
+            Number of ensemble members K, model 1 included (K >= 1).
+
+        > Parameters that control the cycles 2..K
+
+        cycle_epochs (`float` or `None`, *optional*, defaults to `None`):
+            Length of each later cycle in epochs; `None`: `num_train_epochs`. Ignored by `"local_de"`.
+        cycle_learning_rate (`float`, `"auto"` or `None`, *optional*, defaults to `None`):
+            Peak LR of each later cycle (cosine annealed to ~0); `None`: `learning_rate`; `"auto"`: chosen
+            after model 1 by the basin guard (`trainers.probe`).
+        cycle_warmup_steps (`float`, *optional*, defaults to `0`):
+            Linear warmup inside each later cycle: optimizer steps, or a fraction of a cycle if < 1.
+        reset_optimizer (`bool`, *optional*, defaults to `True`):
+            Clear the optimizer state (momentum, Adam moments and step) at every cycle start.
+
+        > Parameters that control `cycle_learning_rate="auto"` (the basin guard)
+
+        cycle_lr_grid (`list[float]`, *optional*, defaults to `[0.25, 0.5, 1, 2, 4, 8, 16]`):
+            The candidate cycle LRs, as multiples of `learning_rate` (at least two, each > 0).
+        probe_search (`str`, *optional*, defaults to `"bisect"`):
+            Which candidates are probed: `"bisect"` halves the bracket each round, `"linear"` probes in
+            increasing order up to the first that leaves the basin.
+        probe_fraction (`float`, *optional*, defaults to `0.25`):
+            Length of one probe as a fraction of a cycle, in (0, 0.25]; all probes together cost at most one
+            cycle.
+        basin_tolerance (`float`, *optional*, defaults to `0.1`):
+            The largest loss barrier (model 1 -> probe end) that still counts as inside the basin, as a
+            fraction of model 1's eval loss.
+        probe_loss_ratio (`float`, *optional*, defaults to `2.0`):
+            A probe whose eval loss exceeds this multiple of model 1's has left the basin, whatever its
+            barrier.
+
+        > Parameters that control processes and the run directory
+
+        parallel_members (`bool`, *optional*, defaults to `False`):
+            Under N processes, train the members that do not depend on each other (StarSSE's after model 1,
+            all of Local DE's) at the same time, one per process, with model 1's batch; not for `"sse"`.
+        overwrite_output_dir (`bool`, *optional*, defaults to `False`):
+            Remove the previous run's members and checkpoints in `output_dir` before training.
+        logging_nan_inf_filter (`bool`, *optional*, defaults to `False`):
+            `TrainingArguments`' filter, off here: a NaN/Inf loss stops the run with `NonFiniteError`.
     """
 
     method: str = field(
@@ -144,15 +188,17 @@ class StarSSEConfig(TrainingArguments):
     )
 
     def __post_init__(self):
-        """Refuse every value that would fail (or silently mislead) later, before any model is touched."""
-        if self.method not in METHODS:
-            raise ValueError(f"method={self.method!r} is not one of {', '.join(METHODS)}.")
-        _check_integer("num_members", self.num_members, low=1, why=" (model 1 included)")
+        """``TrainingArguments`` first (TRL's order), then refuse every value of ours that would fail (or
+        silently mislead) later, before any model is touched."""
         if self.cycle_epochs is None:
             self.cycle_epochs = self.num_train_epochs
         if self.cycle_learning_rate is None:
             self.cycle_learning_rate = self.learning_rate
         self.cycle_learning_rate = _cycle_learning_rate(self.cycle_learning_rate)
+        super().__post_init__()
+        if self.method not in METHODS:
+            raise ValueError(f"method={self.method!r} is not one of {', '.join(METHODS)}.")
+        _check_integer("num_members", self.num_members, low=1, why=" (model 1 included)")
         # An LR of 0 would make every member the initial weights while the metadata says otherwise.
         for name in ("learning_rate", "cycle_learning_rate", "num_train_epochs", "cycle_epochs"):
             if not (name == "cycle_learning_rate" and self.cycle_learning_rate == AUTO):
@@ -177,7 +223,6 @@ class StarSSEConfig(TrainingArguments):
                 f"max_steps must be -1 (the run's own length) or its total step count, got {self.max_steps}."
             )
         _check_output_dir(self.output_dir)
-        super().__post_init__()
         if self.parallel_members:
             _check_parallel_members(self)
         if self.auto_cycle_learning_rate:

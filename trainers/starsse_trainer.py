@@ -6,12 +6,18 @@ one LR schedule (:mod:`trainers.schedule`). A callback acts at cycle boundaries,
 desynchronise):
 
 * at the end of cycle k (``on_step_end``) the weights are checked for NaN/Inf and written atomically
-  (``hf_ens._io.atomic_directory``) to ``members/member_{k:02d}``;
+  to ``members/member_{k:02d}``;
 * at the start of cycle k >= 1 (``on_step_begin`` of its first step) the weights are reset to the cycle's
   *anchor* and the optimizer state is cleared. The anchor is the one mechanism behind the three methods:
   ``sse`` has none (continue from the current weights), ``starsse`` anchors at model 1, ``local_de`` at the
-  original weights plus a member-seeded new head and data order. The callback runs before every user
-  callback, so theirs see the anchor at a cycle start and the member at a cycle end.
+  original weights plus a member-seeded new head and data order.
+
+Both live in :mod:`trainers.cycles` (:class:`~trainers.cycles.MemberCycles`, driven by its callback, first
+in line, so a user's callbacks see the anchor at a cycle start and the member at a cycle end); the trainer
+keeps short hooks only. Its public interface for :mod:`trainers.branches` and :mod:`trainers.probe` is
+:attr:`StarSSETrainer.plan`, :attr:`~StarSSETrainer.cycles`, :meth:`~StarSSETrainer.start_cycle`,
+:meth:`~StarSSETrainer.save_member`, :meth:`~StarSSETrainer.new_lr_scheduler`,
+:meth:`~StarSSETrainer.check_losses` and :meth:`~StarSSETrainer.diverged_message`.
 
 With ``parallel_members`` the loop trains StarSSE's model 1 only (data-parallel, as above) and each process
 then trains its share of the remaining members alone (:mod:`trainers.parallel` assigns them,
@@ -33,50 +39,38 @@ the checkpoints too.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import inspect
 import json
 import math
 import os
-import time
-import warnings
 from pathlib import Path
 from typing import Any
 
-import safetensors.torch
 import torch
-from transformers import PreTrainedModel, Trainer, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, set_seed
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
 from hf_ens import adapters
-from hf_ens._io import atomic_directory, atomic_file, ensure_writable
-from hf_ens.checks import assert_finite
-from hf_ens.heads import reinit_task_head
+from hf_ens._io import atomic_file, ensure_writable
 
-from .branches import (
-    BRANCHES_DIR,
-    BranchData,
-    MemberSeededSampler,
-    branch_config,
-    branch_seed,
-    train_branch,
-)
+from .branches import BranchData, MemberSeededSampler, train_branches
 from .checkpoints import (
-    ANCHOR_NAME,
-    config_differences,
+    MEMBERS_DIR,
+    PROBE_FILE,
     discard,
-    list_checkpoints,
-    newest_complete_checkpoint,
+    load_model_weights,
+    prepare_output_dir,
     read_cycle_state,
-    remove_leftovers,
+    refuse_other_run,
+    rotate_checkpoints,
     run_config,
     write_cycle_state,
 )
+from .cycles import CycleCallback, MemberCycles, load_anchor
 from .nonfinite import LossWatch
-from .parallel import MemberProgress, assigned_members, wait_for_members
-from .probe import PROBE_FILE, ProbeRun, check_eval_dataset, format_table, probe_steps
+from .probe import ProbeRun, check_eval_dataset, format_table, probe_steps
 from .run_lock import run_lock
 from .schedule import CyclePlan, plan_cycles
 from .starsse_config import StarSSEConfig
@@ -84,27 +78,6 @@ from .starsse_config import StarSSEConfig
 __all__ = ["MemberSeededSampler", "StarSSETrainer"]
 
 logger = logging.get_logger(__name__)
-
-MEMBERS_DIR = "members"
-
-
-class _CycleCallback(TrainerCallback):
-    """Starts cycles and snapshots members at the exact optimizer steps of the plan."""
-
-    def __init__(self, trainer: StarSSETrainer):
-        self.trainer = trainer
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.trainer._on_train_begin()
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self.trainer._maybe_start_cycle(state.global_step)
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.trainer._maybe_snapshot(state.global_step)
-
-    def on_train_end(self, args, state, control, **kwargs):
-        self.trainer.accelerator.wait_for_everyone()
 
 
 class _LossCheckCallback(TrainerCallback):
@@ -116,7 +89,7 @@ class _LossCheckCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         if control.should_log or control.should_evaluate or control.should_training_stop:
-            self.trainer._check_losses()  # saves check in _save_checkpoint, whoever asked for them
+            self.trainer.check_losses()  # saves check in _save_checkpoint, whoever asked for them
 
 
 class StarSSETrainer(Trainer):
@@ -154,22 +127,17 @@ class StarSSETrainer(Trainer):
             # SUM the micro-batch means of a step (a gradient N x accumulation too large, unlike the branch
             # loop's mean): told the truth, it averages them, like the branch loop and one big batch.
             self.model_accepts_loss_kwargs = False
-        self.plan: CyclePlan | None = None
-        self.snapshot_seconds = 0.0  # time spent writing members (and copying the StarSSE anchor)
-        self.cycle_start_seconds = 0.0  # time spent reloading anchors / resetting the optimizer
-        self._anchor: dict[str, torch.Tensor] | None = None
-        self._members_written = 0  # members 0..n-1 are on disk
-        self.written_members: list[int] = []  # members this process wrote (the main one, or its branches')
+        self._plan: CyclePlan | None = None  # sized by train(); the LR of every step and the boundaries
+        self.cycles = MemberCycles(self)  # the anchor, members written, cycles started (trainers.cycles)
         self.branch_seconds = 0.0  # parallel_members: wall time of the branch phase
         self.branches_resumed: dict[int, int] = {}  # parallel_members: member -> step its branch resumed at
-        self._cycles_started = 0  # cycle 0 starts with training; cycle k >= 1 once its start was applied
         # cycle_learning_rate="auto": the probe table and the chosen LR (trainers.probe), once model 1 exists
         self.basin_probe: dict[str, Any] | None = None
         self._resumed_state: dict[str, Any] | None = None
         self._train_sampler: MemberSeededSampler | None = None
         # First in line, before the user's callbacks (``callbacks=[...]`` are registered by Trainer.__init__,
         # ``add_callback`` appends): a user's ``on_step_begin`` sees the weights the step trains from.
-        self.callback_handler.callbacks.insert(0, _CycleCallback(self))
+        self.callback_handler.callbacks.insert(0, CycleCallback(self))
         self._loss_watch = LossWatch()
         self.add_callback(_LossCheckCallback(self))
 
@@ -178,6 +146,30 @@ class StarSSETrainer(Trainer):
     def is_peft(self) -> bool:
         """Whether the members are LoRA adapters on the model's frozen base (a ``peft`` model)."""
         return adapters.is_peft_model(self.accelerator.unwrap_model(self.model))
+
+    @property
+    def plan(self) -> CyclePlan | None:
+        """The run's :class:`~trainers.schedule.CyclePlan` (boundaries, LR of every step), once sized."""
+        return self._plan
+
+    @plan.setter
+    def plan(self, plan: CyclePlan) -> None:
+        self._plan, self._lr_lambda = plan, plan.lr_lambda()
+
+    @property
+    def written_members(self) -> list[int]:
+        """Members this process wrote (the main one, or its branches')."""
+        return self.cycles.written_members
+
+    @property
+    def snapshot_seconds(self) -> float:
+        """Time spent writing members (and copying the StarSSE anchor)."""
+        return self.cycles.snapshot_seconds
+
+    @property
+    def cycle_start_seconds(self) -> float:
+        """Time spent reloading anchors / resetting the optimizer."""
+        return self.cycles.cycle_start_seconds
 
     @property
     def members_dir(self) -> str:
@@ -300,131 +292,18 @@ class StarSSETrainer(Trainer):
             check_eval_dataset(self.eval_dataset)
         self._resumed_state = None
         self.basin_probe = None  # a resumed checkpoint (or, for branches, basin_probe.json) brings it back
-        checkpoint = self._prepare_output_dir(resume_from_checkpoint)
+        branches_only = self.args.parallel_members and self._model1_done()
+        checkpoint = prepare_output_dir(self.args, self.member_paths, resume_from_checkpoint, branches_only)
+        self.accelerator.wait_for_everyone()
         if not self.args.parallel_members:
             return super().train(resume_from_checkpoint=checkpoint, trial=trial, **kwargs)
         if not self._model1_done():  # StarSSE's model 1: data-parallel, as an ordinary run
             super().train(resume_from_checkpoint=checkpoint, trial=trial, **kwargs)
-        return self._train_branches()
+        return train_branches(self)
 
     def _model1_done(self) -> bool:
         """Under ``parallel_members``: Local DE has no shared model 1; StarSSE's is done once written."""
         return self.args.method == "local_de" or os.path.isdir(self.member_paths[0])
-
-    def _train_branches(self) -> TrainOutput:
-        """Each process trains its members alone (``trainers.branches``), then all wait for every member."""
-        args, began = self.args, time.perf_counter()
-        data = BranchData.from_trainer(self)
-        plan = plan_cycles(args, data.steps_per_epoch)
-        if self.plan is not None and self.plan != plan:
-            raise ValueError(f"Model 1 was trained with {self.plan}, the branches would use {plan}.")
-        self.plan, self._lr_lambda = plan, plan.lr_lambda()
-        if args.method == "local_de":
-            self._anchor = self._copy_weights()  # the original (pre-trained) weights
-        elif self._anchor is None and self.is_peft:  # model 1 was written by an earlier (resumed) launch
-            adapters.load_adapter_weights(self.model, self.member_paths[0])
-            self._anchor = self._copy_weights()
-        elif self._anchor is None:
-            loaded = type(self.model).from_pretrained(self.member_paths[0], dtype=self.model.dtype)
-            self._anchor = {k: v.to(args.device) for k, v in loaded.state_dict().items()}
-            del loaded
-        self.model_wrapped = self.model  # no DDP wrapper: a branch exchanges nothing with other processes
-        self.accelerator.free_memory()
-        if args.auto_cycle_learning_rate:  # after model 1, before any branch: every process probes
-            result = self._read_probe_file()
-            if result is None:
-                adapters.load_member_weights(self.model, self._anchor)
-                result = self._run_probes()
-            self._apply_probe_result(result)
-        members = range(1 if args.method == "starsse" else 0, args.num_members)
-        mine = assigned_members(members, args.process_index, args.world_size)
-        progress = MemberProgress(
-            self.member_paths, enabled=self.is_world_process_zero() and not args.disable_tqdm
-        )
-        losses = [
-            train_branch(self, k, data, progress) for k in mine if not os.path.isdir(self.member_paths[k])
-        ]
-        wait_for_members(progress)
-        progress.close()
-        self.accelerator.wait_for_everyone()
-        if args.should_save:  # every branch left with its member
-            discard([Path(args.output_dir) / BRANCHES_DIR])
-        self.branch_seconds = time.perf_counter() - began
-        self.state.global_step = plan.total_steps
-        loss = sum(losses) / len(losses) if losses else 0.0
-        return TrainOutput(
-            plan.total_steps, loss, {"branch_runtime": self.branch_seconds, "train_loss": loss}
-        )
-
-    def _prepare_output_dir(self, resume_from_checkpoint: str | bool | None) -> str | None:
-        """Before any weight is touched: remove what a killed run left, then either pick the checkpoint to
-        resume from (the newest complete one for ``True``; refused if another run configuration made it),
-        or move the previous run out of the way (``overwrite_output_dir``), or refuse to mix two runs."""
-        out = self.args.output_dir
-        ensure_writable(out)
-        if self.args.should_save:
-            remove_leftovers(out, self.member_paths)
-        checkpoint = None
-        if resume_from_checkpoint not in (None, False, ""):
-            if not (self.args.parallel_members and self._model1_done()):
-                checkpoint = self._checkpoint_to_resume(resume_from_checkpoint)
-            else:  # the branches resume alone, from their own checkpoints
-                self._check_model1_run()
-        elif self.args.overwrite_output_dir:
-            if self.args.should_save:  # checkpoints first: a kill in between cannot resume them
-                old = [Path(out) / BRANCHES_DIR, Path(self.members_dir), Path(out) / PROBE_FILE]
-                discard(list_checkpoints(out) + old)
-        else:
-            existing = [p.name for p in reversed(list_checkpoints(out))]
-            ours = (BRANCHES_DIR, MEMBERS_DIR, PROBE_FILE)
-            existing += [d for d in ours if os.path.exists(os.path.join(out, d))]
-            if existing:
-                raise ValueError(
-                    f"output_dir {out!r} already holds {existing}; pass resume_from_checkpoint=... to "
-                    "continue that run or overwrite_output_dir=True to replace it."
-                )
-        self.accelerator.wait_for_everyone()
-        return checkpoint
-
-    def _checkpoint_to_resume(self, resume_from_checkpoint: str | bool) -> str:
-        out = self.args.output_dir
-        if resume_from_checkpoint is True:
-            checkpoint, skipped = newest_complete_checkpoint(out)
-            for path, problems in skipped.items():
-                warnings.warn(f"Skipping incomplete checkpoint {path}: {'; '.join(problems)}.", stacklevel=4)
-            if checkpoint is None:
-                raise ValueError(
-                    f"No complete checkpoint in {out!r} to resume from"
-                    + (f" (incomplete: {[p.name for p in skipped]})" if skipped else "")
-                    + "; start a new run with overwrite_output_dir=True."
-                )
-        else:
-            checkpoint = resume_from_checkpoint
-        saved = read_cycle_state(checkpoint)  # a ValueError naming any missing or damaged file
-        differences = config_differences(saved.get("run", {}), run_config(self.args))
-        if differences:
-            raise ValueError(
-                f"Cannot resume from {checkpoint}: it was made by a run with other settings: "
-                + "; ".join(differences)
-                + ". Resume with the same settings, or start a new run with overwrite_output_dir=True."
-            )
-        return str(checkpoint)
-
-    def _check_model1_run(self) -> None:
-        """Branches resumed after model 1: model 1's newest complete checkpoint, if any, must come from a run
-        with these settings (the number of processes aside: branches do not depend on it)."""
-        checkpoint, _ = newest_complete_checkpoint(self.args.output_dir)
-        if checkpoint is None:
-            return
-        ours = branch_config(self.args)
-        del ours["member_accumulation"]
-        differences = config_differences(read_cycle_state(checkpoint).get("run", {}), ours)
-        if differences:
-            raise ValueError(
-                f"Cannot resume from {checkpoint}: it was made by a run with other settings: "
-                + "; ".join(differences)
-                + ". Resume with the same settings, or start a new run with overwrite_output_dir=True."
-            )
 
     def _get_train_sampler(self, train_dataset=None):
         sampler = super()._get_train_sampler(train_dataset)
@@ -478,10 +357,11 @@ class StarSSETrainer(Trainer):
                 self._train_sampler.epochs_per_member = plan.model1_steps // steps_per_epoch
         if args.auto_cycle_learning_rate:
             probe_steps(args, plan.cycle_steps)  # a cycle too short to probe: refused now, not after model 1
-        if self._resumed_state is not None:
-            self._check_resumed_state(self._resumed_state, plan)
+        if self._resumed_state is not None:  # the run settings were compared before loading; the plan
+            saved = self._resumed_state  # also depends on the dataset's size
+            ours = {"model1_steps": plan.model1_steps, "cycle_steps": plan.cycle_steps}
+            refuse_other_run(saved["path"], saved, ours, hint="a different training set size?")
         self.plan = plan
-        self._lr_lambda = plan.lr_lambda()
         if self._resumed_state is not None and self._resumed_state.get("basin_probe"):
             self._apply_probe_result(self._resumed_state["basin_probe"])  # probed before the checkpoint
         # parallel_members: this loop trains model 1 only; the branches follow, one process each.
@@ -499,19 +379,20 @@ class StarSSETrainer(Trainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         """Note a non-finite loss on the device (`trainers.nonfinite`): the run stops at the next logging,
-        evaluation, checkpoint or member snapshot (`_check_losses`), before it writes NaN weights, without a
+        evaluation, checkpoint or member snapshot (`check_losses`), before it writes NaN weights, without a
         host synchronisation per step."""
         loss = super().training_step(model, inputs, num_items_in_batch)
         self._loss_watch.update(loss, self.state.global_step)
         return loss
 
-    def _check_losses(self) -> None:
+    def check_losses(self) -> None:
         """Raise `NonFiniteError` naming the first step whose loss was NaN or Inf (waits for the device)."""
         self._loss_watch.check(
-            lambda loss, step: self._diverged_message(loss, step, self.plan.cycle_of_step(step))
+            lambda loss, step: self.diverged_message(loss, step, self.plan.cycle_of_step(step))
         )
 
-    def _diverged_message(self, loss: float, global_step: int, k: int) -> str:
+    def diverged_message(self, loss: float, global_step: int, k: int) -> str:
+        """What a diverged member k says (the loop's and a branch's alike)."""
         return (
             f"The training loss became {loss} at optimizer step {global_step + 1} (cycle {k + 1} of "
             f"{self.args.num_members}, member {k:02d}); training diverged. Lower learning_rate"
@@ -521,71 +402,41 @@ class StarSSETrainer(Trainer):
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         if self.lr_scheduler is None:
-            self.lr_scheduler = self._new_lr_scheduler(optimizer if optimizer is not None else self.optimizer)
+            self.lr_scheduler = self.new_lr_scheduler(optimizer if optimizer is not None else self.optimizer)
             self._created_lr_scheduler = True
         return self.lr_scheduler
 
-    def _new_lr_scheduler(self, optimizer, lr_lambda=None) -> _GlobalStepLR:
+    def new_lr_scheduler(self, optimizer, lr_lambda=None) -> _GlobalStepLR:
         """The run's one schedule (``trainers.schedule``), indexed by the global optimizer step (or
         `lr_lambda`: a probe's own). Looked up at every step: ``"auto"`` sets the cycles' LR after model 1."""
         return _GlobalStepLR(optimizer, lr_lambda or (lambda step: self._lr_lambda(step)))
 
-    # ------------------------------------------------------------------ cycle mechanics
-    def _on_train_begin(self) -> None:
-        state = self._resumed_state
-        if state is None:
-            self._members_written, self._cycles_started, self._anchor = 0, 0, None
-            if self.args.method == "local_de":
-                self._anchor = self._copy_weights()  # the original (pre-trained) weights
-        else:
-            self._members_written = state["members_written"]
-            self._cycles_started = state["cycles_started"]
-            self._anchor = state.get("anchor")
+    # ------------------------------------------------------------------ cycles (trainers.cycles)
+    def start_cycle(self, k: int) -> None:
+        """Put the model where member k starts: its anchor, its seed, a Local DE head (loop and branches)."""
+        self.cycles.start(k)
+
+    def save_member(self, k: int, global_step: int, write: bool = True) -> None:
+        """Refuse non-finite weights, then write member k (``write``: this process writes it)."""
+        self.cycles.save_member(k, global_step, write)
+
+    def on_cycles_begin(self) -> None:
+        """Train begin: the cycles of a fresh run, or those the resumed checkpoint stored."""
+        self.cycles.reset(self._resumed_state)
         self.lr_scheduler.sync(self.state.global_step)
         os.makedirs(self.members_dir, exist_ok=True)
 
-    def _maybe_start_cycle(self, global_step: int) -> None:
-        k = self.plan.cycle_of_step(global_step)
-        if k <= self._cycles_started:
-            return
-        self._start_cycle(k)
-        if self.args.reset_optimizer:
-            self.optimizer.state.clear()
-        self._cycles_started = k
-
-    def _start_cycle(self, k: int) -> None:
-        """Where member k starts, for the one loop and for a branch alike: its anchor's weights, every global
-        RNG reseeded from ``(seed, k)`` (dropout, augmentation: the same draws however the run is split into
-        processes), and for Local DE (k >= 1) a new task head drawn under that seed."""
-        start = time.perf_counter()
-        if self._anchor is not None:
-            adapters.load_member_weights(self.model, self._anchor)
-        set_seed(branch_seed(self.args.seed, k))
-        if self.args.method == "local_de" and k > 0:
-            if self.is_peft:
-                adapters.reinit_adapter(self.model)  # new LoRA factors and head, the base stays
-            else:
-                reinit_task_head(self.model)
-        self.cycle_start_seconds += time.perf_counter() - start
-
-    def _maybe_snapshot(self, global_step: int) -> None:
-        k = self._members_written
-        if k < self.args.num_members and global_step == self.plan.boundaries[k]:
-            self._check_losses()
-            self._snapshot(k, global_step)
-        # after the snapshot: the probes that follow model 1 choose the LR of the next step
-        self.lr_scheduler.sync(global_step)  # skipped fp16 steps must not shift the schedule
-
-    def _snapshot(self, k: int, global_step: int) -> None:
-        start = time.perf_counter()
-        self._save_member(k, global_step, write=self.args.should_save)
-        if k == 0 and self.args.method == "starsse":
-            self._anchor = self._copy_weights()
-        self._members_written = k + 1
-        self.accelerator.wait_for_everyone()
-        self.snapshot_seconds += time.perf_counter() - start
+    def on_member_written(self, k: int) -> None:
+        """After member k: with ``cycle_learning_rate="auto"``, model 1 chooses the cycles' LR (loop only)."""
         if k == 0 and self.args.auto_cycle_learning_rate and not self.args.parallel_members:
-            self._apply_probe_result(self._run_probes())
+            self.choose_cycle_learning_rate()
+
+    def choose_cycle_learning_rate(self, reuse_probe_file: bool = False) -> None:
+        """``cycle_learning_rate="auto"``: probe from the current weights (model 1) on every process and use
+        the chosen LR for cycles 2..K; `reuse_probe_file`: take the choice an earlier launch of this run
+        wrote (``parallel_members``), if any."""
+        result = self._read_probe_file() if reuse_probe_file else None
+        self._apply_probe_result(result if result is not None else self._run_probes())
 
     # ------------------------------------------------------------------ cycle_learning_rate="auto"
     def _run_probes(self) -> dict[str, Any]:
@@ -610,7 +461,6 @@ class StarSSETrainer(Trainer):
         """Cycles 2..K use the chosen LR from now on (the scheduler looks ``_lr_lambda`` up at every step)."""
         self.basin_probe = result
         self.plan = dataclasses.replace(self.plan, cycle_learning_rate=result["cycle_learning_rate"])
-        self._lr_lambda = self.plan.lr_lambda()
         if self.lr_scheduler is not None:  # the Trainer already asked for the next step's LR: NaN until now
             self.lr_scheduler.sync(self.state.global_step, force=True)
 
@@ -621,37 +471,8 @@ class StarSSETrainer(Trainer):
             return None
         with open(path) as f:
             saved = json.load(f)
-        differences = config_differences(saved.pop("run", {}), run_config(self.args))
-        if differences:
-            raise ValueError(
-                f"{path} was made by a run with other settings: {'; '.join(differences)}. Resume with the "
-                "same settings, or start a new run with overwrite_output_dir=True."
-            )
+        refuse_other_run(path, saved.pop("run", {}), run_config(self.args))
         return saved
-
-    def _save_member(self, k: int, global_step: int, write: bool = True) -> None:
-        """Refuse non-finite weights, then write member k (``write``: this process writes it)."""
-        assert_finite(self.model, f"member {k:02d} (end of cycle {k + 1}, step {global_step})")
-        if write:
-            self._write_member(k)
-            self.written_members.append(k)
-
-    def _copy_weights(self) -> dict[str, torch.Tensor]:
-        """The member's weights: every tensor, or the adapter's only for a peft model."""
-        return adapters.member_weights(self.model)
-
-    def _write_member(self, k: int) -> None:
-        """save_pretrained through ``hf_ens._io.atomic_directory``: a kill leaves no member or a whole one."""
-        model = self.accelerator.unwrap_model(self.model)
-        with atomic_directory(self.member_paths[k]) as tmp, _saves_on_this_process(model):
-            if adapters.is_peft_model(model):
-                adapters.save_adapter(model, model.active_adapter, tmp)
-            else:
-                model.save_pretrained(tmp)
-            if self.processing_class is not None and hasattr(self.processing_class, "save_pretrained"):
-                self.processing_class.save_pretrained(tmp)
-            if not any(Path(tmp).glob("*.safetensors")) and not any(Path(tmp).glob("*.bin")):
-                raise RuntimeError(f"save_pretrained wrote no weights for member {k:02d} on this process.")
 
     # ------------------------------------------------------------------ checkpoints
     def _save_checkpoint(self, model, trial) -> None:
@@ -661,15 +482,13 @@ class StarSSETrainer(Trainer):
         state, which lists every file, is written last, once every process has written its files; older
         checkpoints are rotated out (``save_total_limit``) only after that, each out of the way in one rename.
         """
-        self._check_losses()  # a diverged run keeps its last finite checkpoint
+        self.check_losses()  # a diverged run keeps its last finite checkpoint
         run_dir = self._get_output_dir(trial=trial)
         output_dir = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
         if self.args.should_save:
             discard([Path(output_dir)])
             os.makedirs(output_dir)
-            if self._anchor is not None:
-                anchor = {k: v.detach().to("cpu").contiguous() for k, v in self._anchor.items()}
-                safetensors.torch.save_file(anchor, os.path.join(output_dir, ANCHOR_NAME))
+            self.cycles.save_anchor(output_dir)
         self.accelerator.wait_for_everyone()
         save_total_limit, self.args.save_total_limit = self.args.save_total_limit, None
         try:
@@ -679,29 +498,16 @@ class StarSSETrainer(Trainer):
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             write_cycle_state(output_dir, self._cycle_state())
-            self._rotate_checkpoints_safely(run_dir)
+            rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint)
 
     def _cycle_state(self) -> dict[str, Any]:
         return {
             "run": run_config(self.args),
             "model1_steps": self.plan.model1_steps,
             "cycle_steps": self.plan.cycle_steps,
-            "members_written": self._members_written,
-            "cycles_started": self._cycles_started,
-            "has_anchor": self._anchor is not None,
+            **self.cycles.state_dict(),
             "basin_probe": self.basin_probe,
         }
-
-    def _rotate_checkpoints_safely(self, run_dir: str) -> None:
-        """``save_total_limit`` as the Trainer applies it, but every checkpoint leaves in one rename."""
-        limit = self.args.save_total_limit
-        if not limit or limit <= 0:
-            return
-        checkpoints = list_checkpoints(run_dir)  # newest first
-        keep = set(checkpoints[:limit])
-        if self.state.best_model_checkpoint is not None:
-            keep.add(Path(self.state.best_model_checkpoint))
-        discard([p for p in checkpoints if p not in keep])
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         """Restore weights through ``from_pretrained`` (with its key conversion) and the cycle state.
@@ -712,50 +518,11 @@ class StarSSETrainer(Trainer):
         tensor or raises.
         """
         target = model if model is not None else self.model
-        if adapters.is_peft_model(target):  # the adapter only: the base is frozen and never saved
-            try:
-                adapters.load_adapter_weights(target, resume_from_checkpoint)
-            except OSError as err:
-                raise ValueError(
-                    f"Checkpoint {resume_from_checkpoint} does not match the model: {err}"
-                ) from err
-        elif (
-            isinstance(target, PreTrainedModel) and not self.is_fsdp_enabled and not self.is_deepspeed_enabled
-        ):
-            loaded, info = type(target).from_pretrained(
-                resume_from_checkpoint, output_loading_info=True, dtype=target.dtype
-            )
-            problems = {
-                k: v
-                for k, v in info.items()
-                if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v
-            }
-            if problems:
-                raise ValueError(f"Checkpoint {resume_from_checkpoint} does not match the model: {problems}")
-            target.load_state_dict(loaded.state_dict(), strict=True)
-            del loaded
-        else:
+        plain = not self.is_fsdp_enabled and not self.is_deepspeed_enabled
+        if not load_model_weights(target, resume_from_checkpoint, plain):
             super()._load_from_checkpoint(resume_from_checkpoint, model)
-        self._resumed_state = self._read_cycle_state(resume_from_checkpoint, target)
-
-    def _read_cycle_state(self, checkpoint: str, model) -> dict[str, Any]:
-        state = read_cycle_state(checkpoint)
-        if state.get("has_anchor"):
-            device = next(model.parameters()).device
-            state["anchor"] = safetensors.torch.load_file(
-                os.path.join(checkpoint, ANCHOR_NAME), device=str(device)
-            )
-        return state
-
-    def _check_resumed_state(self, state: dict[str, Any], plan: CyclePlan) -> None:
-        """The run settings were compared before loading; the plan also depends on the dataset's size."""
-        ours = {"model1_steps": plan.model1_steps, "cycle_steps": plan.cycle_steps}
-        differences = config_differences(state, ours)
-        if differences:
-            raise ValueError(
-                f"Cannot resume: the checkpoint's cycles differ from this run's: {'; '.join(differences)} "
-                "(a different training set size?)."
-            )
+        state = {**read_cycle_state(resume_from_checkpoint), "path": str(resume_from_checkpoint)}
+        self._resumed_state = load_anchor(resume_from_checkpoint, state, target)
 
 
 def _say_if_not_ensembled(model: torch.nn.Module) -> None:
@@ -788,30 +555,13 @@ def loss_normalized_by_num_items(model: torch.nn.Module) -> bool:
         return True
 
 
-@contextlib.contextmanager
-def _saves_on_this_process(model):
-    """Let ``save_pretrained`` write on the process that calls it.
-
-    transformers 5.24's ``save_pretrained`` silently writes nothing on a rank other than 0 once
-    ``torch.distributed`` is initialized (``PreTrainedModel.should_save_on_this_rank``), while under
-    ``parallel_members`` every process writes the members it trained (the caller decides who writes).
-    """
-    if not isinstance(model, PreTrainedModel):
-        yield
-        return
-    model.should_save_on_this_rank = lambda is_main_process: is_main_process
-    try:
-        yield
-    finally:
-        del model.should_save_on_this_rank
-
-
 class _GlobalStepLR(torch.optim.lr_scheduler.LambdaLR):
-    """``LambdaLR`` whose step count is re-synchronised to ``TrainerState.global_step`` after every step.
+    """``LambdaLR`` whose LR is a function of ``TrainerState.global_step``, re-synchronised after every step.
 
     The Trainer skips ``lr_scheduler.step()`` when fp16 loss scaling skipped the optimizer step, while
     ``global_step`` (which places the cycle boundaries) still advances; ``sync`` makes the LR follow
-    global_step.
+    global_step. Uses ``LambdaLR``'s public attributes only (``last_epoch``, ``base_lrs``, ``lr_lambdas``;
+    pinned by tests/test_private_hooks.py); the LR reported to the Trainer's logs is the optimizer's own.
     """
 
     def sync(self, global_step: int, force: bool = False) -> None:
@@ -819,8 +569,10 @@ class _GlobalStepLR(torch.optim.lr_scheduler.LambdaLR):
         `force`: also when already there (the LR function changed)."""
         if force or self.last_epoch != global_step:
             self.last_epoch = global_step
-            self._last_lr = [
-                base * fn(global_step) for base, fn in zip(self.base_lrs, self.lr_lambdas, strict=True)
-            ]
-            for group, lr in zip(self.optimizer.param_groups, self._last_lr, strict=True):
-                group["lr"] = lr
+            groups = self.optimizer.param_groups
+            for group, base, fn in zip(groups, self.base_lrs, self.lr_lambdas, strict=True):
+                group["lr"] = base * fn(global_step)
+
+    def get_last_lr(self) -> list[float]:
+        """The LR of every parameter group as the optimizer holds it (set by ``step`` or ``sync``)."""
+        return [group["lr"] for group in self.optimizer.param_groups]
