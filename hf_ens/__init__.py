@@ -3,6 +3,7 @@
 The library layer: it never imports `trainers`.
 """
 
+from . import registry
 from .basin import barrier, distances_to, interpolate, interpolation_profile, plot_profile, weight_distance
 from .checks import NonFiniteError, assert_finite, nonfinite_tensors
 from .ensemble import (
@@ -32,6 +33,8 @@ from .soups import greedy_soup, make_accuracy_eval_fn, recompute_batchnorm, unif
 __version__ = "0.1.0"
 
 # LoRA members (`hf_ens.adapters`) import peft: loaded on first use, so full-model users never pay for it.
+# Loading a saved adapter ensemble imports the modules that register its member format and task classes.
+registry.declare_provider("peft_lora", "hf_ens.adapters", "hf_ens.adapters_lm")
 _ADAPTER_NAMES = ("AdapterEnsembleModel", "lora_uniform_soup", "lora_soup_adapter")
 
 

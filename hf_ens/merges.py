@@ -193,9 +193,9 @@ def lora_merge(
     from peft.tuners.lora import LoraLayer
     from peft.utils import ModulesToSaveWrapper
 
-    from .adapters import _check_names
+    from .lora_config import check_adapter_names
 
-    adapters = _check_names(model, adapters)
+    adapters = check_adapter_names(model, adapters)
     weights = _check_args(method, len(adapters), weights, density, scale, majority_sign_method)
     if rank is not None:
         args = (method, weights, density, scale, majority_sign_method, seed, rank, name)

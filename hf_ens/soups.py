@@ -22,6 +22,8 @@ from transformers import PreTrainedModel
 
 from .checks import assert_finite
 from .evaluation import _predict, _split_batch
+from .members import check_like as _check_like
+from .members import load_member
 from .metrics import accuracy
 
 __all__ = [
@@ -67,9 +69,7 @@ def _materialise(member: Member, copy_module: bool = False) -> nn.Module:
     """A module for `member`: a directory is loaded strictly (safetensors only); a module is used as is, or
     deep-copied when the caller will overwrite its weights."""
     if isinstance(member, (str, os.PathLike)):
-        from .ensemble import _load_member  # strict safetensors loading, as for ensembles
-
-        return _load_member(member)
+        return load_member(member)  # strict safetensors loading, as for ensembles
     return copy.deepcopy(member) if copy_module else member
 
 
@@ -131,24 +131,6 @@ class _RunningSum:
                 target[name].copy_(value)
         if plus is None:
             self.total = 1.0
-
-
-def _check_like(ref: nn.Module, ref_shapes: dict[str, tuple], model: nn.Module, i: int) -> dict:
-    """`model`'s state dict, after checking it has `ref`'s class, weight names and shapes."""
-    if type(model) is not type(ref):
-        raise ValueError(
-            f"Cannot average weights of different architectures: member 0 is {type(ref).__name__}, "
-            f"member {i} is {type(model).__name__}."
-        )
-    state = model.state_dict()
-    shapes = {k: tuple(v.shape) for k, v in state.items()}
-    if shapes != ref_shapes:
-        diff = sorted(set(ref_shapes.items()) ^ set(shapes.items()))[:5]
-        raise ValueError(
-            f"Cannot average weights of different architectures: member {i} has different weight names or "
-            f"shapes than member 0, e.g. {diff}."
-        )
-    return state
 
 
 @torch.no_grad()
