@@ -29,7 +29,6 @@ import contextlib
 import copy
 import hashlib
 import json
-import math
 import os
 import warnings
 from collections.abc import Sequence
@@ -46,6 +45,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from . import hub, registry
+from .averaging import check_weights, weighted_mean
 from .checks import assert_finite, nonfinite_tensors
 from .ensemble import EnsembleConfig, EnsembleModel
 from .lora_config import check_adapter_names as _check_names
@@ -225,16 +225,6 @@ def load_adapter_weights(model: PeftModel, directory: str | os.PathLike, adapter
 
 
 # --------------------------------------------------------------------------------------------------- soups
-def _mean(tensors, weights: list[float]) -> torch.Tensor:
-    """``sum_k w_k t_k / sum_k w_k`` accumulated in float32 (float64 stays float64)."""
-    total = None
-    for t, w in zip(tensors, weights, strict=True):
-        dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
-        term = t.to(dtype) * w
-        total = term if total is None else total.add_(term)
-    return total.div_(sum(weights))
-
-
 @torch.no_grad()
 def lora_uniform_soup(
     model: PeftModel, adapters: Sequence[str], weights: Sequence[float] | None = None
@@ -248,9 +238,7 @@ def lora_uniform_soup(
     copy. `model` is not modified.
     """
     adapters = _check_names(model, adapters)
-    weights = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]
-    if len(weights) != len(adapters) or not all(math.isfinite(w) for w in weights) or sum(weights) == 0:
-        raise ValueError(f"Need one finite weight per adapter ({len(adapters)}) with a non-zero sum.")
+    weights = check_weights(weights, len(adapters), "adapter")
     active = model.active_adapter
     soup = copy.deepcopy(model)
     for module in soup.modules():
@@ -260,7 +248,7 @@ def lora_uniform_soup(
                 raise ValueError(f"Adapters {adapters} do not all adapt the same layers.")
             if names:
                 base = module.get_base_layer().weight
-                delta = _mean((module.get_delta_weight(a) for a in adapters), weights)
+                delta = weighted_mean((module.get_delta_weight(a) for a in adapters), weights)
                 base.copy_((base.to(delta.dtype) + delta.to(base.device)).to(base.dtype))
         elif isinstance(module, ModulesToSaveWrapper):
             names = [a for a in adapters if a in module.modules_to_save]
@@ -271,7 +259,7 @@ def lora_uniform_soup(
                 states = [module.modules_to_save[a].state_dict() for a in adapters]
                 for name, value in target.items():
                     if value.is_floating_point():
-                        value.copy_(_mean((s[name] for s in states), weights).to(value.dtype))
+                        value.copy_(weighted_mean((s[name] for s in states), weights).to(value.dtype))
     soup.set_adapter(adapters[0])  # unload() keeps the active adapter's modules_to_save copy
     plain = soup.unload()
     plain.train(model.training)
@@ -324,7 +312,7 @@ def lora_soup_adapter(model: PeftModel, adapters: Sequence[str], name: str = "so
             states = [module.modules_to_save[a].state_dict() for a in adapters]
             for key, value in target.items():
                 if value.is_floating_point():
-                    value.copy_(_mean((s[key] for s in states), [1.0] * k).to(value.dtype))
+                    value.copy_(weighted_mean((s[key] for s in states), [1.0] * k).to(value.dtype))
     return model
 
 

@@ -31,15 +31,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .soups import (
-    Member,
-    _accumulation_dtype,
-    _check_like,
-    _floating_names,
-    _materialise,
-    _sources,
-    weighted_average,
-)
+from .averaging import accumulation_dtype as _accumulation_dtype
+from .averaging import floating_names as _floating_names
+from .members import check_like as _check_like
+from .soups import Member, _materialise, _sources, weighted_average
 
 __all__ = ["MERGE_METHODS", "merge_models", "task_arithmetic", "lora_merge", "default_merge_weights"]
 
