@@ -17,7 +17,7 @@ def test_task_classes_are_registered_by_their_modules():
 
 
 def test_the_adapter_format_is_imported_on_first_use_only():
-    """`import hf_ens` leaves peft unloaded; asking for the adapter format loads the modules registering it."""
+    """`import hf_ens` leaves peft unloaded; asking for the adapter format loads its modules."""
     code = (
         "import sys, hf_ens; from hf_ens import registry\n"
         "assert 'hf_ens.adapters' not in sys.modules\n"
