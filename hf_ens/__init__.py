@@ -17,6 +17,7 @@ from .ensemble import (
 )
 from .ensemble_lm import EnsembleModelForCausalLM
 from .evaluate_metrics import EVALUATE_METRICS, load_metric
+from .evaluation import evaluate_ensemble, loss_error, make_accuracy_eval_fn, make_loss_error_fn, predict
 from .lm_metrics import (
     compute_lm_metrics,
     evaluate_lm_ensemble,
@@ -28,7 +29,7 @@ from .lm_metrics import (
 from .merges import MERGE_METHODS, lora_merge, merge_models, task_arithmetic
 from .metrics import fit_temperature, temperature_scaled
 from .pipelines import pipeline
-from .soups import greedy_soup, make_accuracy_eval_fn, recompute_batchnorm, uniform_soup, weighted_average
+from .soups import greedy_soup, recompute_batchnorm, uniform_soup, weighted_average
 
 __version__ = "0.1.0"
 
@@ -67,6 +68,10 @@ __all__ = [
     "lora_merge",
     "recompute_batchnorm",
     "make_accuracy_eval_fn",
+    "predict",
+    "evaluate_ensemble",
+    "loss_error",
+    "make_loss_error_fn",
     "interpolate",
     "interpolation_profile",
     "barrier",

@@ -57,7 +57,7 @@ from . import hub, registry, tasks
 from ._io import atomic_directory
 from .cards import render_model_card
 from .checks import assert_finite
-from .evaluation import _predict
+from .evaluation import predict
 from .hub import ENSEMBLE_CONFIG_NAME, HubPushError
 from .members import (
     CAUSAL_LM_SUFFIXES,
@@ -685,7 +685,7 @@ class EnsembleModel(PreTrainedModel):
 
     def predict(self, dataloader: Iterable) -> tuple[torch.Tensor, torch.Tensor]:
         """Member logits [K, N, C] and labels [N] of a labelled loader (for `metrics.ensemble_metrics`)."""
-        return _predict(
+        return predict(
             self,
             dataloader,
             output="member_logits",

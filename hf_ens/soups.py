@@ -24,10 +24,9 @@ from .averaging import RunningSum as _RunningSum
 from .averaging import check_weights
 from .averaging import floating_names as _floating_names
 from .checks import assert_finite
-from .evaluation import _predict, _split_batch
+from .evaluation import make_accuracy_eval_fn, split_batch
 from .members import check_like as _check_like
 from .members import load_member
-from .metrics import accuracy
 
 __all__ = [
     "uniform_soup",
@@ -230,7 +229,7 @@ def recompute_batchnorm(model: nn.Module, dataloader: Iterable, max_batches: int
         for step, batch in enumerate(tqdm(dataloader, desc="recompute BatchNorm", leave=False)):
             if max_batches is not None and step >= max_batches:
                 break
-            inputs, _ = _split_batch(batch, model)
+            inputs, _ = split_batch(batch, model)
             model(**inputs)
             seen += 1
     finally:
@@ -243,27 +242,3 @@ def recompute_batchnorm(model: nn.Module, dataloader: Iterable, max_batches: int
             "recompute_batchnorm got an empty dataloader; BatchNorm statistics were reset to defaults."
         )
     return model
-
-
-def make_accuracy_eval_fn(dataloader: Iterable) -> Callable[[nn.Module], float]:
-    """Build ``eval_fn(model) -> accuracy`` on a HELD-OUT loader, for `greedy_soup` (never pass the test set).
-
-    Raises ValueError for an empty loader, now when its length is known, else at the first call.
-    """
-    try:
-        if len(dataloader) == 0:  # type: ignore[arg-type]
-            raise ValueError(
-                "make_accuracy_eval_fn got an empty held-out dataloader; greedy_soup needs data."
-            )
-    except TypeError:
-        pass
-
-    empty = "The held-out dataloader yielded no samples; greedy_soup needs a non-empty split."
-
-    def eval_fn(model: nn.Module) -> float:
-        logits, labels = _predict(model, dataloader, empty_error=empty)
-        if len(labels) == 0:
-            raise ValueError(empty)
-        return accuracy(logits, labels)  # a NaN/Inf prediction is wrong, never class 0
-
-    return eval_fn

@@ -504,11 +504,10 @@ def evaluate_run(
     `preprocess` (no augmentation) there, the same step training used."""
     from torch.utils.data import DataLoader
 
-    from hf_ens import greedy_soup, make_accuracy_eval_fn, uniform_soup
+    from hf_ens import greedy_soup, uniform_soup
     from hf_ens.basin import barrier, interpolation_profile, plot_profile, weight_distance
     from hf_ens.checks import assert_finite
-    from hf_ens.evaluation import predict_logits
-    from hf_ens.metrics import accuracy, classification_metrics, ensemble_metrics
+    from hf_ens.evaluation import evaluate_ensemble, make_accuracy_eval_fn, make_loss_error_fn
     from hf_ens.plots import plot_vs_ensemble_size
     from hf_ens.soups import has_batchnorm
 
@@ -533,31 +532,24 @@ def evaluate_run(
     members = ensemble.merged_members() if trainer.is_peft else list(ensemble.members)
     bn_loader = loader(train_eval) if has_batchnorm(ensemble) else None
 
-    member_logits, labels = ensemble.predict(loader(test))  # [K, N, C], kept for the ensemble-size curve
     soup = uniform_soup(members, bn_dataloader=bn_loader)
     assert_finite(soup, "The uniform soup")  # a diverged run: refuse before anything is evaluated or written
-    soup_logits, _ = predict_logits(soup, loader(test), desc="test uniform soup")
-
     held_out_accuracy = make_accuracy_eval_fn(loader(held_out))
     greedy, chosen = greedy_soup(members, held_out_accuracy, bn_dataloader=bn_loader)
     assert_finite(greedy, "The greedy soup")
-    greedy_logits, _ = predict_logits(greedy, loader(test), desc="test greedy soup")
 
-    metrics = ensemble_metrics(member_logits, labels, soup_logits=soup_logits)
+    # members, ensemble (and its size curve: the first k members), uniform and greedy soups on test
+    test_batches = lambda: loader(test)  # noqa: E731  (fresh batches per pass on the tensor path)
+    metrics = evaluate_ensemble(ensemble, test_batches, soup, models={"greedy_soup": greedy}, size_curve=True)
     metrics["model1/held_out_accuracy"] = held_out_accuracy(members[0])
     metrics["model1/train_accuracy"] = make_accuracy_eval_fn(loader(train_eval))(members[0])
-    metrics.update(classification_metrics(greedy_logits, labels, prefix="greedy_soup/"))
     metrics["greedy_soup/members"] = list(map(int, chosen))
-
-    # accuracy / NLL vs ensemble size (first k members)
-    sizes = list(range(1, len(members) + 1))
-    curve = {"accuracy": [], "nll": []}
-    for k in sizes:
-        m = ensemble_metrics(member_logits[:k], labels)
-        curve["accuracy"].append(m["ensemble/accuracy"])
-        curve["nll"].append(m["ensemble/nll"])
-    metrics["ensemble_size_curve"] = {"sizes": sizes, **curve}
-    plot_vs_ensemble_size(sizes, {trainer.args.method: curve}, plot_dir / "ensemble_size.png")
+    curve = metrics["ensemble_size_curve"]
+    plot_vs_ensemble_size(
+        curve["sizes"],
+        {trainer.args.method: {k: curve[k] for k in ("accuracy", "nll")}},
+        plot_dir / "ensemble_size.png",
+    )
 
     # basin: distances to model 1 and the member_00 -> member_01 interpolation profile
     distances = [float(weight_distance(members[0], m)) for m in members]
@@ -565,14 +557,7 @@ def evaluate_run(
     if len(members) > 1:
         metrics["basin/mean_distance_to_model1"] = sum(distances[1:]) / (len(members) - 1)
     if args.interpolation_points > 1 and len(members) > 1:
-
-        def eval_fn(model):
-            logits, y = predict_logits(model, loader(test))
-            return {
-                "loss": torch.nn.functional.cross_entropy(logits, y).item(),
-                "error": 1.0 - float(accuracy(logits, y)),
-            }
-
+        eval_fn = make_loss_error_fn(test_batches)
         profile = interpolation_profile(members[0], members[1], eval_fn, num_points=args.interpolation_points)
         metrics["basin/profile_member00_member01"] = profile
         mid = min(range(len(profile["alphas"])), key=lambda i: abs(profile["alphas"][i] - 0.5))
