@@ -334,7 +334,7 @@ def load_splits(args: ScriptArguments, seed: int):
     import datasets
 
     if args.dataset_name == OFFLINE_DATASET:
-        from hf_ens.fashion_mnist import load_fashion_mnist
+        from recipes.datasets import load_fashion_mnist
 
         raw = load_fashion_mnist(
             classes=args.classes,
@@ -508,8 +508,8 @@ def evaluate_run(
     from hf_ens.basin import barrier, interpolation_profile, plot_profile, weight_distance
     from hf_ens.checks import assert_finite
     from hf_ens.evaluation import evaluate_ensemble, make_accuracy_eval_fn, make_loss_error_fn
-    from hf_ens.plots import plot_vs_ensemble_size
     from hf_ens.soups import has_batchnorm
+    from recipes.plots import plot_vs_ensemble_size
 
     cache: dict[int, list | DataLoader] = {}
 
@@ -684,7 +684,7 @@ def run(script_args: ScriptArguments, training_args: StarSSEConfig, callbacks=No
     result = evaluate_run(trainer, train_eval, held_out, test, script_args, plot_dir, preprocess)
     metrics = result["metrics"]
     if trainer.basin_probe is not None:
-        from hf_ens.plots import plot_basin_probe
+        from recipes.plots import plot_basin_probe
 
         metrics["basin_probe"] = trainer.basin_probe
         plot_basin_probe(trainer.basin_probe, plot_dir / "basin_probe.png")
@@ -746,7 +746,7 @@ def _card_metrics(metrics: dict) -> dict:
 
 
 def _plot_schedule(trainer: StarSSETrainer, path: Path) -> None:
-    from hf_ens.plots import plot_lr_schedule
+    from recipes.plots import plot_lr_schedule
 
     steps, lrs, boundaries = trainer.lr_schedule()
     plot_lr_schedule(steps, lrs, boundaries, path)

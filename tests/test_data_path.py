@@ -77,7 +77,7 @@ def test_accuracy_agrees_on_fashion_mnist_test_set(tmp_path):
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
     from hf_ens.evaluation import predict_logits
-    from hf_ens.fashion_mnist import load_fashion_mnist
+    from recipes.datasets import load_fashion_mnist
     from recipes.pretrain_vit import ensure_pretrained_checkpoint
 
     small = dict(train_size=3000, eval_size=500, hidden_size=64, num_hidden_layers=2, num_attention_heads=2)
