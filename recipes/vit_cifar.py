@@ -20,8 +20,11 @@ from pathlib import Path
 import torch
 from hf_ens.trainers import StarSSEConfig, StarSSETrainer
 
+from recipes import preflight
 from recipes._cli import ConfigError, parse_config_and_args, run_cli
 from recipes.data import DevicePreprocessor, attach_transforms, collate, decode_images
+from recipes.preflight import HubUnreachableError, hub_unreachable_reason, is_connection_error  # noqa: F401
+from recipes.preflight import in_hub_cache as _in_hub_cache  # noqa: F401  (recipes/lm_lora.py imports these)
 
 OFFLINE_DATASET = "offline:fashion_mnist"
 OFFLINE_MODEL = "offline:pretrained_vit"
@@ -174,10 +177,6 @@ class ScriptArguments:
 # ------------------------------------------------------------------------------------------ preflight
 
 
-class HubUnreachableError(ConfigError):
-    """The run needs Hub repos but the Hub cannot be reached (offline, no network): one line, no retries."""
-
-
 def check_local_paths(args: ScriptArguments) -> None:
     """A name that can only be a local path (`./x`, `/x`, `a/b/c`: not a Hub id) must exist: say so, instead
     of blaming the Hub for a typo in a folder name."""
@@ -210,68 +209,9 @@ def hub_repos(args: ScriptArguments) -> list[tuple[str, str]]:
     return repos
 
 
-def _in_hub_cache(kind: str, repo_id: str) -> bool:
-    from huggingface_hub import constants
-
-    return os.path.isdir(os.path.join(constants.HF_HUB_CACHE, f"{kind}s--{repo_id.replace('/', '--')}"))
-
-
-def hub_unreachable_reason(timeout: float = 3.0) -> str | None:
-    """Why the Hub cannot be reached (offline mode, or no answer to one HEAD request), or None if it can."""
-    import urllib.error
-    import urllib.request
-
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return "HF_HUB_OFFLINE is set"
-    try:
-        urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"), timeout=timeout)
-    except urllib.error.HTTPError:
-        return None  # an HTTP answer, even an error status, means the Hub is there
-    except OSError as err:  # URLError, timeouts, refused connections
-        return f"{constants.ENDPOINT} did not answer: {getattr(err, 'reason', err)}"
-    return None
-
-
-def _unreachable(repos: list[tuple[str, str]], reason: str) -> HubUnreachableError:
-    names = " and ".join(f"{kind} {repo!r}" for kind, repo in repos)
-    return HubUnreachableError(
-        f"cannot load {names}: the Hub cannot be reached ({reason}). "
-        f"Run the embedded offline default instead: {OFFLINE_COMMAND}."
-    )
-
-
 def check_hub(args: ScriptArguments) -> None:
-    """Fail at once, before anything is loaded, when the run needs the Hub and cannot have it.
-
-    Under HF_HUB_OFFLINE a repo already in the local Hub cache is fine; without network nothing is tried,
-    so no client spends half a minute in retries.
-    """
-    from huggingface_hub import constants
-
-    repos = hub_repos(args)
-    if not repos:
-        return
-    if constants.HF_HUB_OFFLINE and all(_in_hub_cache(kind, repo) for kind, repo in repos):
-        return
-    reason = hub_unreachable_reason()
-    if reason is not None:
-        raise _unreachable(repos, reason)
-
-
-def _is_connection_error(err: BaseException | None) -> bool:
-    """A network failure anywhere in the chain of `err` (clients wrap them in OSError or their own types)."""
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    while err is not None:
-        if isinstance(err, (ConnectionError, TimeoutError, LocalEntryNotFoundError)):
-            return True
-        module = type(err).__module__.split(".")[0]
-        if module in ("httpx", "httpcore", "requests", "urllib3") and "Connect" in type(err).__name__:
-            return True
-        err = err.__cause__ or err.__context__
-    return False
+    """Fail at once, before anything is loaded, when the run needs the Hub and cannot have it."""
+    preflight.check_hub(hub_repos(args), OFFLINE_COMMAND)
 
 
 def resume_target(training_args: StarSSEConfig) -> str | bool | None:
@@ -643,8 +583,10 @@ def run(script_args: ScriptArguments, training_args: StarSSEConfig, callbacks=No
         set_seed(training_args.seed)
         model = load_model(checkpoint, label_names, script_args)
     except Exception as err:  # the network went away after check_hub: the same one line
-        if hub_repos(script_args) and _is_connection_error(err):
-            raise _unreachable(hub_repos(script_args), str(err).splitlines()[0]) from err
+        if hub_repos(script_args) and is_connection_error(err):
+            raise preflight.unreachable(
+                hub_repos(script_args), str(err).splitlines()[0], OFFLINE_COMMAND
+            ) from err
         raise
     train, train_eval, held_out, test, preprocess = prepare_data(
         train, held_out, test, processor, script_args
