@@ -22,12 +22,12 @@ from hf_ens.trainers import StarSSEConfig, StarSSETrainer
 
 from recipes import preflight
 from recipes._cli import ConfigError, parse_config_and_args, run_cli
-from recipes.data import DevicePreprocessor, attach_transforms, collate, decode_images
+from recipes.data import DevicePreprocessor, collate
+from recipes.image_datasets import OFFLINE_DATASET, load_splits, prepare_data
+from recipes.modeling import OFFLINE_MODEL, apply_lora, load_model, resolve_checkpoint  # noqa: F401
 from recipes.preflight import HubUnreachableError, hub_unreachable_reason, is_connection_error  # noqa: F401
 from recipes.preflight import in_hub_cache as _in_hub_cache  # noqa: F401  (recipes/lm_lora.py imports these)
 
-OFFLINE_DATASET = "offline:fashion_mnist"
-OFFLINE_MODEL = "offline:pretrained_vit"
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "vit_cifar10.yaml"
 OFFLINE_COMMAND = (
     "make demo (or: accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no "
@@ -264,166 +264,6 @@ def check_output_dir(args: ScriptArguments, training_args: StarSSEConfig) -> Non
         ensure_writable(str(out))
     except ValueError as err:
         raise ConfigError(f"--{err}") from err
-
-
-# ----------------------------------------------------------------------------------------------- data
-
-
-def load_splits(args: ScriptArguments, seed: int):
-    """Return (train, held_out, test, label_names) as datasets.Dataset with checked image/label columns."""
-    import datasets
-
-    if args.dataset_name == OFFLINE_DATASET:
-        from recipes.datasets import load_fashion_mnist
-
-        raw = load_fashion_mnist(
-            classes=args.classes,
-            train_size=args.max_train_samples,
-            test_size=args.max_test_samples,
-            seed=seed,
-        )
-    elif args.dataset_name == "imagefolder":
-        raw = datasets.load_dataset("imagefolder", data_dir=args.data_dir)
-    else:
-        raw = datasets.load_dataset(args.dataset_name, args.dataset_config_name)
-    for split in (args.train_split, args.test_split):
-        if split not in raw:
-            raise ValueError(f"Dataset {args.dataset_name!r} has no split {split!r}; it has {sorted(raw)}.")
-    train, test = raw[args.train_split], raw[args.test_split]
-    image_col, label_col = _check_columns(train, args)
-    _check_columns(test, args)
-    if not isinstance(train.features[image_col], datasets.Image):
-        raise ValueError(
-            f"Column {image_col!r} is {type(train.features[image_col]).__name__}, not a datasets.Image; "
-            f"columns are {train.column_names}. Set --image_column to the column holding the images."
-        )
-    label_feature = train.features[label_col]
-    if not isinstance(label_feature, datasets.ClassLabel):
-        raise ValueError(
-            f"Column {label_col!r} is {type(label_feature).__name__}, not a datasets.ClassLabel: the "
-            "recipe needs class names. Cast it first, e.g. dataset.cast_column(col, ClassLabel(names=[...]))."
-        )
-    test_feature = test.features[label_col]
-    if isinstance(test_feature, datasets.ClassLabel) and test_feature.names != label_feature.names:
-        raise ValueError(
-            f"The {args.test_split!r} split's classes {test_feature.names} differ from the "
-            f"{args.train_split!r} split's {label_feature.names}."
-        )
-    train, test = (
-        ds.select_columns([image_col, label_col]).rename_columns({image_col: "image", label_col: "label"})
-        for ds in (train, test)
-    )
-    if args.max_train_samples is not None and args.dataset_name != OFFLINE_DATASET:
-        train = train.shuffle(seed=seed).select(range(min(args.max_train_samples, len(train))))
-    if args.max_test_samples is not None and args.dataset_name != OFFLINE_DATASET:
-        test = test.shuffle(seed=seed).select(range(min(args.max_test_samples, len(test))))
-    split = train.train_test_split(test_size=args.held_out_fraction, seed=seed, stratify_by_column="label")
-    return split["train"], split["test"], test, list(label_feature.names)
-
-
-def _check_columns(ds, args: ScriptArguments) -> tuple[str, str]:
-    if args.dataset_name == OFFLINE_DATASET:
-        return "image", "label"
-    missing = [c for c in (args.image_column, args.label_column) if c not in ds.column_names]
-    if missing:
-        raise ValueError(
-            f"Dataset {args.dataset_name!r} has no column(s) {missing}; its columns are {ds.column_names}. "
-            "Set --image_column / --label_column."
-        )
-    return args.image_column, args.label_column
-
-
-def prepare_data(train, held_out, test, processor, args: ScriptArguments):
-    """(train, train_eval, held_out, test, preprocess) for the tensor path, or the processor path's datasets
-    and None when `--tensor_data_path false` or the processor has steps the tensor path cannot reproduce."""
-    preprocess = None
-    if args.tensor_data_path:
-        preprocess = DevicePreprocessor.from_processor(
-            processor, augment=args.augment, min_scale=args.augment_min_scale
-        )
-    if preprocess is None:
-        return (
-            attach_transforms(train, processor, augment=args.augment, min_scale=args.augment_min_scale),
-            attach_transforms(train, processor, augment=False),
-            attach_transforms(held_out, processor, augment=False),
-            attach_transforms(test, processor, augment=False),
-            None,
-        )
-    train, held_out, test = (decode_images(ds, preprocess.spec) for ds in (train, held_out, test))
-    return train, train, held_out, test, preprocess  # augmentation happens on the device, not in the data
-
-
-# ---------------------------------------------------------------------------------------------- model
-
-
-def resolve_checkpoint(args: ScriptArguments) -> str:
-    if args.model_name_or_path != OFFLINE_MODEL:
-        return args.model_name_or_path
-    from recipes.pretrain_vit import ensure_pretrained_checkpoint
-
-    return str(ensure_pretrained_checkpoint(args.pretrain_config))
-
-
-def load_model(checkpoint: str, label_names: list[str], args: ScriptArguments):
-    """Load the classifier with a head for `label_names`; a trained head of another size is refused."""
-    from transformers import AutoConfig, AutoModelForImageClassification
-
-    from hf_ens.heads import reinit_task_head
-
-    config = AutoConfig.from_pretrained(checkpoint, trust_remote_code=False)
-    has_head = any(a.endswith("ForImageClassification") for a in (config.architectures or []))
-    if has_head and config.num_labels != len(label_names) and not args.ignore_mismatched_sizes:
-        raise ValueError(
-            f"{checkpoint!r} has a classification head for {config.num_labels} labels but the dataset has "
-            f"{len(label_names)}. Pass --ignore_mismatched_sizes true to re-initialise the head."
-        )
-    labels = {
-        "num_labels": len(label_names),
-        "id2label": dict(enumerate(label_names)),
-        "label2id": {n: i for i, n in enumerate(label_names)},
-    }
-    if args.init_from_scratch:
-        config = AutoConfig.from_pretrained(checkpoint, trust_remote_code=False, **labels)
-        return AutoModelForImageClassification.from_config(config, trust_remote_code=False)
-    model = AutoModelForImageClassification.from_pretrained(
-        checkpoint, ignore_mismatched_sizes=args.ignore_mismatched_sizes, trust_remote_code=False, **labels
-    )
-    trained_for = [str(config.id2label[i]) for i in sorted(config.id2label)] if has_head else []
-    generic = all(name.startswith("LABEL_") for name in trained_for)
-    if has_head and not generic and trained_for != label_names and config.num_labels == len(label_names):
-        # same size, other classes (e.g. the offline source task): that head is no starting point
-        print(
-            f"Re-initialising the head of {checkpoint}: trained for {trained_for}, "
-            f"the task has {label_names}."
-        )
-        reinit_task_head(model)
-    return model
-
-
-def apply_lora(model, args: ScriptArguments):
-    """Wrap `model` in a peft LoRA model: adapters on `lora_target_modules`, the task head trained in full
-    (``modules_to_save``), the rest frozen. The LoRA factors are drawn from the global RNG (seeded)."""
-    from peft import LoraConfig, get_peft_model
-
-    from hf_ens.heads import task_heads
-
-    heads = [name for name, module in model.named_children() if name != model.base_model_prefix]
-    task_heads(model)  # a clear error for a model without a head
-    targets = args.lora_target_modules
-    config = LoraConfig(
-        r=args.lora_r,
-        lora_alpha=args.lora_alpha,
-        lora_dropout=args.lora_dropout,
-        target_modules=targets[0] if targets == ["all-linear"] else targets,
-        modules_to_save=heads,
-    )
-    from hf_ens.adapters import quiet_peft_wrap
-
-    try:
-        with quiet_peft_wrap():
-            return get_peft_model(model, config)
-    except ValueError as err:  # e.g. target modules that the model does not have
-        raise ValueError(f"--lora_target_modules {' '.join(targets)}: {err}") from err
 
 
 # ----------------------------------------------------------------------------------------- evaluation
