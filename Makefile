@@ -11,6 +11,8 @@ FORTUNES_DIR := /usr/share/games/fortunes
 
 install: $(VENV)/.installed
 
+# The last step puts the checkout's root on the venv's path, so that the recipes, benchmarks and tests import
+# as packages from the checkout; the installed library itself is only `hf_ens` (trainers/ as hf_ens.trainers).
 $(VENV)/.installed: pyproject.toml
 	@echo "[install 1/4] creating the virtual environment $(VENV)"
 	@$(PYTHON) -m venv $(VENV)
@@ -21,8 +23,6 @@ $(VENV)/.installed: pyproject.toml
 	@echo "$(TORCH_PIN)" > $(VENV)/constraints.txt
 	@echo "[install 4/4] installing hf-ens and its dependencies (transformers, accelerate, datasets, ...) with torch pinned"
 	@$(BIN)/python -m pip install -q -c $(VENV)/constraints.txt -e ".[dev]"
-	@# The checkout's root on the venv's path, so that recipes/, benchmarks/ and tests/ import as packages
-	@# (\`accelerate launch recipes/vit_cifar.py\`). The installed library itself is only \`hf_ens\`.
 	@$(BIN)/python -c "import pathlib, sysconfig; pathlib.Path(sysconfig.get_paths()['purelib'], 'hf_ens_checkout.pth').write_text('$(CURDIR)\\n')"
 	@touch $@
 	@echo "[install] done: $(VENV)"
@@ -60,12 +60,12 @@ demo-lm: install fortunes
 	@HF_HUB_OFFLINE=1 $(LAUNCH) recipes/lm_lora.py --overwrite_output_dir true
 
 # The whole suite (CI runs this); the 15 slowest tests are listed at the end.
-test: install data
+test: install data fortunes
 	@echo "[test] HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=15 tests"
 	@HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=15 tests
 
 # The inner loop: everything but the multi-process and end-to-end runs (marked `slow`).
-test-fast: install data
+test-fast: install data fortunes
 	@echo "[test-fast] HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m 'not slow' tests"
 	@HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m 'not slow' tests
 

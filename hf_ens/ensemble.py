@@ -596,7 +596,6 @@ class EnsembleModel(PreTrainedModel):
             return fmt.load(path, saved, config, base_model, num_labels, hub_kwargs, **member_kwargs)
         if base_model is not None:
             raise TypeError("base_model applies to ensembles of adapter members only.")
-        _check_same_dtypes(path, saved.members)
         config = config if config is not None else saved
         info = _loading_info()
         member_config = None  # transformers' meaning of config= and num_labels=: load into that config
@@ -622,6 +621,7 @@ class EnsembleModel(PreTrainedModel):
             )
         else:
             members = [load_member(path / name, root=path, **member_kwargs) for name in saved.members]
+        _check_same_dtypes(path, saved.members)  # after each member's own checks (they name the cause)
         model = cls._task_class(config)(config, members=members, processor=load_processor(path)).eval()
         return (model, info) if output_loading_info else model
 

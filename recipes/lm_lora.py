@@ -329,8 +329,8 @@ def run(args: LMScriptArguments, training_args: StarSSEConfig) -> dict | None:
 
     if training_args.auto_cycle_learning_rate:
         raise ConfigError(
-            "cycle_learning_rate='auto' is not supported by this recipe yet (its probes score whole-model "
-            "classification batches); pass a number."
+            "cycle_learning_rate='auto' does not support LoRA members yet (the probes would have to judge "
+            "the basin on the merged adapter weights); pass a number."
         )
     if args.torch_threads is not None:
         torch.set_num_threads(args.torch_threads)

@@ -200,7 +200,7 @@ def test_adapter_ensemble_soup_adapter_of_rank_r(tmp_path):
         save_adapter(model, n, tmp_path / n)
     ens = AdapterEnsembleModel.from_adapters(tiny_llama(0), [tmp_path / n for n in names])
     exact, low = ens.soup_adapter(), ens.soup_adapter(rank=3)
-    assert exact.peft_config["soup"].r == 8 and low.peft_config["soup"].r == 3
+    assert exact.peft_config["default"].r == 8 and low.peft_config["default"].r == 3
     batch = word_tokenizer()(["the cat sat on the"], return_tensors="pt")
     with torch.no_grad():
         target = exact(**batch).logits
@@ -220,3 +220,26 @@ def test_lora_merge_refusals():
         lora_merge(model, names, rank=2, name="member_00")
     with pytest.raises(ValueError, match="Unknown adapters"):
         lora_merge(model, ["nope"])
+
+
+def test_docs_merges_snippet_runs(tmp_path):
+    """The merges snippet of docs/language_models.md as a user runs it, on tiny full and LoRA members."""
+    import re
+    from pathlib import Path
+
+    base, members = _members("gpt2", 2)
+    member_dirs = []
+    for k, member in enumerate(members):
+        member.save_pretrained(tmp_path / f"m{k}")
+        member_dirs.append(tmp_path / f"m{k}")
+    model, names = _lora(2, targets=("q_proj", "o_proj"))
+    for n in names:
+        save_adapter(model, n, tmp_path / n)
+    ens = AdapterEnsembleModel.from_adapters(tiny_llama(0), [tmp_path / n for n in names])
+    text = (Path(__file__).parents[1] / "docs" / "language_models.md").read_text()
+    snippet = re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M)[1]
+    namespace = {"base": base, "member_dirs": member_dirs, "ens": ens}
+    exec(compile(snippet, "docs/language_models.md", "exec"), namespace)
+    assert namespace["merged"].lm_head.weight is namespace["merged"].transformer.wte.weight
+    assert namespace["adapter_model"].peft_config["merge"].r == 8
+    assert namespace["soup_r8"].peft_config["soup"].r == 8

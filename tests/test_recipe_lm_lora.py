@@ -135,7 +135,7 @@ def test_hub_config_parses_and_needs_the_hub():
         (["--merge_methods", "slerp"], "Unknown merge_methods"),
         (["--merge_density", "0"], "merge_density"),
         (["--categories", "nope"], "Unknown fortune categories"),
-        (["--cycle_learning_rate", "auto"], "not supported by this recipe"),
+        (["--cycle_learning_rate", "auto"], "does not support LoRA members yet"),
     ],
 )
 def test_bad_input_fails_before_training(tmp_path, extra, message):

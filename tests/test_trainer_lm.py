@@ -66,3 +66,40 @@ def test_starsse_lora_llama_members_give_an_adapter_lm_ensemble(tmp_path):
         tmp_path, get_peft_model(tiny_llama(0), config), learning_rate=5e-2, cycle_learning_rate=2e-2
     )
     _check(trainer, batch, AdapterEnsembleModelForCausalLM, LlamaForCausalLM)
+
+
+def test_auto_cycle_learning_rate_on_a_causal_lm_judges_the_basin_by_token_nll(tmp_path):
+    """cycle_learning_rate="auto" on GPT2: the probes score the held-out split by the padding-safe token NLL
+    (shifted labels, -100 ignored), so model 1's probe loss is make_lm_eval_fn's NLL of member 0."""
+    from hf_ens import make_lm_eval_fn
+
+    tokenizer = word_tokenizer(padding_side="right")
+    collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    held_out = Dataset.from_dict(dict(tokenizer(TEXTS[:4])))
+    data = Dataset.from_dict(dict(tokenizer(TEXTS)))
+    args = starsse_config(
+        tmp_path,
+        num_members=2,
+        learning_rate=1e-2,
+        cycle_learning_rate="auto",
+        cycle_lr_grid=[0.5, 4.0],
+        probe_search="linear",
+    )
+    trainer = StarSSETrainer(
+        model=tiny_gpt2(0).train(),
+        args=args,
+        train_dataset=data,
+        eval_dataset=held_out,
+        data_collator=collator,
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    probe = trainer.basin_probe
+    assert probe["mode"] == "auto" and 1 <= len(probe["table"]) <= 2
+    assert trainer.chosen_cycle_learning_rate == pytest.approx(probe["cycle_learning_rate"])
+    assert probe["cycle_learning_rate"] in (pytest.approx(0.5e-2), pytest.approx(4e-2))
+    loader = torch.utils.data.DataLoader(held_out, batch_size=4, collate_fn=collator)
+    member0 = GPT2LMHeadModel.from_pretrained(trainer.member_paths[0])
+    assert probe["model1"]["eval_loss"] == pytest.approx(-make_lm_eval_fn(loader)(member0), abs=1e-5)
+    assert all(row["eval_loss"] is None or row["eval_loss"] > 0 for row in probe["table"])
+    assert isinstance(trainer.ensemble(), EnsembleModelForCausalLM)
