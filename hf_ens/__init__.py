@@ -17,7 +17,14 @@ from .ensemble import (
 )
 from .ensemble_lm import EnsembleModelForCausalLM
 from .evaluate_metrics import EVALUATE_METRICS, load_metric
-from .evaluation import evaluate_ensemble, loss_error, make_accuracy_eval_fn, make_loss_error_fn, predict
+from .evaluation import (
+    evaluate_ensemble,
+    evaluate_loss_error,
+    loss_error,
+    make_accuracy_eval_fn,
+    make_loss_error_fn,
+    predict,
+)
 from .lm_metrics import (
     compute_lm_metrics,
     evaluate_lm_ensemble,
@@ -71,6 +78,7 @@ __all__ = [
     "predict",
     "evaluate_ensemble",
     "loss_error",
+    "evaluate_loss_error",
     "make_loss_error_fn",
     "interpolate",
     "interpolation_profile",

@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .lm_metrics import LMMetricAccumulator, scored_tokens
+from .members import CAUSAL_LM_SUFFIXES
 from .metrics import (
     _SINGLE_LABEL_ONLY,
     accuracy,
@@ -31,6 +33,7 @@ __all__ = [
     "predict",
     "predict_logits",
     "loss_error",
+    "evaluate_loss_error",
     "make_loss_error_fn",
     "make_accuracy_eval_fn",
     "ensemble_size_curve",
@@ -148,16 +151,49 @@ def loss_error(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     }
 
 
+def _is_causal_lm(model: nn.Module) -> bool:
+    return type(model).__name__.endswith(CAUSAL_LM_SUFFIXES)  # PeftModelForCausalLM included
+
+
+@torch.no_grad()
+def _lm_loss_error(model: nn.Module, batches: Batches) -> dict[str, float]:
+    acc, was_training = LMMetricAccumulator(), model.training
+    device = next(model.parameters()).device
+    model.eval()
+    try:
+        for batch in _fresh(batches):
+            if "labels" not in batch:
+                raise ValueError("Evaluating a causal LM's loss and error needs labelled batches (`labels`).")
+            inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+            acc.add(*scored_tokens(model(**inputs).logits.float(), batch["labels"].to(device)))
+    finally:
+        model.train(was_training)
+    metrics = acc.compute()
+    return {"loss": metrics["nll"], "error": 1.0 - metrics["accuracy"]}
+
+
+def evaluate_loss_error(model: nn.Module, batches: Batches) -> dict[str, float]:
+    """``{"loss", "error"}`` of `model` on labelled `batches`, in eval mode (its mode restored afterwards).
+
+    A classifier: `loss_error` of its logits (mean cross-entropy, 1 - accuracy). A causal LM: per token, the
+    NLL and top-1 error of the next token over every scored position (shifted labels, ``-100`` ignored), the
+    loss its own training minimises. What basin profiles and the trainer's LR probe read.
+    """
+    if _is_causal_lm(model):
+        return _lm_loss_error(model, batches)
+    return loss_error(*predict_logits(model, batches))
+
+
 def make_loss_error_fn(
     batches: Batches, prepare: Callable[[nn.Module], object] | None = None
 ) -> Callable[[nn.Module], dict[str, float]]:
-    """``eval_fn(model) -> {"loss", "error"}`` (`loss_error`) on `batches`, for `interpolation_profile` and
-    probes; `prepare(model)` runs first (e.g. attach a device preprocessor)."""
+    """``eval_fn(model) -> {"loss", "error"}`` (`evaluate_loss_error`) on `batches`, for
+    `interpolation_profile` and probes; `prepare(model)` runs first (e.g. attach a device preprocessor)."""
 
     def eval_fn(model: nn.Module) -> dict[str, float]:
         if prepare is not None:
             prepare(model)
-        return loss_error(*predict_logits(model, batches))
+        return evaluate_loss_error(model, batches)
 
     return eval_fn
 

@@ -61,3 +61,23 @@ def test_evaluate_ensemble_adds_other_models_and_the_size_curve():
     assert curve["nll"][2] == pytest.approx(m["ensemble/nll"], rel=1e-5)
     assert curve["accuracy"][0] == pytest.approx(m["member_0/accuracy"])
     assert curve["nll"][1] == pytest.approx(nll(ensemble_log_probs(z[:2]), y), rel=1e-5)
+
+
+def test_evaluate_loss_error_of_a_causal_lm_is_per_next_token():
+    from tests._lm import tiny_gpt2
+
+    model = tiny_gpt2(0).train()
+    ids = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[1, :2] = -100  # padding is not scored
+    got = make_loss_error_fn([{"input_ids": ids, "labels": labels}])(model)
+    assert model.training  # the mode is restored
+    with torch.no_grad():
+        logits = model.eval()(input_ids=ids).logits[:, :-1]
+    target, keep = labels[:, 1:], labels[:, 1:] != -100
+    want_loss = torch.nn.functional.cross_entropy(logits[keep], target[keep]).item()
+    want_error = (logits[keep].argmax(-1) != target[keep]).float().mean().item()
+    assert got["loss"] == pytest.approx(want_loss, rel=1e-5)
+    assert got["error"] == pytest.approx(want_error)
+    with pytest.raises(ValueError, match="labelled batches"):
+        make_loss_error_fn([{"input_ids": ids}])(model)
