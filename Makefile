@@ -7,7 +7,7 @@ TORCH_PIN := torch==2.13.0
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 FORTUNES_DIR := /usr/share/games/fortunes
 
-.PHONY: demo demo-lm test test-fast install data fortunes lint
+.PHONY: demo demo-lm test test-fast docs install data fortunes lint
 
 install: $(VENV)/.installed
 
@@ -68,6 +68,11 @@ test: install data fortunes
 test-fast: install data fortunes
 	@echo "[test-fast] HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m 'not slow' tests"
 	@HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m 'not slow' tests
+
+# The documentation site (mkdocs.yml, docs/) into site/, warnings as errors; tests/test_docs.py runs the same build.
+docs: install
+	@echo "[docs] $(BIN)/python -m mkdocs build --strict --site-dir site"
+	@NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict --site-dir site
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -65,13 +65,22 @@ class AdapterEnsembleModelForCausalLM(AdapterEnsembleModel, EnsembleModelForCaus
         names = [name for name in self.config.members for _ in range(rows)]
         out = self.peft_model(**stacked, adapter_names=names, return_dict=True)
         logits = out.logits.view(k, rows, *out.logits.shape[1:])
+        outputs = [  # member i's rows of each hidden state / attention map
+            {
+                name: None
+                if out.get(name) is None
+                else tuple(t[i * rows : (i + 1) * rows] for t in out[name])
+                for name in ("hidden_states", "attentions")
+            }
+            for i in range(k)
+        ]
         new_cache = out.get("cache")
         if new_cache is None:
-            return logits, None
+            return logits, None, outputs
         if cache is not None:
             cache.caches = [new_cache]
-            return logits, cache
-        return logits, EnsembleCache([new_cache], members_in_batch=k)
+            return logits, cache, outputs
+        return logits, EnsembleCache([new_cache], members_in_batch=k), outputs
 
     def _prepare_cache_for_generation(
         self, generation_config, model_kwargs: dict, generation_mode, batch_size: int, max_cache_length: int

@@ -405,6 +405,17 @@ class EnsembleModel(PreTrainedModel):
         finally:
             self._keep_member_weights = False
 
+    def init_parallel_plans(self) -> None:
+        """transformers' parallel plans, with the members' under ``members.*.``: transformers collects the
+        plans of a model's direct children, and the members sit in a ``ModuleList`` it does not look into, so
+        ``ens.tp_plan`` would be empty and tensor parallelism would shard nothing. (transformers matches layer
+        indices as ``*``, so one entry covers every member.)"""
+        super().init_parallel_plans()
+        for member in self._modules.get("members") or ():
+            for attr in ("_tp_plan", "_ep_plan", "_fsdp_plan"):
+                plan = getattr(member, attr, None) or {}
+                getattr(self, attr).update({f"members.*.{key}": v for key, v in plan.items()})
+
     def init_weights(self) -> None:
         """transformers' ``init_weights`` (each member's own ``_init_weights``, e.g. after building on the
         meta device and ``to_empty``), except while the ensemble is built (`post_init`): every member

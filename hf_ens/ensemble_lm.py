@@ -161,12 +161,18 @@ class EnsembleCausalLMOutput(ModelOutput):
         logits: ``log(mean_k softmax(member_logits[k]))``, [B, T, V] (float32): log-probabilities.
         member_logits: raw logits of each member, [K, B, T, V].
         cache: the members' KV caches (`EnsembleCache`) when ``use_cache``.
+        hidden_states: with ``output_hidden_states=True``, a tuple over the K members of each member's
+            ``hidden_states`` (there is no ensemble hidden state: each member has its own basis).
+        attentions: with ``output_attentions=True``, a tuple over the K members of each member's
+            ``attentions``.
     """
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     member_logits: torch.Tensor | None = None
     cache: EnsembleCache | None = None
+    hidden_states: tuple[tuple[torch.Tensor, ...], ...] | None = None
+    attentions: tuple[tuple[torch.Tensor, ...], ...] | None = None
 
 
 class EnsembleModelForCausalLM(EnsembleModel, GenerationMixin):
@@ -233,13 +239,16 @@ class EnsembleModelForCausalLM(EnsembleModel, GenerationMixin):
             raise ValueError(
                 f"The EnsembleCache holds {cache.num_members} caches for {self.num_members} members."
             )
+        if kwargs.get("inputs_embeds") is not None:
+            self._check_shared_input_embeddings()
+        flags = self._member_output_flags(kwargs)
         inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
-        inputs = {k: v for k, v in inputs.items() if v is not None}
+        inputs = {k: v for k, v in {**inputs, **flags}.items() if v is not None}
         # No cache unless asked (generate() asks): a Trainer's evaluation loop has no use for one.
         inputs["use_cache"] = bool(use_cache) or cache is not None
         if self._member_logits_to_keep:
             inputs["logits_to_keep"] = logits_to_keep
-        member_logits, new_cache = self._run_members(inputs, cache)
+        member_logits, new_cache, outputs = self._run_members(inputs, cache)
         logits = torch.logsumexp(torch.log_softmax(member_logits.float(), dim=-1), dim=0) - math.log(
             self.num_members
         )
@@ -252,19 +261,42 @@ class EnsembleModelForCausalLM(EnsembleModel, GenerationMixin):
                 num_items_in_batch=num_items_in_batch,
                 shift_labels=shift_labels,
             )
+        per_member = {  # K sets, one per member (each in its own basis): a tuple over members
+            name: tuple(o[name] for o in outputs) if flags[f"output_{name}"] else None
+            for name in ("hidden_states", "attentions")
+        }
         if return_dict is False:
-            return tuple(x for x in (loss, logits, member_logits, new_cache) if x is not None)
-        return EnsembleCausalLMOutput(loss=loss, logits=logits, member_logits=member_logits, cache=new_cache)
+            return tuple(
+                x for x in (loss, logits, member_logits, new_cache, *per_member.values()) if x is not None
+            )
+        return EnsembleCausalLMOutput(
+            loss=loss, logits=logits, member_logits=member_logits, cache=new_cache, **per_member
+        )
+
+    def _check_shared_input_embeddings(self) -> None:
+        """``inputs_embeds`` are vectors of ONE embedding table: every member gets them, so the members must
+        share their input embeddings (adapters on one base, or embeddings frozen in training)."""
+        tables = [self._member_model(k).get_input_embeddings().weight for k in range(self.num_members)]
+        first = tables[0]
+        for k, table in enumerate(tables[1:], start=1):
+            if table is not first and (
+                table.shape != first.shape or not torch.equal(table.to(first.device), first)
+            ):
+                raise ValueError(
+                    f"inputs_embeds are given to every member, but member {k}'s input embeddings differ from "
+                    "member 0's (each member reads tokens through its own table): pass input_ids instead."
+                )
 
     def _run_members(
         self, inputs: dict, cache: EnsembleCache | None
-    ) -> tuple[torch.Tensor, EnsembleCache | None]:
-        """Member logits [K, B, T, V] (on member 0's device) and the members' caches: one forward each."""
+    ) -> tuple[torch.Tensor, EnsembleCache | None, list[dict]]:
+        """Member logits [K, B, T, V] (on member 0's device), the members' caches and each member's
+        ``hidden_states`` / ``attentions`` (when asked for): one forward each."""
         if cache is not None and cache.members_in_batch > 1:
             raise ValueError(
                 "This EnsembleCache holds members batched together; these members run one by one."
             )
-        member_logits, member_caches = [], []
+        member_logits, member_caches, outputs = [], [], []
         device = self.members[0].device
         for k, member in enumerate(self.members):
             member_inputs = (
@@ -275,11 +307,12 @@ class EnsembleModelForCausalLM(EnsembleModel, GenerationMixin):
             out = member(**member_inputs, return_dict=True)
             member_logits.append(out.logits.to(device))
             member_caches.append(out.get("cache"))
+            outputs.append({name: out.get(name) for name in ("hidden_states", "attentions")})
         new_cache = None
         if all(isinstance(c, Cache) for c in member_caches):
             new_cache = cache if cache is not None else EnsembleCache(member_caches)
             new_cache.caches = member_caches
-        return torch.stack(member_logits), new_cache
+        return torch.stack(member_logits), new_cache, outputs
 
     def _prepare_cache_for_generation(
         self, generation_config, model_kwargs: dict, generation_mode, batch_size: int, max_cache_length: int

@@ -362,3 +362,24 @@ def test_docs_language_models_snippet_runs(tmp_path, monkeypatch):
     assert namespace["flags"].shape == namespace["tokens"].shape and (namespace["flags"] >= 0).all()
     assert namespace["metrics"]["ensemble/nll"] <= namespace["metrics"]["member_mean/nll"]
     assert type(namespace["soup"]) is GPT2LMHeadModel and namespace["chosen"]
+
+
+@pytest.mark.parametrize("family", sorted(BUILDERS))
+def test_generate_returns_each_members_hidden_states_and_attentions(family):
+    """``generate(output_hidden_states=True, output_attentions=True)``: per step, a tuple over the members of
+    each member's tuple (issue 27: they were dropped), the same tokens as without them."""
+    members = [BUILDERS[family](seed, attn_implementation="eager") for seed in (0, 1)]
+    ens = EnsembleModel.from_members(members)
+    batch = word_tokenizer()(PROMPTS, return_tensors="pt", padding=True)
+    kwargs = dict(max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+    out = ens.generate(**batch, output_hidden_states=True, output_attentions=True, **kwargs)
+    assert len(out.hidden_states) == len(out.attentions) == 3  # steps
+    layers = members[0].config.num_hidden_layers
+    assert [len(h) for h in out.hidden_states[0]] == [layers + 1] * 2  # members x (embeddings + layers)
+    assert [len(a) for a in out.attentions[1]] == [layers] * 2
+    assert out.hidden_states[1][1][-1].shape == (len(PROMPTS), 1, members[0].config.hidden_size)
+    full = batch["attention_mask"].all(-1)  # unpadded prompts (generation derives positions for padded ones)
+    with torch.no_grad():  # member 1's last hidden state of the prompt, as it computes it alone
+        alone = members[1](**batch, output_hidden_states=True).hidden_states[-1]
+    torch.testing.assert_close(out.hidden_states[0][1][-1][full], alone[full])
+    torch.testing.assert_close(out.sequences, ens.generate(**batch, **kwargs).sequences, atol=0, rtol=0)

@@ -127,6 +127,13 @@ def test_members_batched_on_the_base_equal_the_member_loop(adapters):
     torch.testing.assert_close(batched.member_logits, loop.member_logits, atol=1e-5, rtol=0)
     torch.testing.assert_close(batched.logits, loop.logits, atol=1e-5, rtol=0)
     assert batched.loss.item() == pytest.approx(loop.loss.item(), abs=1e-5)
+    with torch.no_grad():  # hidden states: each member's rows of the batched forward, as in the loop
+        ens.batch_members = False
+        loop = ens(**batch, output_hidden_states=True).hidden_states
+        ens.batch_members = True
+        batched = ens(**batch, output_hidden_states=True).hidden_states
+    assert len(batched) == len(loop) == 3 and len(batched[2]) == len(loop[2])
+    torch.testing.assert_close(batched, loop, atol=1e-5, rtol=0)
     calls = []
     ens.peft_model.get_base_model().register_forward_pre_hook(
         lambda _m, _a, kw: calls.append(tuple(kw["input_ids"].shape)), with_kwargs=True

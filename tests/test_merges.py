@@ -242,4 +242,4 @@ def test_docs_merges_snippet_runs(tmp_path):
     exec(compile(snippet, "docs/language_models.md", "exec"), namespace)
     assert namespace["merged"].lm_head.weight is namespace["merged"].transformer.wte.weight
     assert namespace["adapter_model"].peft_config["merge"].r == 8
-    assert namespace["soup_r8"].peft_config["soup"].r == 8
+    assert namespace["soup_r8"].peft_config["default"].r == 8

@@ -1,10 +1,10 @@
-"""README.md as a user follows it: every Python snippet runs as written, in order, and the documented launch
-commands pass every value accelerate would otherwise warn about.
+"""README.md and the guides in docs/ as a user follows them: every Python snippet runs as written, in order,
+and the documented launch commands pass every value accelerate would otherwise warn about.
 
-The snippets share one namespace (the Ensembles snippet loads the members the Trainer snippet wrote) and get
-the names the README lists before its first snippet: a tiny 2-layer ViT (`model`, `processor`, `pretrained`),
-a tiny CIFAR-shaped dataset (`train`, `val`, `test_loader`, `x`) and `compute_metrics`. A snippet that names
-a Hub repo (`user/vit-cifar10-starsse`) talks to the local Hub of tests/hub_server.py with the real clients.
+The snippets share one namespace (the Ensembles guide loads the members the Trainer guide wrote) and get the
+names the README and the Trainer guide list: a tiny 2-layer ViT (`model`, `processor`, `pretrained`), a tiny
+CIFAR-shaped dataset (`train`, `val`, `test_loader`, `x`) and `compute_metrics`. A snippet that names a Hub
+repo (`user/vit-cifar10-starsse`) talks to the local Hub of tests/hub_server.py with the real clients.
 """
 
 from __future__ import annotations
@@ -20,6 +20,21 @@ import pytest
 from tests._recipe_utils import ROOT, save_tiny_vit, tiny_cifar, tiny_processor
 
 README = (ROOT / "README.md").read_text()
+DOCS = ROOT / "docs"
+# The pages whose Python snippets run here, in this order, after the README's (later pages use earlier names).
+GUIDES = ["trainer.md", "ensembles.md", "lora.md", "basin.md"]
+# Pages whose snippets another test runs (with names of their own).
+GUIDES_TESTED_ELSEWHERE = {"language_models.md": "tests/test_ensemble_lm.py"}
+
+
+def _pages() -> dict[str, str]:
+    """README.md and every Markdown page of docs/ (results records included), by path relative to the root."""
+    pages = {"README.md": README}
+    for path in sorted(DOCS.rglob("*.md")):
+        pages[str(path.relative_to(ROOT))] = path.read_text()
+    return pages
+
+
 LAUNCH_VALUES = ("--num_processes", "--num_machines", "--mixed_precision", "--dynamo_backend")
 
 
@@ -68,19 +83,33 @@ def _preamble(tmp_path) -> dict:
     }
 
 
-def test_readme_python_snippets_run_in_order(hub, tmp_path, monkeypatch):
+def test_every_page_with_python_snippets_is_run_somewhere():
+    for name, text in _pages().items():
+        if name != "README.md" and python_blocks(text):
+            page = name.removeprefix("docs/")
+            assert page in GUIDES or page in GUIDES_TESTED_ELSEWHERE, f"no test runs the snippets of {name}"
+    for page, test in GUIDES_TESTED_ELSEWHERE.items():
+        assert f"docs/{page}" in (ROOT / test).read_text(), (page, test)
+
+
+def test_readme_and_guide_python_snippets_run_in_order(hub, tmp_path, monkeypatch):
     from huggingface_hub import HfApi
 
-    blocks = python_blocks(README)
-    assert len(blocks) >= 3, "the README lost its Python snippets"
+    pages = [("README.md", README)] + [(f"docs/{page}", (DOCS / page).read_text()) for page in GUIDES]
+    counts = {name: len(python_blocks(text)) for name, text in pages}
+    assert counts["README.md"] >= 1, "the README lost its quick-start snippet"
+    assert sum(counts.values()) >= 6, counts
     monkeypatch.chdir(tmp_path)
     HfApi().create_repo("user/vit-cifar10-starsse")  # the Hub repo the Ensembles snippet pushes to
     namespace = _preamble(tmp_path)
-    for i, block in enumerate(blocks):
-        try:
-            exec(compile(block, f"README.md python block {i + 1}", "exec"), namespace)
-        except Exception as err:
-            pytest.fail(f"README python block {i + 1} fails: {type(err).__name__}: {err}\n{block}")
+    for name, text in pages:
+        if name != "README.md":  # the README's quick start trained `model`: the guides start from a fresh one
+            namespace["model"] = copy.deepcopy(namespace["pretrained"])
+        for i, block in enumerate(python_blocks(text)):
+            try:
+                exec(compile(block, f"{name} python block {i + 1}", "exec"), namespace)
+            except Exception as err:
+                pytest.fail(f"{name} python block {i + 1} fails: {type(err).__name__}: {err}\n{block}")
     # what the snippets promise
     assert [p.rsplit("/", 1)[-1] for p in namespace["trainer"].member_paths] == [
         f"member_{k:02d}" for k in range(5)
@@ -90,8 +119,8 @@ def test_readme_python_snippets_run_in_order(hub, tmp_path, monkeypatch):
 
 
 def test_readme_launch_commands_pass_every_launch_value(tmp_path):
-    launches = [c for c in bash_commands(README) if "accelerate launch" in c]
-    assert launches, "the README shows no accelerate launch command"
+    launches = [c for text in _pages().values() for c in bash_commands(text) if "accelerate launch" in c]
+    assert launches, "the README and the guides show no accelerate launch command"
     for command in launches:
         missing = [flag for flag in LAUNCH_VALUES if flag not in command]
         assert not missing, f"{command!r} lacks {missing}: accelerate would print its defaults block"
@@ -122,17 +151,19 @@ def test_make_says_what_each_install_step_does():
     for step in steps:  # every install command comes right after an echo saying what it does
         before = lines[lines.index(step) - 1]
         assert before.startswith('echo "[install'), (before, step)
-    demo = next(line for line in lines if "recipes/vit_cifar.py" in line and not line.startswith("echo"))
+    demo = next(
+        line for line in lines if "recipes/vit_cifar.py" in line and not line.startswith(("echo", "#"))
+    )
     assert all(flag in demo for flag in LAUNCH_VALUES)
 
 
 ACTIVATE = "source .venv/bin/activate"
 
 
-def _readme_commands() -> list[tuple[int, str]]:
-    """(offset, command) of every python / accelerate command the README shows, in blocks or inline code."""
+def _readme_commands(text: str = README) -> list[tuple[int, str]]:
+    """(offset, command) of every python / accelerate command a page shows, in blocks or inline code."""
     found = []
-    for match in re.finditer(r"(?:PYTHONPATH=\S+ )?(?:python|accelerate launch) [^`\n|]*", README):
+    for match in re.finditer(r"(?:PYTHONPATH=\S+ )?(?:python|accelerate launch) [^`\n|]*", text):
         found.append((match.start(), match.group(0).strip()))
     return found
 
@@ -142,13 +173,26 @@ def test_readme_commands_come_after_the_venv_activation_and_name_real_scripts():
     (ModuleNotFoundError: torch), so the README says to activate it before its first such command."""
     assert ACTIVATE in README, "the README never says how to use the .venv that make creates"
     first = README.index(ACTIVATE)
-    commands = _readme_commands()
-    assert len(commands) >= 10
-    early = [command for offset, command in commands if offset < first]
+    early = [command for offset, command in _readme_commands() if offset < first]
     assert not early, f"commands before the activation line: {early}"
-    for _, command in commands:
+    # the guides are read after the install: each names the venv before its first command, or the README does
+    commands = [command for text in _pages().values() for _, command in _readme_commands(text)]
+    assert len(commands) >= 10
+    for command in commands:
         for script in re.findall(r"\b((?:recipes|benchmarks)/\w+\.py)\b", command):
             assert (ROOT / script).is_file(), f"{command!r} names {script}, which does not exist"
+
+
+def test_user_facing_text_names_no_internal_issue_numbers():
+    for name, text in _pages().items():
+        found = re.findall(r".{0,40}\bissue \d+.{0,20}", text, flags=re.I)
+        assert not found, f"{name}: {found}"
+
+
+def test_the_readme_is_short_and_links_into_the_docs():
+    assert len(README.splitlines()) <= 220, "the README grew past about 200 lines: move text into a guide"
+    for target in re.findall(r"\]\((docs/[^)#]+)", README):
+        assert (ROOT / target).is_file(), f"the README links to {target}, which does not exist"
 
 
 def test_the_activated_venv_runs_the_readme_commands(tmp_path):
