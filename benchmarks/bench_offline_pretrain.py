@@ -19,8 +19,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from hf_ens.fashion_mnist import DEBIAN_DIR, load_fashion_mnist, read_idx  # noqa: E402
 from recipes._cli import parse_config_and_args  # noqa: E402
+from recipes.image_datasets import DEBIAN_DIR, load_fashion_mnist, read_idx  # noqa: E402
 from recipes.pretrain_vit import PretrainArguments, ensure_pretrained_checkpoint  # noqa: E402
 
 

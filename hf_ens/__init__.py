@@ -3,6 +3,7 @@
 The library layer: it never imports `trainers`.
 """
 
+from . import registry
 from .basin import barrier, distances_to, interpolate, interpolation_profile, plot_profile, weight_distance
 from .checks import NonFiniteError, assert_finite, nonfinite_tensors
 from .ensemble import (
@@ -16,6 +17,14 @@ from .ensemble import (
 )
 from .ensemble_lm import EnsembleModelForCausalLM
 from .evaluate_metrics import EVALUATE_METRICS, load_metric
+from .evaluation import (
+    evaluate_ensemble,
+    evaluate_loss_error,
+    loss_error,
+    make_accuracy_eval_fn,
+    make_loss_error_fn,
+    predict,
+)
 from .lm_metrics import (
     compute_lm_metrics,
     evaluate_lm_ensemble,
@@ -27,11 +36,13 @@ from .lm_metrics import (
 from .merges import MERGE_METHODS, lora_merge, merge_models, task_arithmetic
 from .metrics import fit_temperature, temperature_scaled
 from .pipelines import pipeline
-from .soups import greedy_soup, make_accuracy_eval_fn, recompute_batchnorm, uniform_soup, weighted_average
+from .soups import greedy_soup, recompute_batchnorm, uniform_soup, weighted_average
 
 __version__ = "0.1.0"
 
 # LoRA members (`hf_ens.adapters`) import peft: loaded on first use, so full-model users never pay for it.
+# Loading a saved adapter ensemble imports the modules that register its member format and task classes.
+registry.declare_provider("peft_lora", "hf_ens.adapters", "hf_ens.adapters_lm")
 _ADAPTER_NAMES = ("AdapterEnsembleModel", "lora_uniform_soup", "lora_soup_adapter")
 
 
@@ -64,6 +75,11 @@ __all__ = [
     "lora_merge",
     "recompute_batchnorm",
     "make_accuracy_eval_fn",
+    "predict",
+    "evaluate_ensemble",
+    "loss_error",
+    "evaluate_loss_error",
+    "make_loss_error_fn",
     "interpolate",
     "interpolation_profile",
     "barrier",

@@ -29,7 +29,6 @@ import contextlib
 import copy
 import hashlib
 import json
-import math
 import os
 import warnings
 from collections.abc import Sequence
@@ -45,9 +44,12 @@ from peft.utils import ModulesToSaveWrapper
 from torch import nn
 from transformers import PreTrainedModel
 
-from . import hub
+from . import hub, registry
+from .averaging import check_weights, weighted_mean
 from .checks import assert_finite, nonfinite_tensors
 from .ensemble import EnsembleConfig, EnsembleModel
+from .lora_config import check_adapter_names as _check_names
+from .lora_config import check_lora
 from .members import EnsembleLoadError, member_class, refuse_remote_code
 
 __all__ = [
@@ -76,47 +78,12 @@ ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 # Frozen base weights the members were trained on that the base checkpoint does not hold (e.g. the pooler a
 # masked-LM checkpoint lacks, drawn when it was loaded as a classifier): saved with the adapters.
 BASE_EXTRA_NAME = "base_extra.safetensors"
-_LINEAR_INITS = (True, False, "gaussian")  # the LoRA inits that leave the base weights untouched
 
 
 # --------------------------------------------------------------------------------------------- the member
 def is_peft_model(model: Any) -> bool:
     """Whether `model` is a peft model (its members are adapters, not whole models)."""
     return isinstance(model, PeftModel)
-
-
-def check_lora(model_or_config: PeftModel | LoraConfig, adapter: str | None = None) -> LoraConfig:
-    """The LoRA config of `adapter`, refused (ValueError) unless its merged weight is ``W0 + scale B A``.
-
-    That linearity is what makes member averaging exact and what a Local DE re-draw reproduces: DoRA (a
-    per-column norm), LoRA biases and inits that rewrite the base weights (PiSSA, OLoRA, LoftQ, ...) are
-    refused, as are other peft methods.
-    """
-    if isinstance(model_or_config, PeftModel):
-        adapter = adapter or model_or_config.active_adapter
-        config = model_or_config.peft_config[adapter]
-    else:
-        config = model_or_config
-    problems = []
-    if not isinstance(config, LoraConfig):
-        problems.append(f"it is a {type(config).__name__}, hf-ens supports LoRA adapters only")
-    else:
-        if config.use_dora:
-            problems.append("use_dora=True (a DoRA member is not W0 + scale B A)")
-        if getattr(config, "lora_bias", False):
-            problems.append("lora_bias=True")
-        if getattr(config, "layer_replication", None):
-            problems.append("layer_replication (it rebuilds the base model's layers)")
-        if config.init_lora_weights not in _LINEAR_INITS:
-            problems.append(
-                f"init_lora_weights={config.init_lora_weights!r} rewrites the base weights; use True or "
-                "'gaussian'"
-            )
-    if problems:
-        raise ValueError(
-            f"Unsupported peft adapter{f' {adapter!r}' if adapter else ''}: {'; '.join(problems)}."
-        )
-    return config
 
 
 def _adapter_keys(model: nn.Module, adapter: str) -> list[str]:
@@ -258,28 +225,6 @@ def load_adapter_weights(model: PeftModel, directory: str | os.PathLike, adapter
 
 
 # --------------------------------------------------------------------------------------------------- soups
-def _check_names(model: PeftModel, adapters: Sequence[str]) -> list[str]:
-    adapters = list(adapters)
-    if not adapters:
-        raise ValueError("A soup needs at least one adapter; got an empty list.")
-    unknown = [a for a in adapters if a not in model.peft_config]
-    if unknown:
-        raise ValueError(f"Unknown adapters {unknown}; the model holds {sorted(model.peft_config)}.")
-    for a in adapters:
-        check_lora(model, a)
-    return adapters
-
-
-def _mean(tensors, weights: list[float]) -> torch.Tensor:
-    """``sum_k w_k t_k / sum_k w_k`` accumulated in float32 (float64 stays float64)."""
-    total = None
-    for t, w in zip(tensors, weights, strict=True):
-        dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
-        term = t.to(dtype) * w
-        total = term if total is None else total.add_(term)
-    return total.div_(sum(weights))
-
-
 @torch.no_grad()
 def lora_uniform_soup(
     model: PeftModel, adapters: Sequence[str], weights: Sequence[float] | None = None
@@ -293,9 +238,7 @@ def lora_uniform_soup(
     copy. `model` is not modified.
     """
     adapters = _check_names(model, adapters)
-    weights = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]
-    if len(weights) != len(adapters) or not all(math.isfinite(w) for w in weights) or sum(weights) == 0:
-        raise ValueError(f"Need one finite weight per adapter ({len(adapters)}) with a non-zero sum.")
+    weights = check_weights(weights, len(adapters), "adapter")
     active = model.active_adapter
     soup = copy.deepcopy(model)
     for module in soup.modules():
@@ -305,7 +248,7 @@ def lora_uniform_soup(
                 raise ValueError(f"Adapters {adapters} do not all adapt the same layers.")
             if names:
                 base = module.get_base_layer().weight
-                delta = _mean((module.get_delta_weight(a) for a in adapters), weights)
+                delta = weighted_mean((module.get_delta_weight(a) for a in adapters), weights)
                 base.copy_((base.to(delta.dtype) + delta.to(base.device)).to(base.dtype))
         elif isinstance(module, ModulesToSaveWrapper):
             names = [a for a in adapters if a in module.modules_to_save]
@@ -316,7 +259,7 @@ def lora_uniform_soup(
                 states = [module.modules_to_save[a].state_dict() for a in adapters]
                 for name, value in target.items():
                     if value.is_floating_point():
-                        value.copy_(_mean((s[name] for s in states), weights).to(value.dtype))
+                        value.copy_(weighted_mean((s[name] for s in states), weights).to(value.dtype))
     soup.set_adapter(adapters[0])  # unload() keeps the active adapter's modules_to_save copy
     plain = soup.unload()
     plain.train(model.training)
@@ -369,7 +312,7 @@ def lora_soup_adapter(model: PeftModel, adapters: Sequence[str], name: str = "so
             states = [module.modules_to_save[a].state_dict() for a in adapters]
             for key, value in target.items():
                 if value.is_floating_point():
-                    value.copy_(_mean((s[key] for s in states), [1.0] * k).to(value.dtype))
+                    value.copy_(weighted_mean((s[key] for s in states), [1.0] * k).to(value.dtype))
     return model
 
 
@@ -516,13 +459,9 @@ class AdapterEnsembleModel(EnsembleModel):
     @classmethod
     def _class_for(cls, architecture: str | None) -> type[AdapterEnsembleModel]:
         """Adapters on a causal-LM base give an `AdapterEnsembleModelForCausalLM` (it generates)."""
-        from .members import CAUSAL_LM_SUFFIXES
-
-        if cls is AdapterEnsembleModel and architecture and architecture.endswith(CAUSAL_LM_SUFFIXES):
-            from .adapters_lm import AdapterEnsembleModelForCausalLM
-
-            return AdapterEnsembleModelForCausalLM
-        return cls
+        if cls is not AdapterEnsembleModel:
+            return cls
+        return registry.task_class(PEFT_FORMAT, architecture) or cls
 
     @classmethod
     def _from_saved(
@@ -785,3 +724,18 @@ def _copy_extra(base: PreTrainedModel, extra: dict[str, torch.Tensor]) -> None:
 
 def _dtype(dtype) -> torch.dtype:
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+def _load_saved(path, saved, config, base_model, num_labels, hub_kwargs, **member_kwargs):
+    """The ``peft_lora`` member format's loader (`hf_ens.registry`), for `EnsembleModel.from_pretrained`."""
+    if num_labels is not None and num_labels != saved.num_labels:
+        raise ValueError(
+            "num_labels= for an ensemble of LoRA adapters is not supported: each adapter carries its "
+            "trained head; build new adapters (a trainer) for a new label set."
+        )
+    return AdapterEnsembleModel._from_saved(
+        path, saved, config, base_model, hub_kwargs=hub_kwargs, **member_kwargs
+    )
+
+
+registry.register_member_format(registry.MemberFormat(PEFT_FORMAT, _load_saved))

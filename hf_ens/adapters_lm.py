@@ -18,8 +18,10 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel
 
-from .adapters import AdapterEnsembleModel
+from . import registry
+from .adapters import PEFT_FORMAT, AdapterEnsembleModel
 from .ensemble_lm import _CACHE_KEY, EnsembleCache, EnsembleModelForCausalLM
+from .members import CAUSAL_LM_SUFFIXES
 
 __all__ = ["AdapterEnsembleModelForCausalLM"]
 
@@ -95,3 +97,6 @@ class AdapterEnsembleModelForCausalLM(AdapterEnsembleModel, EnsembleModelForCaus
         )
         if member_kwargs.get(_CACHE_KEY) is not None:
             model_kwargs[_CACHE_KEY] = EnsembleCache([member_kwargs[_CACHE_KEY]], members_in_batch=k)
+
+
+registry.register_task_class(PEFT_FORMAT, CAUSAL_LM_SUFFIXES, AdapterEnsembleModelForCausalLM)

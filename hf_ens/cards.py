@@ -11,8 +11,6 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-import hf_ens
-
 from .hub import is_hub_id, public_metadata
 from .metrics import METRICS
 
@@ -67,7 +65,7 @@ _AUTO_CLASSES = {
 
 def template_path(name: str = "ensemble_card.md") -> Path:
     """Location of a card template: in the wheel (``hf_ens/model_cards``) or the source tree's top level."""
-    package_dir = Path(hf_ens.__file__).parent
+    package_dir = Path(__file__).parent
     for folder in (package_dir / "model_cards", package_dir.parent / "model_cards"):
         if (folder / name).is_file():
             return folder / name

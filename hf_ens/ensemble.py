@@ -53,16 +53,18 @@ from transformers.configuration_utils import SubConfigSpec
 from transformers.integrations.accelerate import check_and_set_device_map
 from transformers.utils import CONFIG_NAME, ModelOutput
 
-from . import hub, tasks
+from . import hub, registry, tasks
 from ._io import atomic_directory
+from .cards import render_model_card
 from .checks import assert_finite
-from .evaluation import _predict
+from .evaluation import predict
 from .hub import ENSEMBLE_CONFIG_NAME, HubPushError
 from .members import (
     CAUSAL_LM_SUFFIXES,
     CLASSIFICATION_SUFFIXES,
     LOADER_READS,
     EnsembleLoadError,
+    check_like,
     check_repo_tree,
     load_member,
     load_processor,
@@ -71,6 +73,7 @@ from .members import (
     repo_path,
     weight_dtypes,
 )
+from .soups import uniform_soup
 
 __all__ = [
     "EnsembleConfig",
@@ -84,7 +87,6 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 2  # 2: ensemble_config.json is an EnsembleConfig (1: a plain dict without the member config)
-_load_member = load_member  # the name `hf_ens.soups` imports
 # Keywords the Auto classes and pipelines pass to `from_pretrained` that mean nothing for an ensemble.
 _IGNORED_LOAD_KWARGS = ("_from_auto", "_from_pipeline", "adapter_kwargs", "code_revision")
 _PUSH_KWARGS = ("commit_message", "commit_description", "private", "create_pr", "revision")
@@ -301,12 +303,10 @@ def _check_compatible(
                 f"All members must share one label set: member 0 has id2label={dict(ref.config.id2label)}, "
                 f"member {i} has {dict(m.config.id2label)}."
             )
-    from .soups import _check_like  # the weight names/shapes check soups need too
-
     ref_shapes = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
     try:
         for i, m in enumerate(members[1:], start=1):
-            _check_like(ref, ref_shapes, m, i)
+            check_like(ref, ref_shapes, m, i)
     except ValueError as e:  # same class, other depth or width: averaging or ensembling them is a mistake
         raise ValueError(f"All members must have the same depth and width: {e}") from None
 
@@ -465,12 +465,7 @@ class EnsembleModel(PreTrainedModel):
         itself."""
         if cls is not EnsembleModel:
             return cls
-        name = config.architecture or ""
-        if name.endswith(CAUSAL_LM_SUFFIXES):
-            from .ensemble_lm import EnsembleModelForCausalLM
-
-            return EnsembleModelForCausalLM
-        return next((c for c in _TASK_CLASSES if name.endswith(c._member_suffix)), cls)
+        return registry.task_class("full", config.architecture) or cls
 
     @classmethod
     def from_pretrained(
@@ -597,28 +592,19 @@ class EnsembleModel(PreTrainedModel):
                 f"{saved.members}."
             )
         member_kwargs = dict(dtype=dtype, device_map=device_map, attn_implementation=attn_implementation)
-        if saved.member_format == "peft_lora":
-            from .adapters import AdapterEnsembleModel
-
-            if num_labels is not None and num_labels != saved.num_labels:
-                raise ValueError(
-                    "num_labels= for an ensemble of LoRA adapters is not supported: each adapter carries its "
-                    "trained head; build new adapters (a trainer) for a new label set."
+        if saved.member_format != "full":  # e.g. "peft_lora": the format's own loader (`hf_ens.registry`)
+            fmt = registry.member_format(saved.member_format)
+            if fmt is None:
+                raise EnsembleLoadError(
+                    f"Unknown member_format {saved.member_format!r} in {path / ENSEMBLE_CONFIG_NAME}."
                 )
-
             hub_kwargs = dict(
                 cache_dir=cache_dir,
                 force_download=force_download,
                 local_files_only=local_files_only,
                 token=token,
             )
-            return AdapterEnsembleModel._from_saved(
-                path, saved, config, base_model, hub_kwargs=hub_kwargs, **member_kwargs
-            )
-        if saved.member_format != "full":
-            raise EnsembleLoadError(
-                f"Unknown member_format {saved.member_format!r} in {path / ENSEMBLE_CONFIG_NAME}."
-            )
+            return fmt.load(path, saved, config, base_model, num_labels, hub_kwargs, **member_kwargs)
         if base_model is not None:
             raise TypeError("base_model applies to ensembles of adapter members only.")
         config = config if config is not None else saved
@@ -710,7 +696,7 @@ class EnsembleModel(PreTrainedModel):
 
     def predict(self, dataloader: Iterable) -> tuple[torch.Tensor, torch.Tensor]:
         """Member logits [K, N, C] and labels [N] of a labelled loader (for `metrics.ensemble_metrics`)."""
-        return _predict(
+        return predict(
             self,
             dataloader,
             output="member_logits",
@@ -720,8 +706,6 @@ class EnsembleModel(PreTrainedModel):
 
     def soup(self, bn_dataloader: Iterable | None = None) -> PreTrainedModel:
         """Uniform weight average of the members (`hf_ens.uniform_soup`): one model at 1x inference cost."""
-        from .soups import uniform_soup
-
         return uniform_soup(list(self.members), bn_dataloader=bn_dataloader)
 
     # --- persistence ------------------------------------------------------------------------------------
@@ -779,8 +763,6 @@ class EnsembleModel(PreTrainedModel):
         soup's ``save_pretrained`` (transformers' checkpoint key format). A `state_dict` is refused: the
         ensemble saves its own members.
         """
-        from .cards import render_model_card
-
         _check_save_kwargs(safe_serialization, state_dict, push_kwargs)
         target = Path(save_directory)
         if not is_main_process:
@@ -1024,7 +1006,8 @@ class EnsembleForSequenceClassification(EnsembleModel):
         )
 
 
-_TASK_CLASSES = (EnsembleForImageClassification, EnsembleForSequenceClassification)
+for _cls in (EnsembleForImageClassification, EnsembleForSequenceClassification):
+    registry.register_task_class("full", (_cls._member_suffix,), _cls)
 
 # `import hf_ens` makes the ensemble a model transformers' Auto classes and pipelines know.
 AutoConfig.register(EnsembleConfig.model_type, EnsembleConfig, exist_ok=True)

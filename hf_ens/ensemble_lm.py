@@ -28,6 +28,7 @@ from transformers.cache_utils import Cache
 from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.utils import ModelOutput
 
+from . import registry
 from .ensemble import EnsembleConfig, EnsembleModel, _on_device
 from .members import CAUSAL_LM_SUFFIXES
 
@@ -349,3 +350,4 @@ class EnsembleModelForCausalLM(EnsembleModel, GenerationMixin):
 
 # `import hf_ens` makes the ensemble a causal LM transformers' Auto classes and pipelines know.
 AutoModelForCausalLM.register(EnsembleConfig, EnsembleModelForCausalLM, exist_ok=True)
+registry.register_task_class("full", CAUSAL_LM_SUFFIXES, EnsembleModelForCausalLM)

@@ -1,20 +1,53 @@
-"""Batch inference helpers shared by recipes, benchmarks and basin analysis.
+"""The one evaluation path of hf-ens, for the library, the recipes, the comparison and the trainer's probe.
 
-One way to read a batch (`_split_batch`) and one predict loop (`_predict`) serve `predict_logits`,
-`EnsembleModel.predict`, `evaluate_ensemble`, `make_accuracy_eval_fn` and `recompute_batchnorm`.
+One way to read a batch (`split_batch`) and one predict loop (`predict`) serve `predict_logits`,
+`EnsembleModel.predict`, `evaluate_ensemble`, the held-out scores a greedy soup is picked by
+(`make_accuracy_eval_fn`), the loss/error a basin profile or LR probe reads (`loss_error`,
+`make_loss_error_fn`) and `recompute_batchnorm`.
+
+Wherever batches are taken, a zero-argument callable returning fresh batches is accepted too (for loaders that
+are generators, e.g. batches preprocessed on the device at each pass).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
+from .lm_metrics import LMMetricAccumulator, scored_tokens
+from .members import CAUSAL_LM_SUFFIXES
+from .metrics import (
+    _SINGLE_LABEL_ONLY,
+    accuracy,
+    classification_metrics,
+    ensemble_log_probs,
+    ensemble_metrics,
+    nll,
+)
 
-def _split_batch(
-    batch, model: torch.nn.Module, label_key: str = "labels"
-) -> tuple[dict, torch.Tensor | None]:
+__all__ = [
+    "split_batch",
+    "predict",
+    "predict_logits",
+    "loss_error",
+    "evaluate_loss_error",
+    "make_loss_error_fn",
+    "make_accuracy_eval_fn",
+    "ensemble_size_curve",
+    "evaluate_ensemble",
+]
+
+Batches = Iterable | Callable[[], Iterable]
+
+
+def _fresh(batches: Batches) -> Iterable:
+    return batches() if callable(batches) else batches
+
+
+def split_batch(batch, model: torch.nn.Module, label_key: str = "labels") -> tuple[dict, torch.Tensor | None]:
     """(model inputs on the model's device, labels or None) from a dict batch (HF collators) or a tuple.
 
     Labels are `label_key`; with the default, a ``label`` column (`datasets`' usual name) counts too; every
@@ -49,11 +82,11 @@ def _split_batch(
 
 
 @torch.no_grad()
-def _predict(
+def predict(
     model: torch.nn.Module,
-    batches: Iterable,
+    batches: Batches,
     *,
-    empty_error: str,
+    empty_error: str = "predict got no batches: the evaluation set is empty.",
     label_key: str = "labels",
     desc: str | None = None,
     output: str = "logits",
@@ -67,8 +100,8 @@ def _predict(
     was_training, chunks, labels = model.training, [], []
     model.eval()
     try:
-        for batch in tqdm(batches, desc=desc, disable=desc is None, leave=False):
-            inputs, y = _split_batch(batch, model, label_key)
+        for batch in tqdm(_fresh(batches), desc=desc, disable=desc is None, leave=False):
+            inputs, y = split_batch(batch, model, label_key)
             if y is None:
                 keys = "'labels' or 'label'" if label_key == "labels" else repr(label_key)
                 raise ValueError(f"A batch carries no labels ({keys}); evaluation needs labelled batches.")
@@ -90,18 +123,152 @@ def _predict(
 
 def predict_logits(
     model: torch.nn.Module,
-    batches: Iterable[Mapping[str, torch.Tensor]],
+    batches: Batches,
     label_key: str = "labels",
     desc: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run `model` in eval mode over `batches` and return (logits [N, C] fp32 on CPU, labels [N]).
 
-    The model's train/eval mode is restored afterwards, so this is safe to call in the middle of training.
+    `predict` with ``output="logits"``. The model's train/eval mode is restored afterwards, so this is safe
+    to call in the middle of training.
     """
-    return _predict(
+    return predict(
         model,
         batches,
         label_key=label_key,
         desc=desc,
         empty_error="predict_logits got no batches: the evaluation set is empty.",
     )
+
+
+def loss_error(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """``{"loss": mean cross-entropy (nats), "error": 1 - accuracy}`` of single-label logits [N, C]: what a
+    basin profile (`hf_ens.basin.interpolation_profile`) and the trainer's LR probe read. A NaN/Inf row counts
+    as an error (`hf_ens.metrics.accuracy`), never as class 0."""
+    return {
+        "loss": torch.nn.functional.cross_entropy(logits.float(), labels).item(),
+        "error": 1.0 - float(accuracy(logits, labels)),
+    }
+
+
+def _is_causal_lm(model: nn.Module) -> bool:
+    return type(model).__name__.endswith(CAUSAL_LM_SUFFIXES)  # PeftModelForCausalLM included
+
+
+@torch.no_grad()
+def _lm_loss_error(model: nn.Module, batches: Batches) -> dict[str, float]:
+    acc, was_training = LMMetricAccumulator(), model.training
+    device = next(model.parameters()).device
+    model.eval()
+    try:
+        for batch in _fresh(batches):
+            if "labels" not in batch:
+                raise ValueError("Evaluating a causal LM's loss and error needs labelled batches (`labels`).")
+            inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+            acc.add(*scored_tokens(model(**inputs).logits.float(), batch["labels"].to(device)))
+    finally:
+        model.train(was_training)
+    metrics = acc.compute()
+    return {"loss": metrics["nll"], "error": 1.0 - metrics["accuracy"]}
+
+
+def evaluate_loss_error(model: nn.Module, batches: Batches) -> dict[str, float]:
+    """``{"loss", "error"}`` of `model` on labelled `batches`, in eval mode (its mode restored afterwards).
+
+    A classifier: `loss_error` of its logits (mean cross-entropy, 1 - accuracy). A causal LM: per token, the
+    NLL and top-1 error of the next token over every scored position (shifted labels, ``-100`` ignored), the
+    loss its own training minimises. What basin profiles and the trainer's LR probe read.
+    """
+    if _is_causal_lm(model):
+        return _lm_loss_error(model, batches)
+    return loss_error(*predict_logits(model, batches))
+
+
+def make_loss_error_fn(
+    batches: Batches, prepare: Callable[[nn.Module], object] | None = None
+) -> Callable[[nn.Module], dict[str, float]]:
+    """``eval_fn(model) -> {"loss", "error"}`` (`evaluate_loss_error`) on `batches`, for
+    `interpolation_profile` and probes; `prepare(model)` runs first (e.g. attach a device preprocessor)."""
+
+    def eval_fn(model: nn.Module) -> dict[str, float]:
+        if prepare is not None:
+            prepare(model)
+        return evaluate_loss_error(model, batches)
+
+    return eval_fn
+
+
+def make_accuracy_eval_fn(dataloader: Batches) -> Callable[[nn.Module], float]:
+    """Build ``eval_fn(model) -> accuracy`` on a HELD-OUT loader, for `greedy_soup` (never pass the test set).
+
+    Raises ValueError for an empty loader, now when its length is known, else at the first call.
+    """
+    try:
+        if len(dataloader) == 0:  # type: ignore[arg-type]
+            raise ValueError(
+                "make_accuracy_eval_fn got an empty held-out dataloader; greedy_soup needs data."
+            )
+    except TypeError:
+        pass
+
+    empty = "The held-out dataloader yielded no samples; greedy_soup needs a non-empty split."
+
+    def eval_fn(model: nn.Module) -> float:
+        logits, labels = predict(model, dataloader, empty_error=empty)
+        if len(labels) == 0:
+            raise ValueError(empty)
+        return accuracy(logits, labels)  # a NaN/Inf prediction is wrong, never class 0
+
+    return eval_fn
+
+
+def ensemble_size_curve(member_logits: torch.Tensor, labels: torch.Tensor) -> dict[str, list]:
+    """Accuracy and NLL of the ensemble of the first k members, k = 1..K: ``{"sizes", "accuracy", "nll"}``."""
+    sizes = list(range(1, member_logits.shape[0] + 1))
+    log_probs = [ensemble_log_probs(member_logits[:k]) for k in sizes]
+    return {
+        "sizes": sizes,
+        "accuracy": [accuracy(lp, labels) for lp in log_probs],
+        "nll": [nll(lp, labels) for lp in log_probs],
+    }
+
+
+def evaluate_ensemble(
+    ensemble,
+    dataloader: Batches,
+    soup: nn.Module | None = None,
+    *,
+    models: Mapping[str, nn.Module] | None = None,
+    size_curve: bool = False,
+) -> dict:
+    """`ensemble_metrics` of an `EnsembleModel` (and optionally its soup) on a labelled loader.
+
+    The result feeds `EnsembleModel.save_pretrained(..., metrics=...)` and `push_to_hub(..., metrics=...)`,
+    which put it into the model card. Evaluate on the split you report, never on the one that picked a soup.
+    `models` (e.g. ``{"greedy_soup": greedy}``) adds ``<name>/accuracy``... of other single models on the same
+    batches; `size_curve` adds ``ensemble_size_curve`` (`ensemble_size_curve`). The loader is read once per
+    model: it must yield the same batches each pass (do not shuffle it).
+    """
+    problem_type = getattr(ensemble.config, "problem_type", None)
+    if problem_type not in (None, "single_label_classification"):
+        raise ValueError(_SINGLE_LABEL_ONLY.format(what=f"this ensemble's members are {problem_type!r}"))
+    member_logits, labels = ensemble.predict(_fresh(dataloader))
+
+    def logits_of(model: nn.Module, name: str) -> torch.Tensor:
+        logits, again = predict(
+            model,
+            dataloader,
+            desc=f"evaluate {name}",
+            empty_error="evaluate_ensemble got an empty dataloader.",
+        )
+        if not torch.equal(again, labels):
+            raise ValueError("The dataloader yielded different labels on a second pass; do not shuffle it.")
+        return logits
+
+    soup_logits = None if soup is None else logits_of(soup, "soup")
+    metrics = ensemble_metrics(member_logits, labels, soup_logits=soup_logits)
+    for name, model in (models or {}).items():
+        metrics.update(classification_metrics(logits_of(model, name), labels, prefix=f"{name}/"))
+    if size_curve:
+        metrics["ensemble_size_curve"] = ensemble_size_curve(member_logits, labels)
+    return metrics

@@ -1,6 +1,7 @@
 """Loading one saved member (or processor) strictly: safetensors only, every weight present, no repo code.
 
-The bottom of the library: `ensemble`, `hub` and `soups` use it, it imports none of them.
+The bottom of the library: `ensemble`, `hub`, `soups` and `merges` use it (loading, and `check_like`, the
+one check that two members hold the same weights), it imports none of them.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from torch import nn
 from transformers import PreTrainedModel
 
 from .checks import nonfinite_tensors
@@ -25,6 +27,7 @@ __all__ = [
     "load_member",
     "load_processor",
     "weight_dtypes",
+    "check_like",
 ]
 
 CLASSIFICATION_SUFFIXES = ("ForImageClassification", "ForSequenceClassification")
@@ -272,3 +275,22 @@ def load_processor(path: str | os.PathLike):
         raise EnsembleLoadError(
             f"Could not load the processor saved in {path}: {type(e).__name__}: {e}"
         ) from e
+
+
+def check_like(ref: nn.Module, ref_shapes: dict[str, tuple], model: nn.Module, i: int) -> dict:
+    """`model`'s state dict, after checking it has `ref`'s class, weight names and shapes (`ref_shapes`):
+    members of one soup, merge or ensemble must be the same network (`i`: the member's index, for errors)."""
+    if type(model) is not type(ref):
+        raise ValueError(
+            f"Cannot average weights of different architectures: member 0 is {type(ref).__name__}, "
+            f"member {i} is {type(model).__name__}."
+        )
+    state = model.state_dict()
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    if shapes != ref_shapes:
+        diff = sorted(set(ref_shapes.items()) ^ set(shapes.items()))[:5]
+        raise ValueError(
+            f"Cannot average weights of different architectures: member {i} has different weight names or "
+            f"shapes than member 0, e.g. {diff}."
+        )
+    return state

@@ -31,15 +31,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .soups import (
-    Member,
-    _accumulation_dtype,
-    _check_like,
-    _floating_names,
-    _materialise,
-    _sources,
-    weighted_average,
-)
+from .averaging import accumulation_dtype as _accumulation_dtype
+from .averaging import floating_names as _floating_names
+from .members import check_like as _check_like
+from .soups import Member, _materialise, _sources, weighted_average
 
 __all__ = ["MERGE_METHODS", "merge_models", "task_arithmetic", "lora_merge", "default_merge_weights"]
 
@@ -193,9 +188,9 @@ def lora_merge(
     from peft.tuners.lora import LoraLayer
     from peft.utils import ModulesToSaveWrapper
 
-    from .adapters import _check_names
+    from .lora_config import check_adapter_names
 
-    adapters = _check_names(model, adapters)
+    adapters = check_adapter_names(model, adapters)
     weights = _check_args(method, len(adapters), weights, density, scale, majority_sign_method)
     if rank is not None:
         args = (method, weights, density, scale, majority_sign_method, seed, rank, name)

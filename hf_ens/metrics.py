@@ -25,8 +25,6 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .evaluation import _predict
-
 __all__ = [
     "accuracy",
     "nll",
@@ -39,7 +37,6 @@ __all__ = [
     "kl_to_ensemble",
     "ensemble_metrics",
     "compute_metrics",
-    "evaluate_ensemble",
 ]
 
 METRICS = ("accuracy", "nll", "ece", "brier")
@@ -269,23 +266,3 @@ def compute_metrics(eval_pred) -> dict[str, float]:
             return ensemble_metrics(predictions[1], labels)
         predictions = predictions[0]
     return classification_metrics(predictions, labels)
-
-
-def evaluate_ensemble(ensemble, dataloader, soup=None) -> dict[str, float]:
-    """`ensemble_metrics` of an `EnsembleModel` (and optionally its soup) on a labelled loader.
-
-    The result feeds `EnsembleModel.save_pretrained(..., metrics=...)` and `push_to_hub(..., metrics=...)`,
-    which put it into the model card. Evaluate on the split you report, never on the one that picked a soup.
-    """
-    problem_type = getattr(ensemble.config, "problem_type", None)
-    if problem_type not in (None, "single_label_classification"):
-        raise ValueError(_SINGLE_LABEL_ONLY.format(what=f"this ensemble's members are {problem_type!r}"))
-    member_logits, labels = ensemble.predict(dataloader)
-    soup_logits = None
-    if soup is not None:
-        soup_logits, soup_labels = _predict(
-            soup, dataloader, empty_error="evaluate_ensemble got an empty dataloader."
-        )
-        if not torch.equal(soup_labels, labels):
-            raise ValueError("The dataloader yielded different labels on a second pass; do not shuffle it.")
-    return ensemble_metrics(member_logits, labels, soup_logits=soup_logits)

@@ -20,9 +20,13 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from .averaging import RunningSum as _RunningSum
+from .averaging import check_weights
+from .averaging import floating_names as _floating_names
 from .checks import assert_finite
-from .evaluation import _predict, _split_batch
-from .metrics import accuracy
+from .evaluation import make_accuracy_eval_fn, split_batch
+from .members import check_like as _check_like
+from .members import load_member
 
 __all__ = [
     "uniform_soup",
@@ -67,88 +71,8 @@ def _materialise(member: Member, copy_module: bool = False) -> nn.Module:
     """A module for `member`: a directory is loaded strictly (safetensors only); a module is used as is, or
     deep-copied when the caller will overwrite its weights."""
     if isinstance(member, (str, os.PathLike)):
-        from .ensemble import _load_member  # strict safetensors loading, as for ensembles
-
-        return _load_member(member)
+        return load_member(member)  # strict safetensors loading, as for ensembles
     return copy.deepcopy(member) if copy_module else member
-
-
-def _floating_names(model: nn.Module) -> list[str]:
-    """State-dict names of `model`'s floating tensors, one per storage: tied weights are averaged once."""
-    seen, names = set(), []
-    for name, t in model.state_dict().items():
-        if not (t.is_floating_point() or t.is_complex()):
-            continue
-        key = (t.untyped_storage().data_ptr() + t.storage_offset(), t.dtype, tuple(t.shape))
-        if key not in seen:
-            seen.add(key)
-            names.append(name)
-    return names
-
-
-def _accumulation_dtype(t: torch.Tensor) -> torch.dtype:
-    """float32 (complex64) for narrower floats, so a bf16 soup is not rounded K times; wider stays wider."""
-    if t.dtype in (torch.float64, torch.complex128):
-        return t.dtype
-    return torch.complex64 if t.is_complex() else torch.float32
-
-
-class _RunningSum:
-    """``sum_k w_k * theta_k`` of the floating tensors named `names`, in float32 or wider, state by state.
-
-    With ``alias=True`` the sum lives in the tensors of the first state where their dtype allows (a model
-    that becomes the average), so averaging K fp32 members holds two state dicts: the sum and one member.
-    """
-
-    def __init__(self, state: dict[str, torch.Tensor], names: list[str], weight: float = 1.0, alias=False):
-        self.sum: dict[str, torch.Tensor] = {}
-        for name in names:
-            t, dtype = state[name], _accumulation_dtype(state[name])
-            value = t if alias and t.dtype == dtype else t.to(dtype, copy=True)
-            self.sum[name] = value.mul_(weight) if weight != 1 else value
-        self.total = float(weight)
-
-    def add(self, state: dict[str, torch.Tensor], weight: float = 1.0) -> None:
-        for name, acc in self.sum.items():
-            value = state[name].to(device=acc.device, dtype=acc.dtype)
-            acc.add_(value) if weight == 1 else acc.add_(value, alpha=weight)
-        self.total += weight
-
-    def write_mean(self, model: nn.Module, plus: dict[str, torch.Tensor] | None = None) -> None:
-        """Write ``sum / total`` into `model`, in its dtypes; this ends the sum (it is divided in place).
-
-        With `plus`, write the candidate ``(sum + plus) / (total + 1)`` and keep the sum: one tensor at a time
-        is allocated, so a greedy try costs no copy of a whole soup.
-        """
-        total = self.total + (plus is not None)
-        target = model.state_dict()
-        for name, acc in self.sum.items():
-            if plus is not None:
-                value = torch.add(acc, plus[name].to(device=acc.device, dtype=acc.dtype)).div_(total)
-            else:
-                value = acc.div_(total) if total != 1 else acc
-            if value.data_ptr() != target[name].data_ptr():  # an aliased sum already is the model's tensor
-                target[name].copy_(value)
-        if plus is None:
-            self.total = 1.0
-
-
-def _check_like(ref: nn.Module, ref_shapes: dict[str, tuple], model: nn.Module, i: int) -> dict:
-    """`model`'s state dict, after checking it has `ref`'s class, weight names and shapes."""
-    if type(model) is not type(ref):
-        raise ValueError(
-            f"Cannot average weights of different architectures: member 0 is {type(ref).__name__}, "
-            f"member {i} is {type(model).__name__}."
-        )
-    state = model.state_dict()
-    shapes = {k: tuple(v.shape) for k, v in state.items()}
-    if shapes != ref_shapes:
-        diff = sorted(set(ref_shapes.items()) ^ set(shapes.items()))[:5]
-        raise ValueError(
-            f"Cannot average weights of different architectures: member {i} has different weight names or "
-            f"shapes than member 0, e.g. {diff}."
-        )
-    return state
 
 
 @torch.no_grad()
@@ -176,13 +100,7 @@ def weighted_average(
         `into`, or a new model of member 0's class holding the average.
     """
     members = _sources(members)
-    weights = [1.0] * len(members) if weights is None else list(weights)
-    if len(weights) != len(members) or not all(
-        isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights
-    ):
-        raise ValueError(f"Need one finite weight per member ({len(members)}); got {weights!r}.")
-    if sum(weights) == 0:
-        raise ValueError(f"The averaging weights sum to 0 ({weights!r}); pass weights with a non-zero sum.")
+    weights = check_weights(weights, len(members))
     first = _materialise(members[0], copy_module=into is None)
     ref_shapes = {k: tuple(v.shape) for k, v in first.state_dict().items()}
     out = first if into is None else into
@@ -311,7 +229,7 @@ def recompute_batchnorm(model: nn.Module, dataloader: Iterable, max_batches: int
         for step, batch in enumerate(tqdm(dataloader, desc="recompute BatchNorm", leave=False)):
             if max_batches is not None and step >= max_batches:
                 break
-            inputs, _ = _split_batch(batch, model)
+            inputs, _ = split_batch(batch, model)
             model(**inputs)
             seen += 1
     finally:
@@ -324,27 +242,3 @@ def recompute_batchnorm(model: nn.Module, dataloader: Iterable, max_batches: int
             "recompute_batchnorm got an empty dataloader; BatchNorm statistics were reset to defaults."
         )
     return model
-
-
-def make_accuracy_eval_fn(dataloader: Iterable) -> Callable[[nn.Module], float]:
-    """Build ``eval_fn(model) -> accuracy`` on a HELD-OUT loader, for `greedy_soup` (never pass the test set).
-
-    Raises ValueError for an empty loader, now when its length is known, else at the first call.
-    """
-    try:
-        if len(dataloader) == 0:  # type: ignore[arg-type]
-            raise ValueError(
-                "make_accuracy_eval_fn got an empty held-out dataloader; greedy_soup needs data."
-            )
-    except TypeError:
-        pass
-
-    empty = "The held-out dataloader yielded no samples; greedy_soup needs a non-empty split."
-
-    def eval_fn(model: nn.Module) -> float:
-        logits, labels = _predict(model, dataloader, empty_error=empty)
-        if len(labels) == 0:
-            raise ValueError(empty)
-        return accuracy(logits, labels)  # a NaN/Inf prediction is wrong, never class 0
-
-    return eval_fn

@@ -320,8 +320,8 @@ def evaluate_members(task: Task, trainer: StarSSETrainer, data: SeedData, model1
     """Member, ensemble and soup metrics on held-out and test, raw and temperature-scaled, plus basin data."""
     from hf_ens import uniform_soup
     from hf_ens.basin import barrier, interpolation_profile, weight_distance
+    from hf_ens.evaluation import ensemble_size_curve, make_loss_error_fn
     from hf_ens.metrics import (
-        accuracy,
         classification_metrics,
         ensemble_log_probs,
         ensemble_metrics,
@@ -344,9 +344,9 @@ def evaluate_members(task: Task, trainer: StarSSETrainer, data: SeedData, model1
         z = torch.stack([lg[split][0] for lg in logits])
         for key, value in ensemble_metrics(z, labels, soup_logits=soup_logits[split][0]).items():
             metrics[prefix + key] = value
-        sizes = range(1, len(logits) + 1)
-        metrics[prefix + "size_curve/accuracy"] = [accuracy(ensemble_log_probs(z[:k]), labels) for k in sizes]
-        metrics[prefix + "size_curve/nll"] = [ensemble_metrics(z[:k], labels)["ensemble/nll"] for k in sizes]
+        curve = ensemble_size_curve(z, labels)
+        metrics[prefix + "size_curve/accuracy"] = curve["accuracy"]
+        metrics[prefix + "size_curve/nll"] = curve["nll"]
     # temperature scaling: T fitted on held-out, metrics on test
     candidates = {
         "member_0": lambda split: logits[0][split][0],
@@ -362,13 +362,7 @@ def evaluate_members(task: Task, trainer: StarSSETrainer, data: SeedData, model1
     if len(models) > 1 and task.method != "local_de":
         first, second = models[0], models[1]
         metrics["basin/distance_to_model1"] = [float(weight_distance(first, m)) for m in models[1:]]
-
-        def eval_fn(model):
-            from hf_ens.evaluation import predict_logits
-
-            data.preprocess.attach(model)
-            z, y = predict_logits(model, data.split("held_out"))
-            return {"loss": torch.nn.functional.cross_entropy(z, y).item(), "error": 1 - accuracy(z, y)}
+        eval_fn = make_loss_error_fn(lambda: data.split("held_out"), prepare=data.preprocess.attach)
 
         profile = interpolation_profile(first, second, eval_fn, num_points=data.script.interpolation_points)
         metrics["basin/held_out_profile"] = profile

@@ -183,7 +183,7 @@ class PretrainArguments:
         import torch
         import transformers
 
-        from hf_ens.fashion_mnist import source_fingerprint
+        from recipes.image_datasets import source_fingerprint
 
         return self.settings() | {
             "data": source_fingerprint(),
@@ -297,7 +297,7 @@ def _train(args: PretrainArguments, output_dir: str) -> dict:
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
-    from hf_ens.fashion_mnist import load_fashion_mnist
+    from recipes.image_datasets import load_fashion_mnist
 
     start, cpu_start = time.perf_counter(), time.process_time()
     torch.manual_seed(args.seed)

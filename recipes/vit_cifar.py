@@ -20,11 +20,14 @@ from pathlib import Path
 import torch
 from hf_ens.trainers import StarSSEConfig, StarSSETrainer
 
+from recipes import preflight
 from recipes._cli import ConfigError, parse_config_and_args, run_cli
-from recipes.data import DevicePreprocessor, attach_transforms, collate, decode_images
+from recipes.data import DevicePreprocessor, collate
+from recipes.image_datasets import OFFLINE_DATASET, load_splits, prepare_data
+from recipes.modeling import OFFLINE_MODEL, apply_lora, load_model, resolve_checkpoint  # noqa: F401
+from recipes.preflight import HubUnreachableError, hub_unreachable_reason, is_connection_error  # noqa: F401
+from recipes.preflight import in_hub_cache as _in_hub_cache  # noqa: F401  (recipes/lm_lora.py imports these)
 
-OFFLINE_DATASET = "offline:fashion_mnist"
-OFFLINE_MODEL = "offline:pretrained_vit"
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "vit_cifar10.yaml"
 OFFLINE_COMMAND = (
     "make demo (or: accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no "
@@ -174,10 +177,6 @@ class ScriptArguments:
 # ------------------------------------------------------------------------------------------ preflight
 
 
-class HubUnreachableError(ConfigError):
-    """The run needs Hub repos but the Hub cannot be reached (offline, no network): one line, no retries."""
-
-
 def check_local_paths(args: ScriptArguments) -> None:
     """A name that can only be a local path (`./x`, `/x`, `a/b/c`: not a Hub id) must exist: say so, instead
     of blaming the Hub for a typo in a folder name."""
@@ -210,68 +209,9 @@ def hub_repos(args: ScriptArguments) -> list[tuple[str, str]]:
     return repos
 
 
-def _in_hub_cache(kind: str, repo_id: str) -> bool:
-    from huggingface_hub import constants
-
-    return os.path.isdir(os.path.join(constants.HF_HUB_CACHE, f"{kind}s--{repo_id.replace('/', '--')}"))
-
-
-def hub_unreachable_reason(timeout: float = 3.0) -> str | None:
-    """Why the Hub cannot be reached (offline mode, or no answer to one HEAD request), or None if it can."""
-    import urllib.error
-    import urllib.request
-
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return "HF_HUB_OFFLINE is set"
-    try:
-        urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"), timeout=timeout)
-    except urllib.error.HTTPError:
-        return None  # an HTTP answer, even an error status, means the Hub is there
-    except OSError as err:  # URLError, timeouts, refused connections
-        return f"{constants.ENDPOINT} did not answer: {getattr(err, 'reason', err)}"
-    return None
-
-
-def _unreachable(repos: list[tuple[str, str]], reason: str) -> HubUnreachableError:
-    names = " and ".join(f"{kind} {repo!r}" for kind, repo in repos)
-    return HubUnreachableError(
-        f"cannot load {names}: the Hub cannot be reached ({reason}). "
-        f"Run the embedded offline default instead: {OFFLINE_COMMAND}."
-    )
-
-
 def check_hub(args: ScriptArguments) -> None:
-    """Fail at once, before anything is loaded, when the run needs the Hub and cannot have it.
-
-    Under HF_HUB_OFFLINE a repo already in the local Hub cache is fine; without network nothing is tried,
-    so no client spends half a minute in retries.
-    """
-    from huggingface_hub import constants
-
-    repos = hub_repos(args)
-    if not repos:
-        return
-    if constants.HF_HUB_OFFLINE and all(_in_hub_cache(kind, repo) for kind, repo in repos):
-        return
-    reason = hub_unreachable_reason()
-    if reason is not None:
-        raise _unreachable(repos, reason)
-
-
-def _is_connection_error(err: BaseException | None) -> bool:
-    """A network failure anywhere in the chain of `err` (clients wrap them in OSError or their own types)."""
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    while err is not None:
-        if isinstance(err, (ConnectionError, TimeoutError, LocalEntryNotFoundError)):
-            return True
-        module = type(err).__module__.split(".")[0]
-        if module in ("httpx", "httpcore", "requests", "urllib3") and "Connect" in type(err).__name__:
-            return True
-        err = err.__cause__ or err.__context__
-    return False
+    """Fail at once, before anything is loaded, when the run needs the Hub and cannot have it."""
+    preflight.check_hub(hub_repos(args), OFFLINE_COMMAND)
 
 
 def resume_target(training_args: StarSSEConfig) -> str | bool | None:
@@ -325,166 +265,6 @@ def check_output_dir(args: ScriptArguments, training_args: StarSSEConfig) -> Non
         raise ConfigError(f"--{err}") from err
 
 
-# ----------------------------------------------------------------------------------------------- data
-
-
-def load_splits(args: ScriptArguments, seed: int):
-    """Return (train, held_out, test, label_names) as datasets.Dataset with checked image/label columns."""
-    import datasets
-
-    if args.dataset_name == OFFLINE_DATASET:
-        from hf_ens.fashion_mnist import load_fashion_mnist
-
-        raw = load_fashion_mnist(
-            classes=args.classes,
-            train_size=args.max_train_samples,
-            test_size=args.max_test_samples,
-            seed=seed,
-        )
-    elif args.dataset_name == "imagefolder":
-        raw = datasets.load_dataset("imagefolder", data_dir=args.data_dir)
-    else:
-        raw = datasets.load_dataset(args.dataset_name, args.dataset_config_name)
-    for split in (args.train_split, args.test_split):
-        if split not in raw:
-            raise ValueError(f"Dataset {args.dataset_name!r} has no split {split!r}; it has {sorted(raw)}.")
-    train, test = raw[args.train_split], raw[args.test_split]
-    image_col, label_col = _check_columns(train, args)
-    _check_columns(test, args)
-    if not isinstance(train.features[image_col], datasets.Image):
-        raise ValueError(
-            f"Column {image_col!r} is {type(train.features[image_col]).__name__}, not a datasets.Image; "
-            f"columns are {train.column_names}. Set --image_column to the column holding the images."
-        )
-    label_feature = train.features[label_col]
-    if not isinstance(label_feature, datasets.ClassLabel):
-        raise ValueError(
-            f"Column {label_col!r} is {type(label_feature).__name__}, not a datasets.ClassLabel: the "
-            "recipe needs class names. Cast it first, e.g. dataset.cast_column(col, ClassLabel(names=[...]))."
-        )
-    test_feature = test.features[label_col]
-    if isinstance(test_feature, datasets.ClassLabel) and test_feature.names != label_feature.names:
-        raise ValueError(
-            f"The {args.test_split!r} split's classes {test_feature.names} differ from the "
-            f"{args.train_split!r} split's {label_feature.names}."
-        )
-    train, test = (
-        ds.select_columns([image_col, label_col]).rename_columns({image_col: "image", label_col: "label"})
-        for ds in (train, test)
-    )
-    if args.max_train_samples is not None and args.dataset_name != OFFLINE_DATASET:
-        train = train.shuffle(seed=seed).select(range(min(args.max_train_samples, len(train))))
-    if args.max_test_samples is not None and args.dataset_name != OFFLINE_DATASET:
-        test = test.shuffle(seed=seed).select(range(min(args.max_test_samples, len(test))))
-    split = train.train_test_split(test_size=args.held_out_fraction, seed=seed, stratify_by_column="label")
-    return split["train"], split["test"], test, list(label_feature.names)
-
-
-def _check_columns(ds, args: ScriptArguments) -> tuple[str, str]:
-    if args.dataset_name == OFFLINE_DATASET:
-        return "image", "label"
-    missing = [c for c in (args.image_column, args.label_column) if c not in ds.column_names]
-    if missing:
-        raise ValueError(
-            f"Dataset {args.dataset_name!r} has no column(s) {missing}; its columns are {ds.column_names}. "
-            "Set --image_column / --label_column."
-        )
-    return args.image_column, args.label_column
-
-
-def prepare_data(train, held_out, test, processor, args: ScriptArguments):
-    """(train, train_eval, held_out, test, preprocess) for the tensor path, or the processor path's datasets
-    and None when `--tensor_data_path false` or the processor has steps the tensor path cannot reproduce."""
-    preprocess = None
-    if args.tensor_data_path:
-        preprocess = DevicePreprocessor.from_processor(
-            processor, augment=args.augment, min_scale=args.augment_min_scale
-        )
-    if preprocess is None:
-        return (
-            attach_transforms(train, processor, augment=args.augment, min_scale=args.augment_min_scale),
-            attach_transforms(train, processor, augment=False),
-            attach_transforms(held_out, processor, augment=False),
-            attach_transforms(test, processor, augment=False),
-            None,
-        )
-    train, held_out, test = (decode_images(ds, preprocess.spec) for ds in (train, held_out, test))
-    return train, train, held_out, test, preprocess  # augmentation happens on the device, not in the data
-
-
-# ---------------------------------------------------------------------------------------------- model
-
-
-def resolve_checkpoint(args: ScriptArguments) -> str:
-    if args.model_name_or_path != OFFLINE_MODEL:
-        return args.model_name_or_path
-    from recipes.pretrain_vit import ensure_pretrained_checkpoint
-
-    return str(ensure_pretrained_checkpoint(args.pretrain_config))
-
-
-def load_model(checkpoint: str, label_names: list[str], args: ScriptArguments):
-    """Load the classifier with a head for `label_names`; a trained head of another size is refused."""
-    from transformers import AutoConfig, AutoModelForImageClassification
-
-    from hf_ens.heads import reinit_task_head
-
-    config = AutoConfig.from_pretrained(checkpoint, trust_remote_code=False)
-    has_head = any(a.endswith("ForImageClassification") for a in (config.architectures or []))
-    if has_head and config.num_labels != len(label_names) and not args.ignore_mismatched_sizes:
-        raise ValueError(
-            f"{checkpoint!r} has a classification head for {config.num_labels} labels but the dataset has "
-            f"{len(label_names)}. Pass --ignore_mismatched_sizes true to re-initialise the head."
-        )
-    labels = {
-        "num_labels": len(label_names),
-        "id2label": dict(enumerate(label_names)),
-        "label2id": {n: i for i, n in enumerate(label_names)},
-    }
-    if args.init_from_scratch:
-        config = AutoConfig.from_pretrained(checkpoint, trust_remote_code=False, **labels)
-        return AutoModelForImageClassification.from_config(config, trust_remote_code=False)
-    model = AutoModelForImageClassification.from_pretrained(
-        checkpoint, ignore_mismatched_sizes=args.ignore_mismatched_sizes, trust_remote_code=False, **labels
-    )
-    trained_for = [str(config.id2label[i]) for i in sorted(config.id2label)] if has_head else []
-    generic = all(name.startswith("LABEL_") for name in trained_for)
-    if has_head and not generic and trained_for != label_names and config.num_labels == len(label_names):
-        # same size, other classes (e.g. the offline source task): that head is no starting point
-        print(
-            f"Re-initialising the head of {checkpoint}: trained for {trained_for}, "
-            f"the task has {label_names}."
-        )
-        reinit_task_head(model)
-    return model
-
-
-def apply_lora(model, args: ScriptArguments):
-    """Wrap `model` in a peft LoRA model: adapters on `lora_target_modules`, the task head trained in full
-    (``modules_to_save``), the rest frozen. The LoRA factors are drawn from the global RNG (seeded)."""
-    from peft import LoraConfig, get_peft_model
-
-    from hf_ens.heads import task_heads
-
-    heads = [name for name, module in model.named_children() if name != model.base_model_prefix]
-    task_heads(model)  # a clear error for a model without a head
-    targets = args.lora_target_modules
-    config = LoraConfig(
-        r=args.lora_r,
-        lora_alpha=args.lora_alpha,
-        lora_dropout=args.lora_dropout,
-        target_modules=targets[0] if targets == ["all-linear"] else targets,
-        modules_to_save=heads,
-    )
-    from hf_ens.adapters import quiet_peft_wrap
-
-    try:
-        with quiet_peft_wrap():
-            return get_peft_model(model, config)
-    except ValueError as err:  # e.g. target modules that the model does not have
-        raise ValueError(f"--lora_target_modules {' '.join(targets)}: {err}") from err
-
-
 # ----------------------------------------------------------------------------------------- evaluation
 
 
@@ -503,13 +283,12 @@ def evaluate_run(
     `preprocess` (no augmentation) there, the same step training used."""
     from torch.utils.data import DataLoader
 
-    from hf_ens import greedy_soup, make_accuracy_eval_fn, uniform_soup
+    from hf_ens import greedy_soup, uniform_soup
     from hf_ens.basin import barrier, interpolation_profile, plot_profile, weight_distance
     from hf_ens.checks import assert_finite
-    from hf_ens.evaluation import predict_logits
-    from hf_ens.metrics import accuracy, classification_metrics, ensemble_metrics
-    from hf_ens.plots import plot_vs_ensemble_size
+    from hf_ens.evaluation import evaluate_ensemble, make_accuracy_eval_fn, make_loss_error_fn
     from hf_ens.soups import has_batchnorm
+    from recipes.plots import plot_vs_ensemble_size
 
     cache: dict[int, list | DataLoader] = {}
 
@@ -532,31 +311,24 @@ def evaluate_run(
     members = ensemble.merged_members() if trainer.is_peft else list(ensemble.members)
     bn_loader = loader(train_eval) if has_batchnorm(ensemble) else None
 
-    member_logits, labels = ensemble.predict(loader(test))  # [K, N, C], kept for the ensemble-size curve
     soup = uniform_soup(members, bn_dataloader=bn_loader)
     assert_finite(soup, "The uniform soup")  # a diverged run: refuse before anything is evaluated or written
-    soup_logits, _ = predict_logits(soup, loader(test), desc="test uniform soup")
-
     held_out_accuracy = make_accuracy_eval_fn(loader(held_out))
     greedy, chosen = greedy_soup(members, held_out_accuracy, bn_dataloader=bn_loader)
     assert_finite(greedy, "The greedy soup")
-    greedy_logits, _ = predict_logits(greedy, loader(test), desc="test greedy soup")
 
-    metrics = ensemble_metrics(member_logits, labels, soup_logits=soup_logits)
+    # members, ensemble (and its size curve: the first k members), uniform and greedy soups on test
+    test_batches = lambda: loader(test)  # noqa: E731  (fresh batches per pass on the tensor path)
+    metrics = evaluate_ensemble(ensemble, test_batches, soup, models={"greedy_soup": greedy}, size_curve=True)
     metrics["model1/held_out_accuracy"] = held_out_accuracy(members[0])
     metrics["model1/train_accuracy"] = make_accuracy_eval_fn(loader(train_eval))(members[0])
-    metrics.update(classification_metrics(greedy_logits, labels, prefix="greedy_soup/"))
     metrics["greedy_soup/members"] = list(map(int, chosen))
-
-    # accuracy / NLL vs ensemble size (first k members)
-    sizes = list(range(1, len(members) + 1))
-    curve = {"accuracy": [], "nll": []}
-    for k in sizes:
-        m = ensemble_metrics(member_logits[:k], labels)
-        curve["accuracy"].append(m["ensemble/accuracy"])
-        curve["nll"].append(m["ensemble/nll"])
-    metrics["ensemble_size_curve"] = {"sizes": sizes, **curve}
-    plot_vs_ensemble_size(sizes, {trainer.args.method: curve}, plot_dir / "ensemble_size.png")
+    curve = metrics["ensemble_size_curve"]
+    plot_vs_ensemble_size(
+        curve["sizes"],
+        {trainer.args.method: {k: curve[k] for k in ("accuracy", "nll")}},
+        plot_dir / "ensemble_size.png",
+    )
 
     # basin: distances to model 1 and the member_00 -> member_01 interpolation profile
     distances = [float(weight_distance(members[0], m)) for m in members]
@@ -564,14 +336,7 @@ def evaluate_run(
     if len(members) > 1:
         metrics["basin/mean_distance_to_model1"] = sum(distances[1:]) / (len(members) - 1)
     if args.interpolation_points > 1 and len(members) > 1:
-
-        def eval_fn(model):
-            logits, y = predict_logits(model, loader(test))
-            return {
-                "loss": torch.nn.functional.cross_entropy(logits, y).item(),
-                "error": 1.0 - float(accuracy(logits, y)),
-            }
-
+        eval_fn = make_loss_error_fn(test_batches)
         profile = interpolation_profile(members[0], members[1], eval_fn, num_points=args.interpolation_points)
         metrics["basin/profile_member00_member01"] = profile
         mid = min(range(len(profile["alphas"])), key=lambda i: abs(profile["alphas"][i] - 0.5))
@@ -657,8 +422,10 @@ def run(script_args: ScriptArguments, training_args: StarSSEConfig, callbacks=No
         set_seed(training_args.seed)
         model = load_model(checkpoint, label_names, script_args)
     except Exception as err:  # the network went away after check_hub: the same one line
-        if hub_repos(script_args) and _is_connection_error(err):
-            raise _unreachable(hub_repos(script_args), str(err).splitlines()[0]) from err
+        if hub_repos(script_args) and is_connection_error(err):
+            raise preflight.unreachable(
+                hub_repos(script_args), str(err).splitlines()[0], OFFLINE_COMMAND
+            ) from err
         raise
     train, train_eval, held_out, test, preprocess = prepare_data(
         train, held_out, test, processor, script_args
@@ -698,7 +465,7 @@ def run(script_args: ScriptArguments, training_args: StarSSEConfig, callbacks=No
     result = evaluate_run(trainer, train_eval, held_out, test, script_args, plot_dir, preprocess)
     metrics = result["metrics"]
     if trainer.basin_probe is not None:
-        from hf_ens.plots import plot_basin_probe
+        from recipes.plots import plot_basin_probe
 
         metrics["basin_probe"] = trainer.basin_probe
         plot_basin_probe(trainer.basin_probe, plot_dir / "basin_probe.png")
@@ -760,7 +527,7 @@ def _card_metrics(metrics: dict) -> dict:
 
 
 def _plot_schedule(trainer: StarSSETrainer, path: Path) -> None:
-    from hf_ens.plots import plot_lr_schedule
+    from recipes.plots import plot_lr_schedule
 
     steps, lrs, boundaries = trainer.lr_schedule()
     plot_lr_schedule(steps, lrs, boundaries, path)

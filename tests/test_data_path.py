@@ -77,7 +77,7 @@ def test_accuracy_agrees_on_fashion_mnist_test_set(tmp_path):
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
     from hf_ens.evaluation import predict_logits
-    from hf_ens.fashion_mnist import load_fashion_mnist
+    from recipes.image_datasets import load_fashion_mnist
     from recipes.pretrain_vit import ensure_pretrained_checkpoint
 
     small = dict(train_size=3000, eval_size=500, hidden_size=64, num_hidden_layers=2, num_attention_heads=2)
@@ -234,6 +234,7 @@ def test_unreproducible_processors_fall_back_with_a_notice(capsys, tmp_path):
     from transformers import ConvNextImageProcessor
 
     from recipes import vit_cifar
+    from recipes.image_datasets import prepare_data
 
     cropping = _processor(32, do_center_crop=True, crop_size={"height": 24, "width": 24})
     assert DevicePreprocessor.from_processor(cropping) is None
@@ -246,11 +247,11 @@ def test_unreproducible_processors_fall_back_with_a_notice(capsys, tmp_path):
     # the recipe then uses the processor path: float pixel_values from the image processor, no hook
     ds = tiny_cifar(n_train=4, n_test=1)["train"].rename_column("img", "image")
     args = vit_cifar.ScriptArguments(dataset_name="x")
-    train, train_eval, _, test, preprocess = vit_cifar.prepare_data(ds, ds, ds, cropping, args)
+    train, train_eval, _, test, preprocess = prepare_data(ds, ds, ds, cropping, args)
     assert preprocess is None
     assert train_eval[0]["pixel_values"].dtype == torch.float32
     assert train_eval[0]["pixel_values"].shape == (3, 24, 24)
-    train, *_, preprocess = vit_cifar.prepare_data(ds, ds, ds, _processor(32), args)
+    train, *_, preprocess = prepare_data(ds, ds, ds, _processor(32), args)
     assert preprocess is not None and train[0]["pixel_values"].dtype == torch.uint8
 
 

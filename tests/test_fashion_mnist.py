@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from hf_ens.fashion_mnist import CLASS_NAMES, DEBIAN_DIR, load_fashion_mnist, read_idx
+from recipes.image_datasets import CLASS_NAMES, DEBIAN_DIR, load_fashion_mnist, read_idx
 
 DATA_DIR = os.environ.get("FASHION_MNIST_DIR", DEBIAN_DIR)  # where the loader looks first
 HAVE_DEBIAN = all(

@@ -109,7 +109,7 @@ def test_bad_inputs_raise_clear_errors():
 
 def test_evaluate_ensemble_with_soup_matches_manual_metrics():
     from hf_ens import EnsembleModel, uniform_soup
-    from hf_ens.metrics import evaluate_ensemble
+    from hf_ens.evaluation import evaluate_ensemble
     from hf_ens.testing_utils import tiny_vit
 
     members = [tiny_vit(seed, num_hidden_layers=1) for seed in range(2)]

@@ -7,7 +7,7 @@ import PIL.Image
 import pytest
 
 from hf_ens.basin import plot_profile
-from hf_ens.plots import plot_lr_schedule, plot_vs_ensemble_size
+from recipes.plots import plot_lr_schedule, plot_vs_ensemble_size
 
 
 def _check_png(path, min_width: int = 300) -> np.ndarray:
@@ -100,17 +100,17 @@ def _texts(fig) -> list[str]:
 
 
 def test_lr_schedule_names_members_as_their_folders(monkeypatch, tmp_path):
-    import hf_ens.plots
+    import recipes.plots
 
     figures = []
-    monkeypatch.setattr(hf_ens.plots, "save_figure", lambda fig, path: figures.append(fig) or path)
+    monkeypatch.setattr(recipes.plots, "save_figure", lambda fig, path: figures.append(fig) or path)
     plot_lr_schedule([0, 1, 2, 3], [1e-3, 5e-4, 1e-3, 0.0], [1, 2, 3], tmp_path / "lr.png")
     texts = _texts(figures[0])
     assert {"member_00", "member_01", "member_02"} <= set(texts) and "member 1" not in texts
 
 
 def test_basin_probe_plot_has_a_legend_for_every_line_and_multiplier_ticks():
-    from hf_ens.plots import basin_probe_figure
+    from recipes.plots import basin_probe_figure
 
     probe = {
         "table": [

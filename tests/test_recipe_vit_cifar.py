@@ -16,8 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from recipes import vit_cifar
+from recipes import image_datasets as recipe_datasets
+from recipes import modeling, vit_cifar
 from recipes._cli import ConfigError
+from recipes.data import attach_transforms
 from tests._recipe_utils import (
     ROOT,
     save_tiny_resnet,
@@ -155,8 +157,8 @@ def test_resnet_soups_get_batchnorm_recomputed(tmp_path, local_data):
     )
     from transformers import AutoImageProcessor
 
-    train, _, _, _ = vit_cifar.load_splits(script_args, training_args.seed)
-    train_eval = vit_cifar.attach_transforms(train, AutoImageProcessor.from_pretrained(ckpt), augment=False)
+    train, _, _, _ = recipe_datasets.load_splits(script_args, training_args.seed)
+    train_eval = attach_transforms(train, AutoImageProcessor.from_pretrained(ckpt), augment=False)
     loader = torch.utils.data.DataLoader(
         train_eval, batch_size=script_args.eval_batch_size, collate_fn=vit_cifar.collate
     )
@@ -428,7 +430,7 @@ def test_load_model_head_cases(tmp_path):
 
     # 1. a backbone without a head: a fresh head for the task's labels
     bare = save_tiny_vit(tmp_path / "bare", num_labels=None)
-    model = vit_cifar.load_model(str(bare), names, args)
+    model = modeling.load_model(str(bare), names, args)
     assert model.config.id2label == {0: "cat", 1: "dog", 2: "ship"} and model.classifier.out_features == 3
 
     # 2. a head trained for other classes of the same count: backbone kept, head re-drawn
@@ -437,21 +439,21 @@ def test_load_model_head_cases(tmp_path):
     with torch.no_grad():  # make the saved head unmistakable
         source.classifier.weight.fill_(0.5)
     source.save_pretrained(other)
-    model = vit_cifar.load_model(str(other), names, args)
+    model = modeling.load_model(str(other), names, args)
     assert not torch.allclose(model.classifier.weight, source.classifier.weight)
     assert model.classifier.weight.std() > 0
     for (name, a), b in zip(model.vit.state_dict().items(), source.vit.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     # same names (or generic LABEL_i names): the trained head is kept
-    kept = vit_cifar.load_model(str(other), ["a", "b", "c"], args)
+    kept = modeling.load_model(str(other), ["a", "b", "c"], args)
     assert torch.equal(kept.classifier.weight, source.classifier.weight)
 
     # 3. a head of another size: refused unless --ignore_mismatched_sizes true
     five = save_tiny_vit(tmp_path / "five", num_labels=5)
     with pytest.raises(ValueError, match="5 labels.*has 3.*--ignore_mismatched_sizes true"):
-        vit_cifar.load_model(str(five), names, args)
+        modeling.load_model(str(five), names, args)
     args.ignore_mismatched_sizes = True
-    model = vit_cifar.load_model(str(five), names, args)
+    model = modeling.load_model(str(five), names, args)
     assert model.classifier.out_features == 3 and model.config.num_labels == 3
 
 
@@ -473,7 +475,7 @@ def test_checkpoint_code_never_runs(tmp_path):
     (ckpt / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
     args = vit_cifar.ScriptArguments(dataset_name="x")
     with pytest.raises(ValueError, match="trust_remote_code"):
-        vit_cifar.load_model(str(ckpt), ["a", "b", "c"], args)
+        modeling.load_model(str(ckpt), ["a", "b", "c"], args)
     from transformers import AutoImageProcessor
 
     try:  # the recipe's processor load: a built-in processor class, or a refusal; never the repo's code
@@ -497,4 +499,4 @@ def test_lora_wrapping_warns_nothing(tmp_path):
     script = vit_cifar.ScriptArguments(lora_r=2)
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
-        vit_cifar.apply_lora(model, script)
+        modeling.apply_lora(model, script)

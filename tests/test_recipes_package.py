@@ -65,3 +65,20 @@ def test_one_has_batchnorm():
         if "isinstance(m, _BatchNorm)" in path.read_text() or "batchnorm._BatchNorm" in path.read_text()
     ]
     assert [str(p) for p in hits] == ["hf_ens/soups.py"], hits
+
+
+def test_no_recipe_module_shadows_an_installed_package():
+    """A recipe run as a script has recipes/ first on sys.path: a recipes/datasets.py would be what
+    ``import datasets`` finds there, so no recipe module may share a name with an installed module."""
+    import importlib.util
+    import sysconfig
+
+    installed = (sysconfig.get_paths()["purelib"], sysconfig.get_paths()["stdlib"])
+    names = [p.stem for p in (ROOT / "recipes").glob("*.py") if p.stem != "__init__"]
+    shadowing = []
+    for name in names:
+        spec = importlib.util.find_spec(name) if name not in sys.modules else sys.modules[name].__spec__
+        origin = getattr(spec, "origin", None) or ""
+        if spec is not None and (origin.startswith(installed) or origin in ("built-in", "frozen")):
+            shadowing.append(name)
+    assert "datasets" not in names and shadowing == []

@@ -174,9 +174,9 @@ def _save_members(tmp_path, n: int, dtype=None) -> list:
 @pytest.fixture
 def live_members(monkeypatch):
     """Counts the members loaded from disk that are alive at once (the real strict loader runs)."""
-    import hf_ens.ensemble
+    import hf_ens.soups
 
-    real, live, peak = hf_ens.ensemble._load_member, set(), [0]
+    real, live, peak = hf_ens.soups.load_member, set(), [0]
 
     def counting_load(path, *args, **kwargs):
         model = real(path, *args, **kwargs)
@@ -187,7 +187,7 @@ def live_members(monkeypatch):
         peak[0] = max(peak[0], len(live))
         return model
 
-    monkeypatch.setattr(hf_ens.ensemble, "_load_member", counting_load)
+    monkeypatch.setattr(hf_ens.soups, "load_member", counting_load)
     return peak
 
 
@@ -266,9 +266,9 @@ def test_weighted_average_weights_into_and_mixed_sources(tmp_path):
 def test_bf16_member_directories_are_accumulated_in_fp32(tmp_path):
     paths = _save_members(tmp_path, 3, dtype=torch.bfloat16)
     soup = uniform_soup(paths)
-    from hf_ens.ensemble import _load_member
+    from hf_ens.members import load_member
 
-    w = [_load_member(p).classifier.weight for p in paths]
+    w = [load_member(p).classifier.weight for p in paths]
     assert soup.classifier.weight.dtype == torch.bfloat16
     assert torch.equal(
         soup.classifier.weight, ((w[0].float() + w[1].float() + w[2].float()) / 3).to(torch.bfloat16)

@@ -20,10 +20,10 @@ from transformers.utils import logging as hf_logging
 import hf_ens
 from hf_ens import EnsembleConfig, EnsembleModel, tasks
 from hf_ens.adapters import AdapterEnsembleModel
-from hf_ens.evaluation import predict_logits
+from hf_ens.evaluation import evaluate_ensemble, predict_logits
 from hf_ens.heads import reinit_task_head
 from hf_ens.members import load_member
-from hf_ens.metrics import evaluate_ensemble, nll
+from hf_ens.metrics import nll
 from hf_ens.testing_utils import one_torch_thread
 from tests import _text
 

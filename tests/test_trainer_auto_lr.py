@@ -17,8 +17,8 @@ from hf_ens.trainers.probe import PROBE_FILE, choose, in_basin, next_probes, pro
 from transformers import HfArgumentParser
 
 from hf_ens import EnsembleModel
-from hf_ens.plots import plot_basin_probe
 from hf_ens.testing_utils import TinyImages, one_torch_thread
+from recipes.plots import plot_basin_probe
 from tests._trainer_utils import LR, RecordingCollator, load_member, max_diff, starsse_config, tiny_vit
 
 _one_thread = pytest.fixture(autouse=True)(one_torch_thread)

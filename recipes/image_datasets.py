@@ -1,4 +1,9 @@
-"""Fashion-MNIST as a `datasets.DatasetDict` with real `Image`/`ClassLabel` features, offline when possible.
+"""The image recipes' data: Fashion-MNIST (the embedded offline default) and checked splits of any dataset.
+
+`load_splits` gives (train, held_out, test, label names) of a Hub, imagefolder or offline dataset, and
+`prepare_data` their tensor-path or processor-path form (`recipes.data`).
+
+Fashion-MNIST as a `datasets.DatasetDict` with real `Image`/`ClassLabel` features, offline when possible.
 
 Why a loader of our own: the embedded offline default needs real image data on a machine with no Hub.
 Debian ships Fashion-MNIST (package `dataset-fashion-mnist`) as the original IDX files; elsewhere the Hub
@@ -20,6 +25,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from recipes.data import DevicePreprocessor, attach_transforms, decode_images
 
 DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
 HUB_ID = "zalando-datasets/fashion_mnist"
@@ -249,3 +256,89 @@ def load_fashion_mnist(
             split=datasets.NamedSplit(split),
         )
     return datasets.DatasetDict(splits)
+
+
+# ------------------------------------------------------------------------------ the image recipes' splits
+OFFLINE_DATASET = "offline:fashion_mnist"
+
+
+def load_splits(args, seed: int):
+    """Return (train, held_out, test, label_names) as datasets.Dataset with checked image/label columns."""
+    import datasets
+
+    if args.dataset_name == OFFLINE_DATASET:
+        raw = load_fashion_mnist(
+            classes=args.classes,
+            train_size=args.max_train_samples,
+            test_size=args.max_test_samples,
+            seed=seed,
+        )
+    elif args.dataset_name == "imagefolder":
+        raw = datasets.load_dataset("imagefolder", data_dir=args.data_dir)
+    else:
+        raw = datasets.load_dataset(args.dataset_name, args.dataset_config_name)
+    for split in (args.train_split, args.test_split):
+        if split not in raw:
+            raise ValueError(f"Dataset {args.dataset_name!r} has no split {split!r}; it has {sorted(raw)}.")
+    train, test = raw[args.train_split], raw[args.test_split]
+    image_col, label_col = _check_columns(train, args)
+    _check_columns(test, args)
+    if not isinstance(train.features[image_col], datasets.Image):
+        raise ValueError(
+            f"Column {image_col!r} is {type(train.features[image_col]).__name__}, not a datasets.Image; "
+            f"columns are {train.column_names}. Set --image_column to the column holding the images."
+        )
+    label_feature = train.features[label_col]
+    if not isinstance(label_feature, datasets.ClassLabel):
+        raise ValueError(
+            f"Column {label_col!r} is {type(label_feature).__name__}, not a datasets.ClassLabel: the "
+            "recipe needs class names. Cast it first, e.g. dataset.cast_column(col, ClassLabel(names=[...]))."
+        )
+    test_feature = test.features[label_col]
+    if isinstance(test_feature, datasets.ClassLabel) and test_feature.names != label_feature.names:
+        raise ValueError(
+            f"The {args.test_split!r} split's classes {test_feature.names} differ from the "
+            f"{args.train_split!r} split's {label_feature.names}."
+        )
+    train, test = (
+        ds.select_columns([image_col, label_col]).rename_columns({image_col: "image", label_col: "label"})
+        for ds in (train, test)
+    )
+    if args.max_train_samples is not None and args.dataset_name != OFFLINE_DATASET:
+        train = train.shuffle(seed=seed).select(range(min(args.max_train_samples, len(train))))
+    if args.max_test_samples is not None and args.dataset_name != OFFLINE_DATASET:
+        test = test.shuffle(seed=seed).select(range(min(args.max_test_samples, len(test))))
+    split = train.train_test_split(test_size=args.held_out_fraction, seed=seed, stratify_by_column="label")
+    return split["train"], split["test"], test, list(label_feature.names)
+
+
+def _check_columns(ds, args) -> tuple[str, str]:
+    if args.dataset_name == OFFLINE_DATASET:
+        return "image", "label"
+    missing = [c for c in (args.image_column, args.label_column) if c not in ds.column_names]
+    if missing:
+        raise ValueError(
+            f"Dataset {args.dataset_name!r} has no column(s) {missing}; its columns are {ds.column_names}. "
+            "Set --image_column / --label_column."
+        )
+    return args.image_column, args.label_column
+
+
+def prepare_data(train, held_out, test, processor, args):
+    """(train, train_eval, held_out, test, preprocess) for the tensor path, or the processor path's datasets
+    and None when `--tensor_data_path false` or the processor has steps the tensor path cannot reproduce."""
+    preprocess = None
+    if args.tensor_data_path:
+        preprocess = DevicePreprocessor.from_processor(
+            processor, augment=args.augment, min_scale=args.augment_min_scale
+        )
+    if preprocess is None:
+        return (
+            attach_transforms(train, processor, augment=args.augment, min_scale=args.augment_min_scale),
+            attach_transforms(train, processor, augment=False),
+            attach_transforms(held_out, processor, augment=False),
+            attach_transforms(test, processor, augment=False),
+            None,
+        )
+    train, held_out, test = (decode_images(ds, preprocess.spec) for ds in (train, held_out, test))
+    return train, train, held_out, test, preprocess  # augmentation happens on the device, not in the data
