@@ -553,6 +553,9 @@ class AdapterEnsembleModel(EnsembleModel):
         config.base_model_name_or_path = base if is_hub_id(base) else None
         return model
 
+    def _member_model(self, k: int) -> PreTrainedModel:
+        return self.peft_model.get_base_model()  # every adapter runs on the one shared base
+
     def merged_members(self) -> list[PreTrainedModel]:
         """Each member merged into a plain model (K model copies: for tools that need whole weights)."""
         return [m.merged() for m in self.members]

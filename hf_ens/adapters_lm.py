@@ -16,7 +16,6 @@ train mode, where peft refuses mixed batches). Both give the same numbers (withi
 from __future__ import annotations
 
 import torch
-from transformers import PreTrainedModel
 
 from . import registry
 from .adapters import PEFT_FORMAT, AdapterEnsembleModel
@@ -41,9 +40,6 @@ class AdapterEnsembleModelForCausalLM(AdapterEnsembleModel, EnsembleModelForCaus
         AdapterEnsembleModel.__init__(self, config, peft_model, processor=processor)
         self._setup_generation()
         self.batch_members = batch_members
-
-    def _member_model(self, k: int) -> PreTrainedModel:
-        return self.peft_model.get_base_model()
 
     def _batched(self) -> bool:
         return self.batch_members and not self.training

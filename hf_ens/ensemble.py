@@ -654,6 +654,8 @@ class EnsembleModel(PreTrainedModel):
         """Run every member and combine their outputs by the members' problem type (`hf_ens.tasks`): mean
         probability (single- or multi-label) or mean value (regression); extra kwargs go to every member."""
         kwargs.pop("num_items_in_batch", None)  # a Trainer loss kwarg, not a model input
+        if kwargs.get("inputs_embeds") is not None:
+            self._check_shared_input_embeddings()
         flags = self._member_output_flags(kwargs)
         inputs = dict(
             pixel_values=pixel_values,
@@ -678,6 +680,25 @@ class EnsembleModel(PreTrainedModel):
         return EnsembleOutput(
             loss=loss, logits=logits, member_logits=member_logits, spread=spread, **per_member
         )
+
+    def _member_model(self, k: int) -> PreTrainedModel:
+        """The transformers model that runs member k (adapter ensembles: the shared base)."""
+        return self.members[k]
+
+    def _check_shared_input_embeddings(self) -> None:
+        """``inputs_embeds`` are vectors of ONE embedding table: every member gets them, so the members must
+        share their input embeddings (adapters on one base, or embeddings frozen in training); otherwise
+        every member would read member 0's vectors, a silently wrong ensemble."""
+        tables = [self._member_model(k).get_input_embeddings().weight for k in range(self.num_members)]
+        first = tables[0]
+        for k, table in enumerate(tables[1:], start=1):
+            if table is not first and (
+                table.shape != first.shape or not torch.equal(table.to(first.device), first)
+            ):
+                raise ValueError(
+                    f"inputs_embeds are given to every member, but member {k}'s input embeddings differ from "
+                    "member 0's (each member reads tokens through its own table): pass input_ids instead."
+                )
 
     def _member_output_flags(self, kwargs: dict) -> dict[str, Any]:
         """``output_hidden_states`` / ``output_attentions`` from the call (a bool, or transformers' list of

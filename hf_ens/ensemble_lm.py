@@ -23,7 +23,7 @@ import math
 from dataclasses import dataclass
 
 import torch
-from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import AutoModelForCausalLM, GenerationMixin
 from transformers.cache_utils import Cache
 from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.utils import ModelOutput
@@ -200,10 +200,6 @@ class EnsembleModelForCausalLM(EnsembleModel, GenerationMixin):
         self._member_cache_key = "cache" if "cache" in parameters else "past_key_values"
         self._member_logits_to_keep = "logits_to_keep" in parameters
 
-    def _member_model(self, k: int) -> PreTrainedModel:
-        """The transformers model that runs member k (adapter ensembles: the shared base)."""
-        return self.members[k]
-
     def get_input_embeddings(self) -> torch.nn.Module:
         return self._member_model(0).get_input_embeddings()  # what generation asks of a model
 
@@ -272,20 +268,6 @@ class EnsembleModelForCausalLM(EnsembleModel, GenerationMixin):
         return EnsembleCausalLMOutput(
             loss=loss, logits=logits, member_logits=member_logits, cache=new_cache, **per_member
         )
-
-    def _check_shared_input_embeddings(self) -> None:
-        """``inputs_embeds`` are vectors of ONE embedding table: every member gets them, so the members must
-        share their input embeddings (adapters on one base, or embeddings frozen in training)."""
-        tables = [self._member_model(k).get_input_embeddings().weight for k in range(self.num_members)]
-        first = tables[0]
-        for k, table in enumerate(tables[1:], start=1):
-            if table is not first and (
-                table.shape != first.shape or not torch.equal(table.to(first.device), first)
-            ):
-                raise ValueError(
-                    f"inputs_embeds are given to every member, but member {k}'s input embeddings differ from "
-                    "member 0's (each member reads tokens through its own table): pass input_ids instead."
-                )
 
     def _run_members(
         self, inputs: dict, cache: EnsembleCache | None

@@ -127,20 +127,9 @@ def hub_repos(args: LMScriptArguments) -> list[tuple[str, str]]:
 
 def check_hub(args: LMScriptArguments) -> None:
     """Fail at once, before anything is loaded, when the run needs the Hub and cannot have it."""
-    from huggingface_hub import constants
+    from recipes import preflight
 
-    from recipes.vit_cifar import HubUnreachableError, _in_hub_cache, hub_unreachable_reason
-
-    repos = hub_repos(args)
-    if not repos or (constants.HF_HUB_OFFLINE and all(_in_hub_cache(k, r) for k, r in repos)):
-        return
-    reason = hub_unreachable_reason()
-    if reason is not None:
-        names = " and ".join(f"{kind} {repo!r}" for kind, repo in repos)
-        raise HubUnreachableError(
-            f"cannot load {names}: the Hub cannot be reached ({reason}). Run the embedded offline default "
-            f"instead: {OFFLINE_COMMAND}."
-        )
+    preflight.check_hub(hub_repos(args), OFFLINE_COMMAND)
 
 
 # ----------------------------------------------------------------------------------------------- data

@@ -26,7 +26,6 @@ from recipes.data import DevicePreprocessor, collate
 from recipes.image_datasets import OFFLINE_DATASET, load_splits, prepare_data
 from recipes.modeling import OFFLINE_MODEL, apply_lora, load_model, resolve_checkpoint  # noqa: F401
 from recipes.preflight import HubUnreachableError, hub_unreachable_reason, is_connection_error  # noqa: F401
-from recipes.preflight import in_hub_cache as _in_hub_cache  # noqa: F401  (recipes/lm_lora.py imports these)
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "vit_cifar10.yaml"
 OFFLINE_COMMAND = (

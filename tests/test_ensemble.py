@@ -304,3 +304,21 @@ def test_loading_a_recipe_output_dir_points_at_its_repo_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(EnsembleLoadError, match=r"see EnsembleModel\.save_pretrained"):
         EnsembleModel.from_pretrained(tmp_path / "empty")
+
+
+def test_inputs_embeds_reach_the_members_only_when_they_share_their_embeddings():
+    """``inputs_embeds`` are vectors of one table: with members of their own tables every member would read
+    member 0's vectors (a silently wrong ensemble), so it is refused; a shared table gives input_ids' result."""
+    ids = torch.tensor([[1, 5, 7, 2], [3, 4, 9, 2]])
+    own = EnsembleModel.from_members([tiny_bert(0), tiny_bert(1)]).eval()
+    embeds = own.members[0].get_input_embeddings()(ids)
+    with pytest.raises(ValueError, match="member 1's input embeddings differ"):
+        own(inputs_embeds=embeds)
+    a, b = tiny_bert(0), tiny_bert(1)
+    b.set_input_embeddings(a.get_input_embeddings())  # one table, as adapters on one base have
+    shared = EnsembleModel.from_members([a, b]).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            shared(inputs_embeds=shared.members[0].get_input_embeddings()(ids)).logits,
+            shared(input_ids=ids).logits,
+        )

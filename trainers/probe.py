@@ -46,7 +46,7 @@ from transformers.utils import logging
 
 from hf_ens.basin import barrier, interpolation_profile
 from hf_ens.checks import nonfinite_tensors
-from hf_ens.evaluation import predict_logits
+from hf_ens.evaluation import evaluate_loss_error
 from hf_ens.soups import has_batchnorm, recompute_batchnorm
 
 from .branches import BranchData, accumulate_gradients, apply_update, rng_state, set_rng_state
@@ -146,42 +146,13 @@ class ProbeRun:
             )
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
-        """Eval loss (cross-entropy, nats) and error of `model`, BatchNorm statistics recomputed first.
-
-        A causal LM is scored per token: the NLL and top-1 error of the next token over every scored position
-        (shifted labels, ``-100`` padding ignored), the loss its own training minimises."""
-        if _is_causal_lm(model):
-            return self._evaluate_lm(model)
-        if self.bn_batches is not None:
-            with self.trainer.accelerator.autocast():
-                recompute_batchnorm(model, self.bn_batches, max_batches=BN_BATCHES)
+        """Eval loss (nats) and error of `model` through the library's one evaluation path
+        (`hf_ens.evaluation.evaluate_loss_error`: a causal LM per next token, shifted labels, ``-100`` padding
+        ignored), BatchNorm statistics recomputed first."""
         with self.trainer.accelerator.autocast():
-            logits, labels = predict_logits(model, self.eval_batches)
-        return {
-            "loss": torch.nn.functional.cross_entropy(logits, labels).item(),
-            "error": (logits.argmax(-1) != labels).float().mean().item(),
-        }
-
-    @torch.no_grad()
-    def _evaluate_lm(self, model: torch.nn.Module) -> dict[str, float]:
-        from hf_ens.lm_metrics import LMMetricAccumulator, scored_tokens
-
-        acc, was_training = LMMetricAccumulator(), model.training
-        device = next(model.parameters()).device
-        model.eval()
-        try:
-            with self.trainer.accelerator.autocast():
-                for batch in self.eval_batches:
-                    if "labels" not in batch:
-                        raise ValueError(
-                            "cycle_learning_rate='auto' on a causal LM needs labelled eval batches."
-                        )
-                    inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
-                    acc.add(*scored_tokens(model(**inputs).logits.float(), batch["labels"].to(device)))
-        finally:
-            model.train(was_training)
-        metrics = acc.compute()
-        return {"loss": metrics["nll"], "error": 1.0 - metrics["accuracy"]}
+            if self.bn_batches is not None:
+                recompute_batchnorm(model, self.bn_batches, max_batches=BN_BATCHES)
+            return evaluate_loss_error(model, self.eval_batches)
 
     def run(self) -> dict[str, Any]:
         """Probe (``probe_search``) until the largest LR in the basin is known; the result, JSON-ready."""
@@ -296,12 +267,6 @@ class ProbeRun:
         row["in_basin"] = in_basin(row, model1_metrics["loss"], args.basin_tolerance, args.probe_loss_ratio)
         row["seconds"] = time.perf_counter() - began
         return row
-
-
-def _is_causal_lm(model: torch.nn.Module) -> bool:
-    from hf_ens.members import CAUSAL_LM_SUFFIXES
-
-    return type(model).__name__.endswith(CAUSAL_LM_SUFFIXES)
 
 
 def check_eval_dataset(eval_dataset) -> None:
