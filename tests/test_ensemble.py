@@ -307,8 +307,8 @@ def test_loading_a_recipe_output_dir_points_at_its_repo_folder(tmp_path):
 
 
 def test_inputs_embeds_reach_the_members_only_when_they_share_their_embeddings():
-    """``inputs_embeds`` are vectors of one table: with members of their own tables every member would read
-    member 0's vectors (a silently wrong ensemble), so it is refused; a shared table gives input_ids' result."""
+    """``inputs_embeds``: vectors of one table. With members of their own tables every member would read
+    member 0's vectors (a silently wrong ensemble): refused. One shared table gives input_ids' result."""
     ids = torch.tensor([[1, 5, 7, 2], [3, 4, 9, 2]])
     own = EnsembleModel.from_members([tiny_bert(0), tiny_bert(1)]).eval()
     embeds = own.members[0].get_input_embeddings()(ids)
