@@ -151,3 +151,22 @@ def tiny_cifar(
         return datasets.Dataset.from_dict({image_column: images, "label": labels}, features=features)
 
     return datasets.DatasetDict({"train": split(n_train), "test": split(n_test)})
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1, for a multi-process launch's rendezvous."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+TINY_LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["classifier"])
+
+
+def tiny_lora_vit(seed: int = 0, **overrides):
+    """`tiny_vit(seed)` wrapped with a LoRA adapter (peft), `TINY_LORA` updated by `overrides`."""
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(tiny_vit(seed), LoraConfig(**{**TINY_LORA, **overrides}))

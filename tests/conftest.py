@@ -23,6 +23,9 @@ variables are set too, so subprocesses started by a test (e.g. `accelerate launc
 
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
 import torch
 
@@ -59,3 +62,11 @@ def hub(_hub_server: HubServer, tmp_path, monkeypatch) -> HubServer:
     drop_client_state()
     # A 500 means the test Hub lacks something a client needed: surface it instead of a confusing retry error.
     assert not _hub_server.errors, "test Hub internal errors:\n" + "\n".join(_hub_server.errors)
+
+
+@pytest.fixture
+def closed_stdin(monkeypatch):
+    """A "run the custom code? [y/N]" prompt would fail on this stdin instead of waiting or being answered."""
+    stdin = open(os.devnull)
+    stdin.close()
+    monkeypatch.setattr(sys, "stdin", stdin)

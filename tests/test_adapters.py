@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from huggingface_hub import HfApi
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel
 from transformers import AutoModelForImageClassification, ViTForImageClassification, ViTImageProcessor
 
 from hf_ens import EnsembleConfig, EnsembleLoadError, EnsembleModel, uniform_soup
@@ -18,19 +18,20 @@ from hf_ens.adapters import (
     member_weights,
     save_adapter,
 )
-from hf_ens.testing_utils import one_torch_thread, random_images, tiny_vit
-from tests.test_ensemble_safety import _rehash, closed_stdin, make_hostile  # noqa: F401 - closed_stdin: fixture
+from hf_ens.testing_utils import TINY_LORA as LORA
+from hf_ens.testing_utils import one_torch_thread, random_images, tiny_lora_vit, tiny_vit
+from tests._safety import make_hostile
+from tests._safety import rehash as _rehash
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 _one_thread = pytest.fixture(autouse=True)(one_torch_thread)
 
-LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["classifier"])
 X = random_images(4, seed=5)[0]
 REPO, BASE_REPO = "test-user/tiny-vit-lora", "test-user/tiny-vit-base"
 
 
 def lora_model(**overrides) -> PeftModel:
-    return get_peft_model(tiny_vit(0), LoraConfig(**{**LORA, **overrides}))
+    return tiny_lora_vit(0, **overrides)
 
 
 def train_adapters(folder, k: int = 3, steps: int = 3, **overrides) -> list:

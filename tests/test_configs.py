@@ -4,6 +4,7 @@ values fail here, not after a download); the paper-code configs carry shared/pap
 from __future__ import annotations
 
 import pytest
+import yaml
 from hf_ens.trainers import StarSSEConfig
 
 from recipes._cli import parse_config_and_args
@@ -31,9 +32,29 @@ def _parse(path):
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_every_config_parses(path):
+def test_every_config_parses_to_the_values_it_writes(path):
+    """Every key of the YAML reaches the parsed arguments with the value it writes (a key silently dropped
+    or coerced would leave the run on a default)."""
     parsed = _parse(path)
-    assert parsed
+    written = yaml.safe_load(path.read_text())
+    for key, value in written.items():
+        holders = [args for args in parsed if hasattr(args, key)]
+        assert holders, f"{path.name}: {key!r} reached no arguments class"
+        got = getattr(holders[0], key)
+        got = got.value if hasattr(got, "value") else got  # enums (e.g. lr_scheduler_type)
+        if key == "report_to" and value == "none":  # transformers' spelling of "no integration"
+            assert got in ([], ["none"], "none"), (key, got)
+        elif isinstance(value, dict):  # e.g. accelerator_config: a config object built from the mapping
+            for sub, v in value.items():
+                assert (got[sub] if isinstance(got, dict) else getattr(got, sub)) == v, (key, sub, got)
+        elif isinstance(value, float) or isinstance(got, float):
+            assert got == pytest.approx(float(value)), (key, got, value)
+        elif isinstance(value, list) and isinstance(got, tuple | list):
+            assert list(got) == value, (key, got, value)
+        elif isinstance(value, str) and not isinstance(got, str):
+            assert str(got).lower() == value.lower() or got == type(got)(value), (key, got, value)
+        else:
+            assert got == value, (key, got, value)
 
 
 def test_paper_code_configs_carry_its_settings():

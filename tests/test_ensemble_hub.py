@@ -11,7 +11,8 @@ from transformers import AutoModelForImageClassification, ViTForImageClassificat
 
 from hf_ens import EnsembleLoadError, EnsembleModel, HubPushError, NonFiniteError
 from hf_ens.testing_utils import random_images, tiny_vit_config
-from tests.test_ensemble_safety import _rehash, closed_stdin, make_hostile  # noqa: F401 - closed_stdin: fixture
+from tests._safety import make_hostile
+from tests._safety import rehash as _rehash
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 REPO = "test-user/tiny-vit-starsse"

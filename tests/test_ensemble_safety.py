@@ -17,59 +17,18 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageClassification, PreTrainedModel, ViTImageProcessor
 
-from hf_ens import EnsembleLoadError, EnsembleModel, NonFiniteError, _io, hub
+from hf_ens import EnsembleLoadError, EnsembleModel, NonFiniteError, _io
 from hf_ens._io import recover
 from hf_ens.testing_utils import tiny_vit
-from tests.test_io import Crash, _inject, counted
-
-X = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+from tests._safety import Crash, counted, make_hostile
+from tests._safety import inject as _inject
+from tests._safety import logits as _logits
+from tests._safety import rehash as _rehash
 
 
 @pytest.fixture
 def processor():
     return ViTImageProcessor(size={"height": 16, "width": 16})
-
-
-def _logits(model) -> torch.Tensor:
-    with torch.no_grad():
-        return model(pixel_values=X).logits
-
-
-def _rehash(saved) -> None:
-    """Record the current file digests, as someone who crafts a repo (and controls its config) would."""
-    cfg_file = saved / "ensemble_config.json"
-    cfg = json.loads(cfg_file.read_text())
-    if "files" in cfg:
-        cfg["files"] = hub.file_digests(saved)
-    cfg_file.write_text(json.dumps(cfg))
-
-
-HOSTILE_CODE = """
-from pathlib import Path
-Path({marker!r}).write_text("repo code ran")
-"""
-
-
-def make_hostile(folder, json_name: str, marker) -> None:
-    """Give `folder/json_name` an ``auto_map`` pointing at a ``hostile.py`` that writes `marker` on import."""
-    (folder / "hostile.py").write_text(HOSTILE_CODE.format(marker=str(marker)))
-    cfg = json.loads((folder / json_name).read_text())
-    cfg["auto_map"] = {
-        "AutoConfig": "hostile.HostileConfig",
-        "AutoModelForImageClassification": "hostile.HostileModel",
-        "AutoImageProcessor": "hostile.HostileProcessor",
-    }
-    if json_name == "config.json":  # a model type transformers lacks: only the repo's code could load it
-        cfg["model_type"] = "hostile-vit"
-    (folder / json_name).write_text(json.dumps(cfg))
-
-
-@pytest.fixture
-def closed_stdin(monkeypatch):
-    """A "run the custom code? [y/N]" prompt would fail on this stdin instead of waiting or being answered."""
-    stdin = open(os.devnull)
-    stdin.close()
-    monkeypatch.setattr(sys, "stdin", stdin)
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,8 @@ from hf_ens import EnsembleLoadError, EnsembleModel, _io, hub
 from hf_ens.metrics import accuracy, ensemble_metrics, fit_temperature
 from hf_ens.soups import greedy_soup, make_accuracy_eval_fn
 from hf_ens.testing_utils import tiny_bert, tiny_vit
-from tests.test_ensemble_safety import _logits, _rehash
+from tests._safety import logits as _logits
+from tests._safety import rehash as _rehash
 
 
 @pytest.fixture
@@ -103,7 +104,7 @@ def test_3_digest_key_outside_the_repo_is_never_opened(saved, key, monkeypatch):
 
 def _lora_repo(tmp_path):
     from hf_ens.adapters import AdapterEnsembleModel, save_adapter
-    from tests.test_adapters import lora_model
+    from hf_ens.testing_utils import tiny_lora_vit as lora_model
 
     paths = []
     for k in range(2):

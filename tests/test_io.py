@@ -8,6 +8,8 @@ import pytest
 
 from hf_ens import _io
 from hf_ens._io import atomic_directory, atomic_file, recover, remove_leftovers
+from tests._safety import Crash
+from tests._safety import inject as _inject
 
 OLD = {"member_00/w": "old0", "member_01/w": "old1", "config.json": "old-config", "notes.txt": "user"}
 NEW = {"member_00/w": "new0", "config.json": "new-config", "notes.txt": "user"}
@@ -23,31 +25,6 @@ def _read(root):
     if not root.exists():
         return None
     return {str(p.relative_to(root)): p.read_text() for p in root.rglob("*") if p.is_file()}
-
-
-class Crash(Exception):
-    pass
-
-
-def counted(fn, calls: dict, fail_at: int):
-    """`fn` as one counted step: the `fail_at`-th step of `calls` raises `Crash` (a crash at that point)."""
-
-    def step(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == fail_at:
-            raise Crash(f"step {fail_at}: {fn.__name__}")
-        return fn(*a, **k)
-
-    return step
-
-
-def _inject(monkeypatch, fail_at):
-    """Make the `fail_at`-th file-system step of hf_ens._io raise (a crash at that point)."""
-    calls = {"n": 0}
-    for mod, name in [(os, "rename"), (os, "chmod"), (os, "link"), (shutil, "rmtree"), (shutil, "copytree")]:
-        monkeypatch.setattr(mod, name, counted(getattr(mod, name), calls, fail_at))
-    monkeypatch.setattr(_io, "exchange_paths", counted(_io.exchange_paths, calls, fail_at))
-    return calls
 
 
 @pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "two-renames"])
@@ -138,7 +115,6 @@ def test_assert_finite_names_the_tensors():
 def test_discard_moves_directories_out_in_one_rename_then_deletes_them(tmp_path, monkeypatch):
     """`hf_ens._io.discard`, the one crash-safe remover: cut before the delete, every directory is either in
     place or whole inside the hidden trash (never half deleted), and nothing else beside it is touched."""
-    import shutil
 
     from hf_ens._io import delete, discard
 

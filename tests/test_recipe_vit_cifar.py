@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from hf_ens.testing_utils import free_port as _free_port
 from recipes import image_datasets as recipe_datasets
 from recipes import modeling, vit_cifar
 from recipes._cli import ConfigError
@@ -222,12 +222,6 @@ def test_auto_cycle_lr_is_judged_on_the_held_out_split_and_reported(tmp_path, lo
 
 
 # -------------------------------------------------------------------------------------- two processes
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _launch_two_processes(tmp_path: Path, argv: list[str]) -> tuple[int, str]:

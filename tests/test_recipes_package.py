@@ -57,14 +57,14 @@ def test_vit_cifar_still_runs_as_a_script():
 
 
 def test_one_has_batchnorm():
-    """BatchNorm detection lives in hf_ens.soups only; the library and recipes reuse it."""
-    hits = [
-        path.relative_to(ROOT)
-        for folder in ("hf_ens", "recipes", "trainers")
-        for path in (ROOT / folder).rglob("*.py")
-        if "isinstance(m, _BatchNorm)" in path.read_text() or "batchnorm._BatchNorm" in path.read_text()
-    ]
-    assert [str(p) for p in hits] == ["hf_ens/soups.py"], hits
+    """BatchNorm detection is one function, hf_ens.soups.has_batchnorm, which the probe uses too."""
+    from hf_ens.trainers import probe
+
+    from hf_ens import soups
+    from hf_ens.testing_utils import tiny_resnet, tiny_vit
+
+    assert soups.has_batchnorm(tiny_resnet(0)) and not soups.has_batchnorm(tiny_vit(0))
+    assert probe.has_batchnorm is soups.has_batchnorm
 
 
 def test_no_recipe_module_shadows_an_installed_package():

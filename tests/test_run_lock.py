@@ -146,7 +146,8 @@ def test_two_runs_started_together_one_trains_one_is_refused(tmp_path):
 @pytest.mark.slow
 def test_a_refused_distributed_run_stops_every_process(tmp_path):
     """torchrun, 2 processes (gloo): the main process is refused; the other stops too instead of hanging."""
-    from tests.test_trainer_ddp import ROOT, free_port
+    from hf_ens.testing_utils import free_port
+    from tests._recipe_utils import ROOT
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
     cmd = [

@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ from hf_ens.trainers.checkpoints import CYCLE_STATE_NAME
 from hf_ens.trainers.parallel import assigned_members
 
 from hf_ens.members import load_member as hf_load_member
-from hf_ens.testing_utils import one_torch_thread
+from hf_ens.testing_utils import free_port, one_torch_thread
 from tests._trainer_parallel_run import main as run_here
 from tests._trainer_utils import StopAfter, load_member, make_trainer, max_diff, starsse_config, weights
 
@@ -35,12 +34,6 @@ K = 5
 TWO = dict(num_members=K, parallel_members=True)
 ONE = dict(TWO, gradient_accumulation_steps=2)
 LOCAL_DE = dict(method="local_de", num_train_epochs=1)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(*runs: tuple[Path, dict]) -> list[str]:

@@ -1,7 +1,7 @@
 """The LoRA fine-tuning LR pilot behind compare_lora.yaml (held-out numbers decide; lr_pilot.jsonl):
 model 1 (one LoRA fine-tune) at four LRs on seeds 0 and 1.
 
-    PYTHONPATH=. OMP_NUM_THREADS=1 python docs/results/lora/lr_pilot.py > docs/results/lora/lr_pilot.jsonl
+    OMP_NUM_THREADS=1 python recipes/lora_lr_pilot.py > docs/results/lora/lr_pilot.jsonl
 """
 
 import copy
