@@ -135,6 +135,8 @@ class PretrainLMArguments:
         import torch
         import transformers
 
+        from recipes.pretrain_vit import numeric_environment
+
         settings = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("cache_dir", "force")}
         return settings | {
             "num_threads": self.threads(),
@@ -142,6 +144,7 @@ class PretrainLMArguments:
             "data": fortunes_fingerprint(self.categories),
             "torch": torch.__version__,
             "transformers": transformers.__version__,
+            "numerics": numeric_environment(),  # the CPU's float rounding changes the weights, as for the ViT
         }
 
     def checkpoint_dir(self) -> str:

@@ -142,3 +142,14 @@ def test_bad_input_fails_before_training(tmp_path, extra, message):
     with pytest.raises((ConfigError, ValueError), match=message):
         lm_lora.main(_tiny_args(tmp_path, *extra))
     assert not (tmp_path / "out" / "members").exists()
+
+
+def test_the_lm_cache_key_holds_the_cpu_numerics(monkeypatch):
+    """As for the ViT (issue 26's finding): a tiny LM pre-trained under one CPU code path is never reused
+    under another, since the CPU's float rounding changes the weights."""
+    args = pretrain_lm._as_args(dict(TINY_PRETRAIN))
+    monkeypatch.delenv("MKL_CBWR", raising=False)
+    before = args.checkpoint_dir()
+    monkeypatch.setenv("MKL_CBWR", "AVX2")
+    assert args.checkpoint_dir() != before
+    assert args.key_inputs()["numerics"]["MKL_CBWR"] == "AVX2"
