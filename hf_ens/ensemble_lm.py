@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import math
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +30,7 @@ from transformers.utils import ModelOutput
 from . import registry
 from .ensemble import EnsembleConfig, EnsembleModel, _on_device
 from .members import CAUSAL_LM_SUFFIXES
+from .tasks import log_mean_softmax
 
 __all__ = ["EnsembleModelForCausalLM", "EnsembleCache", "EnsembleCausalLMOutput"]
 
@@ -245,9 +245,7 @@ class EnsembleModelForCausalLM(EnsembleModel, GenerationMixin):
         if self._member_logits_to_keep:
             inputs["logits_to_keep"] = logits_to_keep
         member_logits, new_cache, outputs = self._run_members(inputs, cache)
-        logits = torch.logsumexp(torch.log_softmax(member_logits.float(), dim=-1), dim=0) - math.log(
-            self.num_members
-        )
+        logits = log_mean_softmax(member_logits.float())
         loss = None
         if labels is not None or shift_labels is not None:
             loss = ForCausalLMLoss(

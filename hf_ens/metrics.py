@@ -25,6 +25,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from .tasks import log_mean_softmax
+
 __all__ = [
     "accuracy",
     "nll",
@@ -205,8 +207,7 @@ def _member_logits(member_logits) -> torch.Tensor:
 
 def ensemble_log_probs(member_logits) -> torch.Tensor:
     """log(mean_k softmax(z_k)) from member logits [K, N, C], computed stably as logsumexp - log K."""
-    z = _member_logits(member_logits)
-    return torch.logsumexp(torch.log_softmax(z, -1), dim=0) - math.log(z.shape[0])
+    return log_mean_softmax(_member_logits(member_logits))
 
 
 def disagreement(member_logits) -> float:

@@ -42,6 +42,13 @@ def problem_type_of(config) -> str:
     return problem_type
 
 
+def log_mean_softmax(member_logits: torch.Tensor) -> torch.Tensor:
+    """``log(mean_k softmax(z_k))`` over the first (member) dimension, any trailing shape ([K, B, C] or a
+    causal LM's [K, B, T, V]), computed stably as ``logsumexp - log K``: the ensemble's single-label and
+    next-token rule, written once."""
+    return torch.logsumexp(torch.log_softmax(member_logits, dim=-1), dim=0) - math.log(member_logits.shape[0])
+
+
 def combine(member_logits: torch.Tensor, problem_type: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(ensemble output [B, C], spread [B, C] or None) from member outputs [K, B, C], in float32.
 
@@ -52,7 +59,7 @@ def combine(member_logits: torch.Tensor, problem_type: str) -> tuple[torch.Tenso
     """
     z = member_logits.float()
     if problem_type == SINGLE_LABEL:
-        return torch.logsumexp(torch.log_softmax(z, dim=-1), dim=0) - math.log(z.shape[0]), None
+        return log_mean_softmax(z), None
     if problem_type == MULTI_LABEL:
         logsig = nn.functional.logsigmoid
         return torch.logsumexp(logsig(z), dim=0) - torch.logsumexp(logsig(-z), dim=0), None
