@@ -19,7 +19,10 @@ GPU decoding is memory-bound, which is where reading the base once per step pays
 from __future__ import annotations
 
 import argparse
+import json
+import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -89,7 +92,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", default=None, help="Also write the figures (and command, machine) here.")
     args = parser.parse_args()
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         base, ens = build(args.config, args.members, Path(tmp), args.device)
     runs = {
@@ -120,6 +125,27 @@ def main() -> None:
                 f"batch={batch:<3d} {name:<12s} {rate:9.1f} tok/s (median {median:9.1f})  "
                 f"{one / min(t):5.2f}x one model"
             )
+            rows.append(
+                {
+                    "batch": batch,
+                    "variant": name,
+                    "tokens_per_s": rate,
+                    "median_tokens_per_s": median,
+                    "relative_to_one_model": one / min(t),
+                }
+            )
+    if args.json:
+        device = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor()
+        threads = torch.get_num_threads()
+        record = {
+            "benchmark": "lm_ensemble_generate",
+            "command": "python benchmarks/lm_ensemble_generate.py " + " ".join(sys.argv[1:]),
+            "machine": f"{device or platform.machine()}, torch {torch.__version__}, {threads} threads",
+            "settings": {k: v for k, v in vars(args).items() if k != "json"},
+            "results": rows,
+        }
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
 
 
 if __name__ == "__main__":
