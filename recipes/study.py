@@ -88,8 +88,8 @@ class StudyArguments:
             "sse/x4",
         ],
         metadata={
-            "help": "What each replicate runs, in the queue's order (all replicates of one entry before the "
-            "next): model1, local_de, global_de, guard, or starsse/xM and sse/xM (cycle LR = M x "
+            "help": "What each replicate runs, in the queue's order (all replicates and targets of one entry "
+            "before the next): model1, local_de, global_de, guard, or starsse/xM and sse/xM (cycle LR = M x "
             "learning_rate). A cut-short study has whole entries, not whole replicates."
         },
     )
@@ -140,11 +140,11 @@ class Task:
 
 
 def all_tasks(study: StudyArguments) -> list[Task]:
-    """Target-major, then in the order of `runs`, every replicate of a run before the next run."""
+    """In the order of `runs`: every replicate of every target for one entry before the next entry."""
     tasks = []
-    for target in study.targets:
-        for run in study.runs:
-            method, _, mult = run.partition("/x")
+    for run in study.runs:
+        method, _, mult = run.partition("/x")
+        for target in study.targets:
             for seed in study.finetune_seeds:
                 tasks += [Task(target, c, seed, method, float(mult or 0)) for c in study.pretrain_seeds]
     return tasks
