@@ -9,6 +9,7 @@ token-classification pipeline, metrics over scored tokens, LoRA TOKEN_CLS member
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -277,3 +278,153 @@ def test_what_the_token_ensemble_cannot_average_is_refused(tok):
     batch = padded(tok)
     with pytest.raises(ValueError, match=r"expected labels of shape \(4, 9\)"):
         ens(**inputs(batch), labels=batch["labels"][:, :5])
+
+
+def lora_taggers(tmp_path, tok, family: str = "llama", k: int = 2) -> list:
+    """K LoRA TOKEN_CLS adapters (peft adds the head to modules_to_save) on one tagger, each trained a few
+    SGD steps on its own order of the texts (B != 0 and distinct heads afterwards)."""
+    from peft import LoraConfig, get_peft_model
+
+    from hf_ens.adapters import save_adapter
+
+    targets = ["q_proj", "v_proj"] if family == "llama" else ["query", "value"]
+    paths, batch = [], padded(tok)
+    for seed in range(k):
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, task_type="TOKEN_CLS")
+        torch.manual_seed(seed)
+        model = get_peft_model(tagger(family, 0), config).train()
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+        for step in range(3):
+            order = torch.randperm(len(TEXTS), generator=torch.Generator().manual_seed(seed * 10 + step))
+            model(**{key: v[order] for key, v in batch.items()}).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        save_adapter(model, "default", tmp_path / f"adapter_{seed}")
+        paths.append(tmp_path / f"adapter_{seed}")
+    return paths
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lora_token_members_on_one_base_average_per_token_and_round_trip(family, tok, tmp_path):
+    from peft import PeftModel
+
+    from hf_ens.adapters import AdapterEnsembleModel
+    from hf_ens.adapters_token import AdapterEnsembleForTokenClassification
+
+    paths = lora_taggers(tmp_path, tok, family)
+    ens = AdapterEnsembleModel.from_adapters(tagger(family, 0), paths, processor=tok)
+    assert type(ens) is AdapterEnsembleForTokenClassification and isinstance(
+        ens, EnsembleForTokenClassification
+    )
+    merged = [PeftModel.from_pretrained(tagger(family, 0), str(p)).merge_and_unload().eval() for p in paths]
+    batch = padded(tok)
+    with torch.no_grad():
+        out = ens(**batch)
+    expected = hand_log_mean_softmax(merged, batch)
+    torch.testing.assert_close(out.logits, expected, atol=1e-5, rtol=0)
+    assert out.loss.item() == pytest.approx(hand_token_nll(expected, batch["labels"]).item(), abs=1e-5)
+    assert (out.member_logits[0] - out.member_logits[1]).abs().max() > 1e-3  # two different members
+
+    base_dir = tmp_path / "base"
+    tagger(family, 0).save_pretrained(base_dir)
+    saved = ens.save_pretrained(tmp_path / "repo")
+    loaded = EnsembleModel.from_pretrained(saved, base_model=base_dir)
+    assert type(loaded) is AdapterEnsembleForTokenClassification
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, out.logits, atol=0, rtol=0)
+        soup = AutoModelForTokenClassification.from_pretrained(saved).eval()
+        assert type(soup) is CLASSES[family]
+        torch.testing.assert_close(soup(**batch).logits, ens.soup()(**batch).logits, atol=1e-5, rtol=0)
+    assert "pipeline_tag: token-classification" in (saved / "README.md").read_text()
+    assert hf_ens.pipeline(model=loaded).task == "token-classification"
+
+
+def _train(tmp_path, tok, model, **overrides):
+    from datasets import Dataset
+    from hf_ens.trainers import StarSSETrainer
+
+    from tests._trainer_utils import starsse_config
+
+    data = Dataset.from_list(examples(tok, TEXTS * 4))
+    settings = dict(
+        num_members=2, learning_rate=5e-2, cycle_learning_rate=2e-2, per_device_train_batch_size=4
+    )
+    args = starsse_config(tmp_path, **{**settings, **overrides})
+    collator = DataCollatorForTokenClassification(tok)
+    trainer = StarSSETrainer(
+        model=model.train(), args=args, train_dataset=data, data_collator=collator, processing_class=tok
+    )
+    trainer.train()
+    return trainer
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full-bert", "lora-llama"])
+def test_starsse_trainer_on_token_classifiers_gives_a_token_ensemble_and_a_plain_soup(
+    lora, tok, tmp_path, caplog
+):
+    from peft import LoraConfig, get_peft_model
+    from transformers.utils import logging as hf_logging
+
+    from hf_ens.adapters_token import AdapterEnsembleForTokenClassification
+
+    family = "llama" if lora else "bert"
+    model = tagger(family, 0, hidden_dropout_prob=0.0)
+    if lora:
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="TOKEN_CLS")
+        model = get_peft_model(model, config)
+    hf_logging.enable_propagation()
+    try:
+        trainer = _train(tmp_path, tok, model)
+    finally:
+        hf_logging.disable_propagation()
+    assert "will refuse it" not in caplog.text  # the trainer no longer warns that ensemble() refuses
+    ens, soup = trainer.ensemble(), trainer.soup()
+    assert type(ens) is (AdapterEnsembleForTokenClassification if lora else EnsembleForTokenClassification)
+    assert type(soup) is CLASSES[family] and ens.num_members == 2
+    assert ens.config.id2label == TAGS and soup.config.id2label == TAGS
+    batch = padded(tok)
+    with torch.no_grad():
+        out = ens(**batch)
+        members = torch.stack([m(**inputs(batch)).logits for m in ens.members])
+    torch.testing.assert_close(out.member_logits, members, atol=1e-6, rtol=0)
+    nll = [hand_token_nll(z.log_softmax(-1), batch["labels"]).item() for z in members]
+    assert out.loss.item() <= max(nll) + 1e-6  # the averaged distribution's NLL: never worse than the worst
+    assert out.loss.item() < math.log(3)  # trained: better than uniform over the three tags
+
+
+def test_auto_cycle_learning_rate_on_a_tagger_judges_the_basin_by_token_nll(tok, tmp_path):
+    """cycle_learning_rate="auto" on a token classifier: the probes score the held-out split per token
+    (unshifted, -100 ignored), so model 1's probe loss is member 0's hand-computed token NLL."""
+    from datasets import Dataset
+
+    held_out = examples(tok)
+    from hf_ens.trainers import StarSSETrainer
+
+    from tests._trainer_utils import starsse_config
+
+    args = starsse_config(
+        tmp_path,
+        num_members=2,
+        learning_rate=5e-2,
+        per_device_train_batch_size=4,
+        cycle_learning_rate="auto",
+        cycle_lr_grid=[0.5, 4.0],
+        probe_search="linear",
+    )
+    trainer = StarSSETrainer(
+        model=tagger("bert", 0, hidden_dropout_prob=0.0).train(),
+        args=args,
+        train_dataset=Dataset.from_list(examples(tok, TEXTS * 4)),
+        eval_dataset=Dataset.from_list(held_out),
+        data_collator=DataCollatorForTokenClassification(tok),
+        processing_class=tok,
+    )
+    trainer.train()
+    probe = trainer.basin_probe
+    assert probe["mode"] == "auto" and 1 <= len(probe["table"]) <= 2
+    member0 = BertForTokenClassification.from_pretrained(trainer.member_paths[0]).eval()
+    batch = padded(tok)
+    with torch.no_grad():
+        nll = hand_token_nll(member0(**inputs(batch)).logits.log_softmax(-1), batch["labels"])
+    assert probe["model1"]["eval_loss"] == pytest.approx(nll.item(), abs=1e-5)
+    assert type(trainer.ensemble()) is EnsembleForTokenClassification
