@@ -428,3 +428,24 @@ def test_auto_cycle_learning_rate_on_a_tagger_judges_the_basin_by_token_nll(tok,
         nll = hand_token_nll(member0(**inputs(batch)).logits.log_softmax(-1), batch["labels"])
     assert probe["model1"]["eval_loss"] == pytest.approx(nll.item(), abs=1e-5)
     assert type(trainer.ensemble()) is EnsembleForTokenClassification
+
+
+def test_docs_tasks_token_classification_snippet_runs(tok, tmp_path, monkeypatch):
+    """docs/tasks.md's token-classification snippet as a user runs it, with tiny members and loader."""
+    import re
+    from pathlib import Path
+
+    member_dirs = []
+    for k in range(2):
+        tagger("bert", k).save_pretrained(tmp_path / f"m{k}")
+        tok.save_pretrained(tmp_path / f"m{k}")
+        member_dirs.append(tmp_path / f"m{k}")
+    loader = [padded(tok, TEXTS[:2]), padded(tok, TEXTS[2:])]
+    text = (Path(__file__).parents[1] / "docs" / "tasks.md").read_text()
+    (snippet,) = re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M)
+    monkeypatch.chdir(tmp_path)
+    namespace = {"member_dirs": member_dirs, "held_out_loader": loader}
+    exec(compile(snippet, "docs/tasks.md", "exec"), namespace)
+    assert [w["word"] for w in namespace["words"]] == "the film was not bad".split()
+    assert namespace["metrics"]["ensemble/nll"] <= namespace["metrics"]["member_mean/nll"]
+    assert type(namespace["soup"]) is BertForTokenClassification
