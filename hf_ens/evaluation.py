@@ -112,7 +112,8 @@ def predict(
                     "token classifier): per-sample metrics and accuracy do not apply. Use "
                     "hf_ens.evaluate_ensemble / evaluate_loss_error (they score per token), "
                     "hf_ens.evaluate_lm_ensemble / hf_ens.lm_metrics (shift=False for token classification), "
-                    "and hf_ens.make_lm_eval_fn for a greedy soup of LMs by held-out token NLL."
+                    "and hf_ens.make_lm_eval_fn for a greedy soup by held-out token NLL (shift=False for "
+                    "token classification)."
                 )
             chunks.append(out.float().cpu())
             labels.append(torch.as_tensor(y).cpu())

@@ -251,9 +251,12 @@ def evaluate_lm_ensemble(
     return acc.compute()
 
 
-def make_lm_eval_fn(dataloader: Iterable, ignore_index: int = -100) -> Callable[[torch.nn.Module], float]:
+def make_lm_eval_fn(
+    dataloader: Iterable, ignore_index: int = -100, shift: bool = True
+) -> Callable[[torch.nn.Module], float]:
     """``eval_fn(model) -> -token NLL`` on a HELD-OUT loader of causal-LM batches, for `hf_ens.greedy_soup`
-    (higher is better: greedy selection by held-out loss). Never pass the test set."""
+    (higher is better: greedy selection by held-out loss). Never pass the test set. ``shift=False``: token
+    classifiers (one label per token) instead of causal LMs."""
 
     @torch.no_grad()
     def eval_fn(model: torch.nn.Module) -> float:
@@ -265,7 +268,7 @@ def make_lm_eval_fn(dataloader: Iterable, ignore_index: int = -100) -> Callable[
                     raise ValueError("make_lm_eval_fn needs batches with `labels` (a causal-LM collator).")
                 device = next(model.parameters()).device
                 inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
-                acc.add(*scored_tokens(model(**inputs).logits, batch["labels"], ignore_index))
+                acc.add(*scored_tokens(model(**inputs).logits, batch["labels"], ignore_index, shift))
         finally:
             model.train(was_training)
         if acc.tokens == 0:

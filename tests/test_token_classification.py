@@ -252,6 +252,26 @@ def test_trainer_evaluate_and_metrics_score_the_tokens(tok, tmp_path):
         evaluate_ensemble(ens, batches, size_curve=True)
     with pytest.raises(ValueError, match="token classifier"):
         hf_ens.predict(ens, batches)
+    with pytest.raises(
+        ValueError, match="compute_token_metrics"
+    ):  # not "multi-label?" from per-sample metrics
+        hf_ens.metrics.compute_metrics((out.logits.numpy(), whole["labels"].numpy()))
+
+
+def test_greedy_soup_of_taggers_by_held_out_token_nll(tok):
+    from hf_ens import greedy_soup, make_lm_eval_fn
+
+    members = [tagger("bert", s) for s in range(3)]
+    batch = padded(tok)
+    eval_fn = make_lm_eval_fn([batch], shift=False)
+    with torch.no_grad():
+        nll = [
+            hand_token_nll(m(**inputs(batch)).logits.log_softmax(-1), batch["labels"]).item() for m in members
+        ]
+    assert [-eval_fn(m) for m in members] == pytest.approx(nll, abs=1e-5)
+    soup, chosen = greedy_soup(members, eval_fn)
+    assert type(soup) is BertForTokenClassification and chosen[0] == min(range(3), key=nll.__getitem__)
+    assert -eval_fn(soup) <= min(nll) + 1e-6  # a member is added only if the soup scores strictly better
 
 
 def test_what_the_token_ensemble_cannot_average_is_refused(tok):
