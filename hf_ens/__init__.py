@@ -16,6 +16,7 @@ from .ensemble import (
     HubPushError,
 )
 from .ensemble_lm import EnsembleModelForCausalLM
+from .ensemble_token import EnsembleForTokenClassification
 from .evaluate_metrics import EVALUATE_METRICS, load_metric
 from .evaluation import (
     evaluate_ensemble,
@@ -27,6 +28,7 @@ from .evaluation import (
 )
 from .lm_metrics import (
     compute_lm_metrics,
+    compute_token_metrics,
     evaluate_lm_ensemble,
     lm_ensemble_metrics,
     lm_metrics,
@@ -42,7 +44,7 @@ __version__ = "0.1.0"
 
 # LoRA members (`hf_ens.adapters`) import peft: loaded on first use, so full-model users never pay for it.
 # Loading a saved adapter ensemble imports the modules that register its member format and task classes.
-registry.declare_provider("peft_lora", "hf_ens.adapters", "hf_ens.adapters_lm")
+registry.declare_provider("peft_lora", "hf_ens.adapters", "hf_ens.adapters_lm", "hf_ens.adapters_token")
 _ADAPTER_NAMES = ("AdapterEnsembleModel", "lora_uniform_soup", "lora_soup_adapter")
 
 
@@ -61,6 +63,7 @@ __all__ = [
     "EnsembleForSequenceClassification",
     "EnsembleOutput",
     "EnsembleModelForCausalLM",
+    "EnsembleForTokenClassification",
     "EnsembleLoadError",
     "HubPushError",
     "NonFiniteError",
@@ -97,5 +100,6 @@ __all__ = [
     "token_uncertainty",
     "make_lm_eval_fn",
     "compute_lm_metrics",
+    "compute_token_metrics",
     *_ADAPTER_NAMES,
 ]

@@ -58,6 +58,7 @@ _RESULTS = (("ensemble", "ensemble"), ("soup", "uniform soup"), ("greedy_soup", 
 _AUTO_CLASSES = {
     "ForImageClassification": ("AutoModelForImageClassification", "image-classification"),
     "ForSequenceClassification": ("AutoModelForSequenceClassification", "text-classification"),
+    "ForTokenClassification": ("AutoModelForTokenClassification", "token-classification"),
     "ForCausalLM": ("AutoModelForCausalLM", "text-generation"),
     "LMHeadModel": ("AutoModelForCausalLM", "text-generation"),  # GPT2LMHeadModel
 }

@@ -242,10 +242,11 @@ class EnsembleOutput(ModelOutput):
     Args:
         loss: the members' loss applied to the ensemble prediction (when ``labels`` are passed): cross-entropy
             (single-label), binary cross-entropy of the mean probabilities (multi-label), MSE (regression).
-        logits: [B, C]: ``log(mean_k softmax(member_logits[k]))`` (its softmax is the ensemble probability),
+        logits: [B, C] (token classification: [B, T, C], per token): ``log(mean_k softmax(member_logits[k]))``
+            (its softmax is the ensemble probability),
             the logit of the mean member sigmoid (multi-label), or the mean member value (regression); see
             `hf_ens.tasks`.
-        member_logits: raw logits of each member, shape [K, B, C].
+        member_logits: raw logits of each member, shape [K, B, C] (token classification: [K, B, T, C]).
         spread: regression only: the standard deviation of the member values, [B, C] (0 for one member).
         hidden_states: with ``output_hidden_states=True``, a tuple over the K members of each member's
             ``hidden_states`` (there is no ensemble hidden state: each member has its own basis).
@@ -461,8 +462,8 @@ class EnsembleModel(PreTrainedModel):
     @classmethod
     def _task_class(cls, config: EnsembleConfig) -> type[EnsembleModel]:
         """`EnsembleModel` builds the ensemble class of its members' task (`EnsembleForImageClassification`,
-        `EnsembleForSequenceClassification`, `EnsembleModelForCausalLM`, which generates); a subclass builds
-        itself."""
+        `EnsembleForSequenceClassification`, `EnsembleForTokenClassification`, `EnsembleModelForCausalLM`,
+        which generates); a subclass builds itself."""
         if cls is not EnsembleModel:
             return cls
         return registry.task_class("full", config.architecture) or cls

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .lm_metrics import LMMetricAccumulator, scored_tokens
-from .members import CAUSAL_LM_SUFFIXES
+from .lm_metrics import LMMetricAccumulator, evaluate_lm_ensemble, scored_tokens
+from .members import CAUSAL_LM_SUFFIXES, TOKEN_CLASSIFICATION_SUFFIXES
 from .metrics import (
     _SINGLE_LABEL_ONLY,
     accuracy,
@@ -108,9 +108,12 @@ def predict(
             out = getattr(model(**inputs), output)
             if out.ndim > (3 if output == "member_logits" else 2):
                 raise ValueError(
-                    f"The model returns per-token logits of shape {tuple(out.shape)} (a language model): "
-                    "per-sample metrics and accuracy do not apply. Use hf_ens.evaluate_lm_ensemble / "
-                    "hf_ens.lm_metrics, and hf_ens.make_lm_eval_fn for a greedy soup by held-out token NLL."
+                    f"The model returns per-token logits of shape {tuple(out.shape)} (a language model or a "
+                    "token classifier): per-sample metrics and accuracy do not apply. Use "
+                    "hf_ens.evaluate_ensemble / evaluate_loss_error (they score per token), "
+                    "hf_ens.evaluate_lm_ensemble / hf_ens.lm_metrics (shift=False for token classification), "
+                    "and hf_ens.make_lm_eval_fn for a greedy soup by held-out token NLL (shift=False for "
+                    "token classification)."
                 )
             chunks.append(out.float().cpu())
             labels.append(torch.as_tensor(y).cpu())
@@ -155,17 +158,23 @@ def _is_causal_lm(model: nn.Module) -> bool:
     return type(model).__name__.endswith(CAUSAL_LM_SUFFIXES)  # PeftModelForCausalLM included
 
 
+def _is_token_classifier(model: nn.Module) -> bool:
+    """A per-token classifier: a *ForTokenClassification, its peft wrapper or an ensemble of them."""
+    return type(model).__name__.endswith(TOKEN_CLASSIFICATION_SUFFIXES)
+
+
 @torch.no_grad()
-def _lm_loss_error(model: nn.Module, batches: Batches) -> dict[str, float]:
+def _lm_loss_error(model: nn.Module, batches: Batches, shift: bool = True) -> dict[str, float]:
     acc, was_training = LMMetricAccumulator(), model.training
     device = next(model.parameters()).device
     model.eval()
     try:
         for batch in _fresh(batches):
             if "labels" not in batch:
-                raise ValueError("Evaluating a causal LM's loss and error needs labelled batches (`labels`).")
+                raise ValueError("Evaluating a per-token loss and error needs labelled batches (`labels`).")
             inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
-            acc.add(*scored_tokens(model(**inputs).logits.float(), batch["labels"].to(device)))
+            logits = model(**inputs).logits.float()
+            acc.add(*scored_tokens(logits, batch["labels"].to(device), shift=shift))
     finally:
         model.train(was_training)
     metrics = acc.compute()
@@ -177,10 +186,11 @@ def evaluate_loss_error(model: nn.Module, batches: Batches) -> dict[str, float]:
 
     A classifier: `loss_error` of its logits (mean cross-entropy, 1 - accuracy). A causal LM: per token, the
     NLL and top-1 error of the next token over every scored position (shifted labels, ``-100`` ignored), the
-    loss its own training minimises. What basin profiles and the trainer's LR probe read.
+    loss its own training minimises. A token classifier: the same per token, unshifted (``-100`` ignored).
+    What basin profiles and the trainer's LR probe read.
     """
-    if _is_causal_lm(model):
-        return _lm_loss_error(model, batches)
+    if _is_causal_lm(model) or _is_token_classifier(model):
+        return _lm_loss_error(model, batches, shift=not _is_token_classifier(model))
     return loss_error(*predict_logits(model, batches))
 
 
@@ -248,7 +258,18 @@ def evaluate_ensemble(
     `models` (e.g. ``{"greedy_soup": greedy}``) adds ``<name>/accuracy``... of other single models on the same
     batches; `size_curve` adds ``ensemble_size_curve`` (`ensemble_size_curve`). The loader is read once per
     model: it must yield the same batches each pass (do not shuffle it).
+
+    An `EnsembleForTokenClassification` is scored per token (every token whose label is not ``-100``):
+    `hf_ens.evaluate_lm_ensemble` with ``shift=False`` (``ensemble/*``, ``member_mean/*``, ``soup/*`` and
+    ``diversity/*`` keys); `models` and `size_curve` are per-sample options, refused there.
     """
+    if _is_token_classifier(ensemble):
+        if models or size_curve:
+            raise ValueError(
+                "evaluate_ensemble of a token-classification ensemble scores tokens (evaluate_lm_ensemble, "
+                "shift=False): models= and size_curve= are not supported there."
+            )
+        return evaluate_lm_ensemble(ensemble, _fresh(dataloader), soup=soup, shift=False)
     problem_type = getattr(ensemble.config, "problem_type", None)
     if problem_type not in (None, "single_label_classification"):
         raise ValueError(_SINGLE_LABEL_ONLY.format(what=f"this ensemble's members are {problem_type!r}"))

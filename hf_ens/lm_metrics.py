@@ -11,6 +11,10 @@ The conventions of `hf_ens.metrics`, applied to every scored token (position ``t
   * ``diversity/mutual_information``: mean over tokens of ``H(mean_k p_k) - mean_k H(p_k)`` (nats), the
     ensemble's epistemic uncertainty; `token_uncertainty` gives it per token, to flag unreliable generations.
 
+Token classification (``*ForTokenClassification`` members, `hf_ens.EnsembleForTokenClassification`) is scored
+by the same rule without the shift (``shift=False``: position ``t`` against ``labels[t]``), over the class
+distribution of every token whose label is not ``-100``; `compute_token_metrics` is its Trainer hook.
+
 Everything streams: `LMMetricAccumulator` keeps sums and ECE bin counts, never the [tokens, vocabulary]
 probabilities of a whole evaluation set, so a held-out corpus costs the memory of one batch.
 """
@@ -32,6 +36,7 @@ __all__ = [
     "evaluate_lm_ensemble",
     "make_lm_eval_fn",
     "compute_lm_metrics",
+    "compute_token_metrics",
 ]
 
 LM_METRICS = ("nll", "perplexity", "accuracy", "ece", "brier")
@@ -114,11 +119,17 @@ class LMMetricAccumulator:
 
 
 def lm_metrics(
-    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100, n_bins: int = 15, prefix: str = ""
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int = -100,
+    n_bins: int = 15,
+    prefix: str = "",
+    shift: bool = True,
 ) -> dict[str, float]:
-    """`LM_METRICS` of one model's logits ``[B, T, V]`` against causal-LM `labels` ``[B, T]`` (shifted)."""
+    """`LM_METRICS` of one model's logits ``[B, T, V]`` against causal-LM `labels` ``[B, T]`` (shifted; with
+    ``shift=False``, token-classification labels: one per position)."""
     acc = LMMetricAccumulator(n_bins)
-    acc.add(*scored_tokens(logits, labels, ignore_index))
+    acc.add(*scored_tokens(logits, labels, ignore_index, shift))
     return acc.compute(prefix)
 
 
@@ -162,18 +173,20 @@ class _EnsembleAccumulator:
         self.tokens = 0
         self.mi_sum = self.disagreement_sum = 0.0
 
-    def add(self, member_logits, labels, soup_logits=None, ignore_index: int = -100) -> None:
+    def add(
+        self, member_logits, labels, soup_logits=None, ignore_index: int = -100, shift: bool = True
+    ) -> None:
         if member_logits.ndim != 4 or member_logits.shape[0] != len(self.members):
             raise ValueError(
                 f"Expected member logits [K={len(self.members)}, B, T, V]; got {tuple(member_logits.shape)}."
             )
-        scored, targets = scored_tokens(member_logits, labels, ignore_index)  # [K, N, V], [N]
+        scored, targets = scored_tokens(member_logits, labels, ignore_index, shift)  # [K, N, V], [N]
         log_p = torch.log_softmax(scored.double(), dim=-1)
         self.ensemble.add(torch.logsumexp(log_p, dim=0) - math.log(len(self.members)), targets)
         for acc, logits in zip(self.members, log_p, strict=True):
             acc.add(logits, targets)
         if self.soup is not None:
-            self.soup.add(*scored_tokens(soup_logits, labels, ignore_index))
+            self.soup.add(*scored_tokens(soup_logits, labels, ignore_index, shift))
         unc = token_uncertainty(log_p)
         self.tokens += int(targets.numel())
         self.mi_sum += float(unc["mutual_information"].sum())
@@ -196,21 +209,24 @@ def lm_ensemble_metrics(
     soup_logits: torch.Tensor | None = None,
     ignore_index: int = -100,
     n_bins: int = 15,
+    shift: bool = True,
 ) -> dict[str, float]:
     """``ensemble/*``, ``member_mean/*`` (mean of the members' metrics), ``soup/*`` (with `soup_logits`) and
-    ``diversity/*`` metrics of member logits ``[K, B, T, V]`` against causal-LM `labels` ``[B, T]``."""
+    ``diversity/*`` metrics of member logits ``[K, B, T, V]`` against causal-LM `labels` ``[B, T]`` (with
+    ``shift=False``: token-classification labels)."""
     acc = _EnsembleAccumulator(member_logits.shape[0], n_bins, soup_logits is not None)
-    acc.add(member_logits, labels, soup_logits, ignore_index)
+    acc.add(member_logits, labels, soup_logits, ignore_index, shift)
     return acc.compute()
 
 
 @torch.no_grad()
 def evaluate_lm_ensemble(
-    ensemble, dataloader: Iterable, soup=None, ignore_index: int = -100, n_bins: int = 15
+    ensemble, dataloader: Iterable, soup=None, ignore_index: int = -100, n_bins: int = 15, shift: bool = True
 ) -> dict[str, float]:
     """`lm_ensemble_metrics` of an `EnsembleModelForCausalLM` (and optionally its soup, put in eval mode)
     over a loader of causal-LM batches (``input_ids``, ``attention_mask``, ``labels``), streamed batch by
-    batch: memory is one batch's member logits, whatever the size of the held-out set."""
+    batch: memory is one batch's member logits, whatever the size of the held-out set. ``shift=False``: an
+    `EnsembleForTokenClassification` over token-classification batches (one label per token)."""
     acc = None
     was_training = ensemble.training
     ensemble.eval()
@@ -227,7 +243,7 @@ def evaluate_lm_ensemble(
             soup_logits = soup(**inputs).logits if soup is not None else None
             if acc is None:
                 acc = _EnsembleAccumulator(out.member_logits.shape[0], n_bins, soup is not None)
-            acc.add(out.member_logits, batch["labels"], soup_logits, ignore_index)
+            acc.add(out.member_logits, batch["labels"], soup_logits, ignore_index, shift)
     finally:
         ensemble.train(was_training)
     if acc is None:
@@ -235,9 +251,12 @@ def evaluate_lm_ensemble(
     return acc.compute()
 
 
-def make_lm_eval_fn(dataloader: Iterable, ignore_index: int = -100) -> Callable[[torch.nn.Module], float]:
+def make_lm_eval_fn(
+    dataloader: Iterable, ignore_index: int = -100, shift: bool = True
+) -> Callable[[torch.nn.Module], float]:
     """``eval_fn(model) -> -token NLL`` on a HELD-OUT loader of causal-LM batches, for `hf_ens.greedy_soup`
-    (higher is better: greedy selection by held-out loss). Never pass the test set."""
+    (higher is better: greedy selection by held-out loss). Never pass the test set. ``shift=False``: token
+    classifiers (one label per token) instead of causal LMs."""
 
     @torch.no_grad()
     def eval_fn(model: torch.nn.Module) -> float:
@@ -249,7 +268,7 @@ def make_lm_eval_fn(dataloader: Iterable, ignore_index: int = -100) -> Callable[
                     raise ValueError("make_lm_eval_fn needs batches with `labels` (a causal-LM collator).")
                 device = next(model.parameters()).device
                 inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
-                acc.add(*scored_tokens(model(**inputs).logits, batch["labels"], ignore_index))
+                acc.add(*scored_tokens(model(**inputs).logits, batch["labels"], ignore_index, shift))
         finally:
             model.train(was_training)
         if acc.tokens == 0:
@@ -273,3 +292,13 @@ def compute_lm_metrics(eval_pred) -> dict[str, float]:
     if isinstance(predictions, (tuple, list)):
         predictions = predictions[0]
     return lm_metrics(torch.as_tensor(predictions), torch.as_tensor(labels).long())
+
+
+def compute_token_metrics(eval_pred) -> dict[str, float]:
+    """``compute_metrics`` for `transformers.Trainer` on a token classifier (one model or an
+    `EnsembleForTokenClassification`): `LM_METRICS` (``accuracy``, ``nll``, ``ece``, ``brier``...) of
+    every token whose label is not ``-100``, unshifted; the Trainer's -100 padding is never scored."""
+    predictions, labels = eval_pred[0], eval_pred[1]
+    if isinstance(predictions, (tuple, list)):
+        predictions = predictions[0]
+    return lm_metrics(torch.as_tensor(predictions), torch.as_tensor(labels).long(), shift=False)

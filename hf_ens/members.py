@@ -32,7 +32,8 @@ __all__ = [
 
 CLASSIFICATION_SUFFIXES = ("ForImageClassification", "ForSequenceClassification")
 CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")  # GPT2 is GPT2LMHeadModel
-SUPPORTED_SUFFIXES = CLASSIFICATION_SUFFIXES + CAUSAL_LM_SUFFIXES
+TOKEN_CLASSIFICATION_SUFFIXES = ("ForTokenClassification",)
+SUPPORTED_SUFFIXES = CLASSIFICATION_SUFFIXES + CAUSAL_LM_SUFFIXES + TOKEN_CLASSIFICATION_SUFFIXES
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "tokenizer_config.json")
 # Files of a repo root the processor loader reads: digests must cover them.
 PROCESSOR_READS = (

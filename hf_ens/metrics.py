@@ -258,6 +258,12 @@ def compute_metrics(eval_pred) -> dict[str, float]:
     ``config.keys_to_ignore_at_inference``, because the Trainer concatenates outputs along dim 0.)
     """
     predictions, labels = eval_pred[0], eval_pred[1]
+    first = predictions[0] if isinstance(predictions, (tuple, list)) else predictions
+    if np.ndim(first) == 3:  # [N, T, C]: per token, where these per-sample metrics would misread the labels
+        raise ValueError(
+            f"compute_metrics got per-token predictions of shape {tuple(np.shape(first))}: use "
+            "hf_ens.compute_token_metrics (token classification) or hf_ens.compute_lm_metrics (causal LMs)."
+        )
     if isinstance(predictions, Sequence) and not isinstance(predictions, (np.ndarray, torch.Tensor)):
         if (
             len(predictions) > 1

@@ -21,6 +21,7 @@ __all__ = ["pipeline", "pipeline_task"]
 _TASKS = {
     "ForSequenceClassification": "text-classification",
     "ForImageClassification": "image-classification",
+    "ForTokenClassification": "token-classification",
 }
 
 

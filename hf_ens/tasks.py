@@ -15,6 +15,10 @@ Each combined output is in the members' own form (logits whose softmax / sigmoid
 or a value), so arg-max, ``Trainer.evaluate``, pipelines and losses need no special case. ``problem_type``
 None means single-label for ``num_labels > 1`` and regression for ``num_labels == 1`` (as the members' own
 forward decides; the ensemble's config then names it, so a pipeline shows the mean value, not a sigmoid).
+
+Token classification (``*ForTokenClassification``, always single-label: transformers trains those heads with
+CE whatever ``problem_type`` says) is the single-label rule at every position: member logits [K, B, T, C]
+give [B, T, C], and the loss is the CE of every token whose label is not ``-100``, averaged over them.
 """
 
 from __future__ import annotations
@@ -50,7 +54,8 @@ def log_mean_softmax(member_logits: torch.Tensor) -> torch.Tensor:
 
 
 def combine(member_logits: torch.Tensor, problem_type: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(ensemble output [B, C], spread [B, C] or None) from member outputs [K, B, C], in float32.
+    """(ensemble output [B, C], spread [B, C] or None) from member outputs [K, B, C], in float32 (per token:
+    [K, B, T, C] gives [B, T, C], the same rule at every position).
 
     Single-label: log of the mean softmax. Multi-label: the logit of the mean sigmoid, computed stably as
     ``logsumexp_k logsigmoid(z_k) - logsumexp_k logsigmoid(-z_k)`` (the ``log K`` cancels), so its sigmoid
@@ -71,6 +76,9 @@ def combine(member_logits: torch.Tensor, problem_type: str) -> tuple[torch.Tenso
 def loss(logits: torch.Tensor, labels: torch.Tensor, problem_type: str) -> torch.Tensor:
     """The members' own loss, applied to the combined output: CE, BCE on the mean probability, or MSE.
 
+    Single-label per token (logits [B, T, C], labels [B, T]): CE over every token whose label is not -100,
+    averaged over those tokens, as transformers' ``*ForTokenClassification`` computes it.
+
     Labels are checked first, so a wrong kind of label gives a message, not an index or dtype error from
     inside torch.
     """
@@ -81,13 +89,22 @@ def loss(logits: torch.Tensor, labels: torch.Tensor, problem_type: str) -> torch
                 "Single-label ensemble got non-integer labels; class ids are expected (a regression or "
                 "multi-label model needs problem_type='regression' / 'multi_label_classification')."
             )
+        if logits.ndim > 2:  # per position (token classification): the same rule on every token
+            if tuple(labels.shape) != tuple(logits.shape[:-1]):
+                raise ValueError(
+                    f"Token-level ensemble: expected labels of shape {tuple(logits.shape[:-1])} (one class "
+                    f"id per token, -100 for tokens not scored), got {tuple(labels.shape)}."
+                )
+            logits, labels = logits.flatten(0, -2), labels.flatten()
         labels = labels.long().reshape(-1)
         if labels.numel() != logits.shape[0]:
             raise ValueError(
                 f"Single-label ensemble: expected {logits.shape[0]} class ids, got labels of shape "
                 f"{tuple(labels.shape)}."
             )
-        return nn.functional.cross_entropy(logits, labels)
+        # -100 (transformers' "not scored", e.g. padding or sub-word continuations) is ignored: the mean is
+        # over scored labels, as in every transformers *ForSequenceClassification / *ForTokenClassification
+        return nn.functional.cross_entropy(logits, labels, ignore_index=-100)
     if problem_type == MULTI_LABEL:
         if labels.shape != logits.shape:
             raise ValueError(

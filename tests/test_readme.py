@@ -24,7 +24,10 @@ DOCS = ROOT / "docs"
 # The pages whose Python snippets run here, in this order, after the README's (later pages use earlier names).
 GUIDES = ["trainer.md", "ensembles.md", "lora.md", "basin.md"]
 # Pages whose snippets another test runs (with names of their own).
-GUIDES_TESTED_ELSEWHERE = {"language_models.md": "tests/test_ensemble_lm.py"}
+GUIDES_TESTED_ELSEWHERE = {
+    "language_models.md": "tests/test_ensemble_lm.py",
+    "tasks.md": "tests/test_token_classification.py",
+}
 
 
 def _pages() -> dict[str, str]:

@@ -341,12 +341,13 @@ def test_bert_local_de_branches_equal_the_trainer_loop(tmp_path):
 
 
 def test_what_the_ensemble_cannot_combine_is_refused_before_training(tmp_path, tok, caplog):
-    """Token classification: the trainer says at construction that ensemble() will refuse it (its members
-    still train and soup); EnsembleModel refuses it with the reason. Language models get their own class."""
-    from transformers import BertForTokenClassification
+    """A masked LM: the trainer says at construction that ensemble() will refuse it (its members still train
+    and soup); EnsembleModel refuses it with the reason. Language models get their own class (and token
+    classifiers: tests/test_token_classification.py)."""
+    from transformers import BertForMaskedLM
 
     torch.manual_seed(0)
-    token = BertForTokenClassification(_text.text_config("bert"))
+    token = BertForMaskedLM(_text.text_config("bert"))
     with pytest.raises(ValueError, match="ForSequenceClassification"):
         EnsembleModel.from_members([token, copy.deepcopy(token)])
     lm = EnsembleModel.from_members([_text.tiny_lm("gpt2", 0), _text.tiny_lm("gpt2", 1)])

@@ -27,6 +27,7 @@ from hf_ens import (
     EnsembleConfig,
     EnsembleForImageClassification,
     EnsembleForSequenceClassification,
+    EnsembleForTokenClassification,
     EnsembleModelForCausalLM,
 )
 from tests import _transformers_common
@@ -100,6 +101,10 @@ def _listed_as_classifiers():
         mock.patch.dict(
             modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
             {EnsembleConfig.model_type: EnsembleForSequenceClassification.__name__},
+        ),
+        mock.patch.dict(
+            modeling_auto.MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES,
+            {EnsembleConfig.model_type: EnsembleForTokenClassification.__name__},
         ),
         mock.patch.dict(
             modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
@@ -345,6 +350,48 @@ class EnsembleBertMembersTest(ModelTesterMixin, unittest.TestCase):
 
     def test_for_sequence_classification(self):
         self.model_tester.create_and_check_for_sequence_classification(
+            *self.model_tester.prepare_config_and_inputs()
+        )
+
+
+class EnsembleBertTokenModelTester(EnsembleBertModelTester):
+    """BERT's model tester with K tiny BertForTokenClassification members: labels per token."""
+
+    def prepare_config_and_inputs(self):
+        config, input_ids, token_type_ids, input_mask, _ = super().prepare_config_and_inputs()
+        labels = ids_tensor([self.batch_size, self.seq_length], self.num_labels) if self.use_labels else None
+        return config, input_ids, token_type_ids, input_mask, labels
+
+    def get_member_config(self) -> BertConfig:
+        config = super().get_member_config()
+        config.architectures = ["BertForTokenClassification"]
+        return config
+
+    def create_and_check_for_token_classification(self, config, input_ids, token_type_ids, mask, labels):
+        model = EnsembleForTokenClassification(config).to(torch_device).eval()
+        result = model(input_ids=input_ids, attention_mask=mask, token_type_ids=token_type_ids, labels=labels)
+        shape = (self.batch_size, self.seq_length, self.num_labels)
+        self.parent.assertEqual(result.logits.shape, shape)
+        self.parent.assertEqual(result.member_logits.shape, (self.num_members, *shape))
+        self.parent.assertTrue(torch.isfinite(result.loss))
+
+
+@not_applicable
+class EnsembleBertTokenMembersTest(ModelTesterMixin, unittest.TestCase):
+    """An ensemble of BERT token classifiers, with the opt-outs of transformers' BertModelTest."""
+
+    all_model_classes = (EnsembleForTokenClassification,)
+    model_split_percents = [0.5, 0.8, 0.9]
+
+    def setUp(self):
+        self.model_tester = EnsembleBertTokenModelTester(self)
+        self.config_tester = ConfigTester(self, config_class=EnsembleConfig, has_text_modality=False)
+
+    def test_config(self):
+        self.config_tester.run_common_tests()
+
+    def test_for_token_classification(self):
+        self.model_tester.create_and_check_for_token_classification(
             *self.model_tester.prepare_config_and_inputs()
         )
 

@@ -148,7 +148,7 @@ class ProbeRun:
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
         """Eval loss (nats) and error of `model` through the library's one evaluation path
         (`hf_ens.evaluation.evaluate_loss_error`: a causal LM per next token, shifted labels, ``-100`` padding
-        ignored), BatchNorm statistics recomputed first."""
+        ignored; a token classifier per token, unshifted), BatchNorm statistics recomputed first."""
         with self.trainer.accelerator.autocast():
             if self.bn_batches is not None:
                 recompute_batchnorm(model, self.bn_batches, max_batches=BN_BATCHES)

@@ -526,8 +526,8 @@ class StarSSETrainer(Trainer):
 
 
 def _say_if_not_ensembled(model: torch.nn.Module) -> None:
-    """Before training: a model `EnsembleModel` will not take (an LM, token classification) still trains K
-    members and soups, but ``trainer.ensemble()`` will refuse it; say so now, not after the run."""
+    """Before training: a model `EnsembleModel` will not take (masked LM, question answering...) still trains
+    K members and soups, but ``trainer.ensemble()`` will refuse it; say so now, not after the run."""
     from hf_ens.members import SUPPORTED_SUFFIXES
 
     model = model.get_base_model() if adapters.is_peft_model(model) else model
@@ -535,8 +535,8 @@ def _say_if_not_ensembled(model: torch.nn.Module) -> None:
     if not name.endswith(SUPPORTED_SUFFIXES):
         logger.warning(
             f"{name}: StarSSETrainer trains its K members (and soup() averages them), but trainer.ensemble() "
-            f"will refuse it: hf_ens.EnsembleModel combines *{SUPPORTED_SUFFIXES[0]} and "
-            f"*{SUPPORTED_SUFFIXES[1]} members only."
+            f"will refuse it: hf_ens.EnsembleModel combines {', '.join('*' + s for s in SUPPORTED_SUFFIXES)} "
+            "members only."
         )
 
 
