@@ -22,7 +22,7 @@ PARAMS: dict[str, tuple[float, ...]] = {
     "gaussian_blur": (0.5, 0.75, 1.0, 1.5, 2.0),  # kernel std in pixels
     "contrast": (0.6, 0.45, 0.3, 0.2, 0.1),  # contrast kept around the image mean
     "brightness": (0.1, 0.2, 0.3, 0.4, 0.5),  # added to every pixel, then clipped
-    "pixelate": (0.8, 0.65, 0.5, 0.4, 0.3),  # side of the downsampled image, as a fraction
+    "pixelate": (2, 3, 4, 5, 6),  # side of the square blocks averaged, in pixels
 }
 CORRUPTIONS = tuple(PARAMS)
 
@@ -66,8 +66,8 @@ def corrupt(pixels: torch.Tensor, name: str, severity: int, seed: int = 0) -> to
         x = (x - mean) * p + mean
     elif name == "brightness":
         x = x + p
-    elif name == "pixelate":
-        h, w = x.shape[-2:]
-        small = (max(1, round(h * p)), max(1, round(w * p)))
-        x = F.interpolate(F.interpolate(x, size=small, mode="area"), size=(h, w), mode="nearest")
+    elif name == "pixelate":  # every b x b block (the last ones cut at the border) takes its mean
+        h, w, b = *x.shape[-2:], int(p)
+        x = F.avg_pool2d(x, b, stride=b, ceil_mode=True, count_include_pad=False)
+        x = x.repeat_interleave(b, dim=-2).repeat_interleave(b, dim=-1)[..., :h, :w]
     return (x.clamp(0, 1) * 255).round().to(torch.uint8)
