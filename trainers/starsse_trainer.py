@@ -114,13 +114,9 @@ class StarSSETrainer(Trainer):
                 "StarSSETrainer owns the LR schedule (trainers.schedule); do not pass a lr_scheduler."
             )
         if self.is_peft:
-            adapters.check_lora(self.model)  # members must merge to W0 + scale B A, and re-draw exactly
-            if self.args.auto_cycle_learning_rate:
-                raise ValueError(
-                    "cycle_learning_rate='auto' judges the basin by interpolating whole weights; LoRA "
-                    "members would need their adapters merged first, which the probe does not do yet. Give "
-                    "cycle_learning_rate a number."
-                )
+            # members must merge to W0 + scale B A (the soups and the "auto" probes' merged weights), and
+            # re-draw exactly
+            adapters.check_lora(self.model)
         _say_if_not_ensembled(self.model)
         if self.model_accepts_loss_kwargs and not loss_normalized_by_num_items(self.model):
             # The Trainer would pass num_items_in_batch, skip its division by the accumulation steps, and so
