@@ -56,7 +56,7 @@ class CrashAt:
         return self.inner(features)
 
 
-def lm_trainer(out, family: str, lora: bool, model_seed: int = 0, crash_at=None, **overrides):
+def lm_trainer(out, family: str, lora: bool, model_seed: int = 0, crash_at=None, held_out=False, **overrides):
     tokenizer = word_tokenizer(padding_side="right")
     build = tiny_gpt2 if family == "gpt2" else tiny_llama
     model = build(0 if lora else model_seed, **FAMILIES[family]).train()  # LoRA: one pre-trained base
@@ -76,6 +76,7 @@ def lm_trainer(out, family: str, lora: bool, model_seed: int = 0, crash_at=None,
         model=model,
         args=starsse_config(out, **{"num_members": K, **lrs, **overrides}),
         train_dataset=Dataset.from_dict(dict(tokenizer(lm_texts(SAMPLES)))),
+        eval_dataset=Dataset.from_dict(dict(tokenizer(lm_texts(8, seed=1)))) if held_out else None,
         data_collator=CrashAt(crash_at),
         processing_class=tokenizer,
     )
@@ -185,3 +186,44 @@ def test_two_processes_give_the_starsse_members_of_one_process(tmp_path):
         for k, (a, b) in enumerate(zip(*paths, strict=True)):
             assert max_diff(member(a), member(b)) == 0.0, (name, k)
         assert max_diff(member(paths[0][1]), member(paths[0][2])) > 1e-4
+
+
+def test_auto_on_lora_members_survives_a_crash_in_the_probes_and_probes_the_same_under_parallel_members(
+    tmp_path,
+):
+    """cycle_learning_rate="auto" on LoRA Llama members, as the image path guarantees it: a crash inside the
+    probes resumes to the same probe table and members; under parallel_members the probes (run before the
+    branches, from the same model 1) give the same table."""
+    auto = dict(
+        cycle_learning_rate="auto",
+        cycle_lr_grid=[0.5, 4.0],
+        probe_search="linear",
+        cycle_epochs=4,  # cycles of 12 steps: probes of 3 steps (2 micro-batches each)
+        gradient_accumulation_steps=2,
+        save_strategy="steps",
+        save_steps=2,
+        held_out=True,
+    )
+
+    def table(trainer) -> list[dict]:
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in trainer.basin_probe["table"]]
+
+    reference = lm_trainer(tmp_path / "reference", "llama", True, **auto)
+    reference.train()
+    assert table(reference) and reference.basin_probe["probe_steps"] == 3
+    # batches 1-12: model 1 (6 steps of 2); 13-18: the first probe; crash in its second step
+    crashed = lm_trainer(tmp_path / "crashed", "llama", True, crash_at=15, **auto)
+    with pytest.raises(RuntimeError, match="crash at batch 15"):
+        crashed.train()
+    assert crashed.basin_probe is None and sorted(os.listdir(tmp_path / "crashed" / "members")) == [
+        "member_00"
+    ]
+    resumed = lm_trainer(tmp_path / "crashed", "llama", True, model_seed=5, **auto)
+    resumed.train(resume_from_checkpoint=True)
+    assert table(resumed) == table(reference)
+    assert_same_members(resumed.member_paths, reference.member_paths)
+
+    parallel = lm_trainer(tmp_path / "parallel", "llama", True, parallel_members=True, **auto)
+    parallel.train()
+    assert table(parallel) == table(reference)
+    assert max_diff(member(parallel.member_paths[0]), member(reference.member_paths[0])) == 0.0
