@@ -2,10 +2,11 @@
 
 `hf_ens.trainers.StarSSETrainer` overrides three private `Trainer` hooks (`_get_train_sampler`,
 `_save_checkpoint`, `_load_from_checkpoint`) and the undocumented `set_initial_training_values`, reads a few
-private attributes, and sets the LR of a global step through `LambdaLR`'s attributes; each test checks the
-upstream signature and, where the trainer unpacks a result, its shape, and fails with a message naming the
-hook. The last test pins the upstream bug the trainer's resume works around (transformers #48805):
-when it starts failing, upstream is fixed and the workaround can go. `hf_ens.heads.reinit_task_head` uses no
+private attributes, calls `_get_num_items_in_batch` (a branch step's loss is the loop's), and sets the LR
+of a global step through `LambdaLR`'s attributes; each test checks the upstream signature and, where the
+trainer unpacks a result, its shape, and fails with a message naming the hook.
+The last test pins the upstream bug the trainer's resume works around (transformers #48805): when it starts
+failing, upstream is fixed and the workaround can go. `hf_ens.heads.reinit_task_head` uses no
 private hook any more (PyTorch's public ``reset_parameters``), which its test shows.
 """
 
