@@ -68,6 +68,7 @@ __all__ = [
     "load_adapter_weights",
     "lora_uniform_soup",
     "lora_soup_adapter",
+    "merged_model",
     "base_weights_digest",
     "plain_base_model",
 ]
@@ -268,6 +269,15 @@ def lora_uniform_soup(
     return plain
 
 
+def merged_model(model: PeftModel, adapter: str | None = None) -> PreTrainedModel:
+    """`model` with `adapter` (default: the active one) merged, as a new plain transformers model: every
+    adapted base weight ``W0 + scale B A`` (peft's ``get_delta_weight``) and the adapter's ``modules_to_save``
+    head. The member's whole weights, for what compares members in weight space (basin profiles, the LR
+    probe): interpolating the factors ``A`` and ``B`` themselves is no straight line between the merged
+    weights. `model` is not modified."""
+    return lora_uniform_soup(model, [adapter or model.active_adapter])
+
+
 @torch.no_grad()
 def lora_soup_adapter(model: PeftModel, adapters: Sequence[str], name: str = "soup") -> PeftModel:
     """Add the uniform soup of `adapters` to `model` as ONE LoRA adapter `name` of rank ``sum_k r_k``, and
@@ -385,7 +395,7 @@ class AdapterMember:
 
     def merged(self) -> PreTrainedModel:
         """This member as one plain model: base weights plus its merged adapter (and its head)."""
-        return lora_uniform_soup(self._ensemble.peft_model, [self.name])
+        return merged_model(self._ensemble.peft_model, self.name)
 
     def __repr__(self) -> str:
         return f"AdapterMember({self.name!r})"

@@ -8,6 +8,11 @@ Users sweep the cycle learning rate with these to find where members start leavi
 
 BatchNorm models: interpolated running statistics are not those of the interpolated weights; recompute
 them in `eval_fn` (e.g. `hf_ens.recompute_batchnorm`) before evaluating.
+
+LoRA (peft) models are judged by their merged weights (`hf_ens.adapters.merged_model`: ``W0 + scale B A`` and
+the ``modules_to_save`` head): the straight line between two LoRA members is
+``W0 + (1 - alpha) scale B_a A_a + alpha scale B_b A_b``, not the model of the interpolated factors
+(``((1 - alpha) B_a + alpha B_b) ((1 - alpha) A_a + alpha A_b)`` has a cross term, a curve in weight space).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -50,17 +56,31 @@ def _paired_tensors(tensors_a: dict, tensors_b: dict) -> None:
             )
 
 
+def whole_model(model: nn.Module) -> nn.Module:
+    """The model whose weights stand for `model` in weight space: a peft model's active adapter merged into a
+    new plain model (`hf_ens.adapters.merged_model`), any other model itself."""
+    if (
+        "peft" in sys.modules
+    ):  # a peft model exists only once peft is imported; full-model users never load it
+        from .adapters import is_peft_model, merged_model
+
+        if is_peft_model(model):
+            return merged_model(model)
+    return model
+
+
 def interpolate(model_a: nn.Module, model_b: nn.Module, alpha: float) -> nn.Module:
     """A new model with weights `(1 - alpha) * model_a + alpha * model_b` (alpha=0 gives model_a).
 
     The soups' averaging (`hf_ens.soups.weighted_average` with weights ``1 - alpha, alpha``): floating tensors
     (parameters and buffers) are combined in float32 and cast back to model_a's dtype; integer buffers are
-    copied from model_a. Neither input is modified.
+    copied from model_a. Neither input is modified. A LoRA (peft) model enters by its merged weights
+    (`whole_model`), and the result is then a plain model.
     """
     _check_alpha(alpha)
-    return weighted_average(
-        [_check_module("model_a", model_a), _check_module("model_b", model_b)], [1 - alpha, alpha]
-    )
+    _check_module("model_a", model_a)
+    _check_module("model_b", model_b)
+    return weighted_average([whole_model(model_a), whole_model(model_b)], [1 - alpha, alpha])
 
 
 def _check_alpha(alpha) -> None:
@@ -96,7 +116,8 @@ def interpolation_profile(
 
     `eval_fn(model)` returns `{"loss": ..., "error": ...}` (extra keys are kept, "accuracy" may replace
     "error") or a `(loss, error)` pair; the model it gets is in eval mode. Returns
-    `{"alphas": [...], "loss": [...], "error": [...], ...}` as plain floats (JSON-ready).
+    `{"alphas": [...], "loss": [...], "error": [...], ...}` as plain floats (JSON-ready). LoRA (peft) models
+    are interpolated by their merged weights (`whole_model`): `eval_fn` then gets a plain model.
     """
     from tqdm.auto import tqdm
 
@@ -111,6 +132,7 @@ def interpolation_profile(
         raise ValueError("alphas is empty.")
     for alpha in alphas:
         _check_alpha(alpha)
+    model_a, model_b = whole_model(model_a), whole_model(model_b)
     working = copy.deepcopy(model_a)  # one copy, overwritten per point, instead of one model per point
     profile: dict[str, list[float]] = {"alphas": alphas}
     for alpha in tqdm(alphas, desc="interpolation profile", unit="point"):
@@ -156,10 +178,12 @@ def weight_distance(model_a: nn.Module, model_b: nn.Module, relative: bool = Fal
 
     With `relative=True` the distance is divided by the norm of model_b's parameters (model_b is the
     reference, e.g. model 1 or the pre-trained checkpoint), which makes models of different sizes comparable.
-    Buffers (BatchNorm statistics) are not parameters and are left out.
+    Buffers (BatchNorm statistics) are not parameters and are left out. LoRA (peft) models are compared by
+    their merged weights (`whole_model`).
     """
     _check_module("model_a", model_a)
     _check_module("model_b", model_b)
+    model_a, model_b = whole_model(model_a), whole_model(model_b)
     params_a = {k: v for k, v in model_a.named_parameters() if v.is_floating_point()}
     params_b = {k: v for k, v in model_b.named_parameters() if v.is_floating_point()}
     _paired_tensors(params_a, params_b)

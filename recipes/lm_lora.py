@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from hf_ens.trainers import StarSSEConfig, StarSSETrainer
 
-from recipes._cli import ConfigError, parse_config_and_args, run_cli
+from recipes._cli import parse_config_and_args, run_cli
 
 OFFLINE_DATASET = "offline:fortunes"
 OFFLINE_MODEL = "offline:fortunes_llama"
@@ -316,11 +316,6 @@ def run(args: LMScriptArguments, training_args: StarSSEConfig) -> dict | None:
     from hf_ens._io import atomic_file
     from recipes.vit_cifar import check_output_dir
 
-    if training_args.auto_cycle_learning_rate:
-        raise ConfigError(
-            "cycle_learning_rate='auto' does not support LoRA members yet (the probes would have to judge "
-            "the basin on the merged adapter weights); pass a number."
-        )
     if args.torch_threads is not None:
         torch.set_num_threads(args.torch_threads)
     if not sys.stderr.isatty():
@@ -342,6 +337,7 @@ def run(args: LMScriptArguments, training_args: StarSSEConfig) -> dict | None:
         model=model,
         args=training_args,
         train_dataset=train,
+        eval_dataset=held_out,  # cycle_learning_rate="auto" probes on it (the merged adapters' token NLL)
         data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
         processing_class=tokenizer,
     )

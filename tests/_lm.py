@@ -60,3 +60,12 @@ def word_tokenizer(padding_side: str = "left") -> PreTrainedTokenizerFast:
         eos_token="<eos>",
         padding_side=padding_side,
     )
+
+
+def lm_texts(n: int, seed: int = 0) -> list[str]:
+    """`n` random sentences of 3 to 9 words over `WORDS` (uneven lengths: padded batches)."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(3, 10, (n,), generator=g).tolist()
+    return [
+        " ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (k,), generator=g).tolist()) for k in lengths
+    ]

@@ -6,7 +6,8 @@ overrides plus the script's own keys: ``resume`` (resume_from_checkpoint=True), 
 collator sleeps per batch, so that a test can kill a process mid-branch), ``samples``, ``model`` (tiny_vit
 overrides), ``image_size``, ``lora`` (peft ``LoraConfig`` keywords: members are LoRA adapters), ``text``
 (a tiny text classifier of `tests._text` instead of the ViT: ``{"family": "bert", **config overrides}``,
-padded batches of the sentiment task). Each process
+padded batches of the sentiment task), ``lm`` (a tiny causal LM of `tests._lm`: ``{"family": "gpt2" or
+"llama", **config overrides}``, padded random sentences, transformers' causal-LM collator). Each process
 writes ``OUT/pid{rank}`` at start and ``OUT/rank{rank}.json`` (members it wrote, branches it resumed, timings)
 at the end.
 """
@@ -56,6 +57,7 @@ def main(out: str, options: dict) -> dict:
     model_overrides = options.pop("model", {})
     lora = options.pop("lora", None)
     text = options.pop("text", None)
+    lm = options.pop("lm", None)
     rank = int(os.environ.get("RANK", "0"))
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, f"pid{rank}"), "w") as f:
@@ -70,6 +72,17 @@ def main(out: str, options: dict) -> dict:
         model = _text.tiny_classifier(family, 0, train=True, **text)
         tok = _text.word_tokenizer()
         dataset, collator = _text.TextDataset(tok, _text.sentiment_examples(samples)), _text.collator(tok)
+    if lm is not None:
+        from datasets import Dataset
+        from transformers import DataCollatorForLanguageModeling
+
+        from tests import _lm
+
+        family = lm.pop("family", "gpt2")
+        model = (_lm.tiny_gpt2 if family == "gpt2" else _lm.tiny_llama)(0, **lm).train()
+        tok = _lm.word_tokenizer(padding_side="right")
+        dataset = Dataset.from_dict(dict(tok(_lm.lm_texts(samples))))
+        collator = DataCollatorForLanguageModeling(tok, mlm=False)
     if lora is not None:
         from peft import LoraConfig, get_peft_model
 

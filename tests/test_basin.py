@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -173,3 +174,73 @@ def test_profile_rejects_bad_eval_fn_and_points():
     with pytest.raises(ValueError, match="num_points"):
         interpolation_profile(a, b, lambda m: (0.0, 0.0), num_points=1)
     assert math.isclose(weight_distance(a, b), math.sqrt(4 + 2 + 2 + 2), rel_tol=1e-9)  # BN weight+bias count
+
+
+# ------------------------------------------------------------------------------------- LoRA (peft) members
+def _two_adapters(family: str):
+    """Two peft models on ONE base with different, non-zero adapters (and heads): a ViT classifier with a
+    ``modules_to_save`` head, or a Llama LM (untied embeddings)."""
+    from peft import LoraConfig, get_peft_model
+
+    from hf_ens.testing_utils import TINY_LORA
+    from tests._lm import tiny_llama
+
+    if family == "vit":
+        base, config = tiny_vit(0), TINY_LORA
+    else:
+        base, config = tiny_llama(0), dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    models = []
+    for seed in (1, 2):
+        model = get_peft_model(copy.deepcopy(base), LoraConfig(**config))
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:  # the factors and the head: away from peft's B = 0 start
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        models.append(model.eval())
+    return models
+
+
+def _merged_state(peft_model) -> dict[str, torch.Tensor]:
+    """peft's own merge (``merge_and_unload`` of a copy), independent of hf_ens.adapters."""
+    return copy.deepcopy(peft_model).merge_and_unload().state_dict()
+
+
+@pytest.mark.parametrize("family", ["vit", "llama"])
+def test_lora_models_are_interpolated_on_their_merged_weights(family):
+    """The midpoint of two LoRA members is the model holding the average of their merged weights (peft's
+    merge_and_unload), not the merge of averaged A and B factors, which lies off the straight line."""
+    from hf_ens.soups import weighted_average
+
+    a, b = _two_adapters(family)
+    before = {k: v.clone() for k, v in a.state_dict().items()}
+    mid = interpolate(a, b, 0.5)
+    assert not hasattr(mid, "peft_config")  # a plain transformers model
+    merged_a, merged_b = _merged_state(a), _merged_state(b)
+    expected = {k: (v + merged_b[k]) / 2 for k, v in merged_a.items() if v.is_floating_point()}
+    got = mid.state_dict()
+    assert max((got[k] - v).abs().max().item() for k, v in expected.items()) <= 1e-6
+    naive = _merged_state(weighted_average([a, b], [0.5, 0.5]))  # interpolated A and B, then merged
+    adapted = [k for k in expected if not torch.equal(merged_a[k], merged_b[k])]
+    assert max((naive[k] - expected[k]).abs().max().item() for k in adapted) > 1e-3
+    assert all(torch.equal(v, a.state_dict()[k]) for k, v in before.items())  # inputs untouched
+
+    # the profile's end points are the members themselves, its middle the merged midpoint
+    x = (
+        {"pixel_values": torch.randn(2, 3, 16, 16)}
+        if family == "vit"
+        else {"input_ids": torch.tensor([[2, 5, 9]])}
+    )
+
+    def eval_fn(model):
+        with torch.no_grad():
+            return {"loss": float(model(**x).logits.double().square().mean()), "error": 0.0}
+
+    profile = interpolation_profile(a, b, eval_fn, alphas=[0.0, 0.5, 1.0])
+    for value, model in zip(profile["loss"], (a, mid, b), strict=True):
+        assert value == pytest.approx(eval_fn(model)["loss"], rel=1e-5)
+    # distances in weight space are those of the merged weights as well
+    plain_b = copy.deepcopy(b).merge_and_unload()
+    assert weight_distance(a, b) == pytest.approx(
+        weight_distance(copy.deepcopy(a).merge_and_unload(), plain_b)
+    )

@@ -2,10 +2,11 @@
 
 `hf_ens.trainers.StarSSETrainer` overrides three private `Trainer` hooks (`_get_train_sampler`,
 `_save_checkpoint`, `_load_from_checkpoint`) and the undocumented `set_initial_training_values`, reads a few
-private attributes, and sets the LR of a global step through `LambdaLR`'s attributes; each test checks the
-upstream signature and, where the trainer unpacks a result, its shape, and fails with a message naming the
-hook. The last test pins the upstream bug the trainer's resume works around (transformers #48805):
-when it starts failing, upstream is fixed and the workaround can go. `hf_ens.heads.reinit_task_head` uses no
+private attributes, calls `_get_num_items_in_batch` (a branch step's loss is the loop's), and sets the LR
+of a global step through `LambdaLR`'s attributes; each test checks the upstream signature and, where the
+trainer unpacks a result, its shape, and fails with a message naming the hook.
+The last test pins the upstream bug the trainer's resume works around (transformers #48805): when it starts
+failing, upstream is fixed and the workaround can go. `hf_ens.heads.reinit_task_head` uses no
 private hook any more (PyTorch's public ``reset_parameters``), which its test shows.
 """
 
@@ -225,3 +226,29 @@ def test_branches_and_probe_use_only_the_public_interface_of_the_trainer():
         assert not private, f"{module.__name__} reads private trainer members {private}"
     for name in ("start_cycle", "save_member", "new_lr_scheduler", "diverged_message", "check_losses"):
         assert getattr(StarSSETrainer, name).__doc__, f"StarSSETrainer.{name} is public: document it"
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_step_num_items_is_the_trainers_own_count(tmp_path, family):
+    """`StarSSETrainer.step_num_items` (the branch loop's and the probes' step loss) calls the private
+    ``Trainer._get_num_items_in_batch``: the count of labels not -100 over a step's micro-batches (shifted for
+    Llama; unshifted for GPT2LMHeadModel, whose loss_type the Trainer does not recognise), a tensor."""
+    from hf_ens.trainers import StarSSEConfig
+    from transformers import DataCollatorForLanguageModeling
+
+    from tests._lm import lm_texts, tiny_gpt2, tiny_llama, word_tokenizer
+
+    hook = "_get_num_items_in_batch"
+    _require(_params(hook) == ["self", "batch_samples", "device"], hook, "its signature")
+    model = (tiny_gpt2 if family == "gpt2" else tiny_llama)(0)
+    args = StarSSEConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], num_members=2)
+    trainer = StarSSETrainer(model=model, args=args)
+    tokenizer = word_tokenizer(padding_side="right")
+    collate = DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    texts = lm_texts(6)
+    batches = [collate([dict(tokenizer(t)) for t in texts[i : i + 3]]) for i in (0, 3)]
+    labels = [b["labels"][:, 1:] if family == "llama" else b["labels"] for b in batches]
+    got = trainer.step_num_items(batches)
+    _require(torch.is_tensor(got), hook, f"returns {type(got).__name__}")
+    _require(int(got) == sum(int(x.ne(-100).sum()) for x in labels), hook, "its counting rule")
+    assert trainer.args.average_tokens_across_devices is True  # `alone` restores the setting

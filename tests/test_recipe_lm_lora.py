@@ -98,6 +98,17 @@ def test_offline_recipe_end_to_end_prints_the_table_and_writes_loadable_models(t
     assert soup.lm_head.weight is soup.model.embed_tokens.weight  # tied embeddings kept tied in the soup
 
 
+def test_auto_cycle_learning_rate_probes_the_lora_members_on_the_held_out_split(tmp_path):
+    """cycle_learning_rate="auto" in the recipe: the probes run on the held-out split (the merged adapters'
+    token NLL) and the choice travels into the ensemble repo."""
+    lm_lora.main(_tiny_args(tmp_path, "--cycle_learning_rate", "auto", "--cycle_lr_grid", "0.5", "2.0"))
+    probe = json.loads((tmp_path / "out" / "basin_probe.json").read_text())
+    assert probe["chosen_multiplier"] in (0.5, 2.0) and probe["table"]
+    config = json.loads((tmp_path / "out" / "ensemble_repo" / "ensemble_config.json").read_text())
+    assert config["metadata"]["cycle_learning_rate_mode"] == "auto"
+    assert config["metadata"]["cycle_learning_rate"] == pytest.approx(probe["cycle_learning_rate"])
+
+
 def test_pretrained_lm_is_cached_by_its_settings(tmp_path):
     settings = {**TINY_PRETRAIN, "max_steps": 2, "cache_dir": str(tmp_path)}
     first = pretrain_lm.ensure_pretrained_lm(settings)
@@ -135,7 +146,6 @@ def test_hub_config_parses_and_needs_the_hub():
         (["--merge_methods", "slerp"], "Unknown merge_methods"),
         (["--merge_density", "0"], "merge_density"),
         (["--categories", "nope"], "Unknown fortune categories"),
-        (["--cycle_learning_rate", "auto"], "does not support LoRA members yet"),
     ],
 )
 def test_bad_input_fails_before_training(tmp_path, extra, message):

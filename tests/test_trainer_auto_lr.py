@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 from hf_ens.trainers import StarSSEConfig, StarSSETrainer
 from hf_ens.trainers.probe import PROBE_FILE, choose, in_basin, next_probes, probe_steps
@@ -209,6 +210,51 @@ def test_batchnorm_models_are_probed_with_recomputed_statistics(tmp_path):
     trainer.train()
     rows = trainer.basin_probe["table"]
     assert len(rows) >= 1 and all(row["loss_barrier"] is not None for row in rows)
+
+
+def test_lora_members_are_probed_on_their_merged_weights_and_leave_no_trace(tmp_path):
+    """LoRA members (issue 23): the probes judge the basin on the merged weights (W0 + scale B A and the
+    head), so model 1's probe loss is that of member 0 merged by peft itself; the probes restore the adapter,
+    optimizer and RNGs, so the run equals one at the chosen LR set by hand."""
+    from peft import PeftModel
+
+    from hf_ens.evaluation import evaluate_loss_error
+    from hf_ens.testing_utils import tiny_lora_vit
+
+    def run(out, **overrides):
+        trainer = StarSSETrainer(
+            model=tiny_lora_vit(0).train(),
+            args=starsse_config(out, **{**AUTO, "num_members": 2, "learning_rate": 2e-2, **overrides}),
+            train_dataset=Learnable(48, 0),
+            eval_dataset=Learnable(48, 1),
+            data_collator=RecordingCollator(),
+        )
+        trainer.train()
+        return trainer
+
+    auto = run(tmp_path / "auto")
+    probe = auto.basin_probe
+    # bisection as for full members: x2 stays, x100 visibly leaves (measured: loss 17.9 vs model 1's 1.07)
+    assert [row["multiplier"] for row in probe["table"]] == [2.0, 100.0]
+    assert probe["chosen_multiplier"] == 2.0 and not probe["table"][1]["in_basin"]
+    assert (
+        json.loads((tmp_path / "auto" / PROBE_FILE).read_text())["chosen_multiplier"]
+        == probe["chosen_multiplier"]
+    )
+    model1 = PeftModel.from_pretrained(tiny_vit(0), auto.member_paths[0]).merge_and_unload()
+    loader = torch.utils.data.DataLoader(Learnable(48, 1), batch_size=48, collate_fn=RecordingCollator())
+    expected = evaluate_loss_error(model1, loader)
+    assert probe["model1"]["eval_loss"] == pytest.approx(expected["loss"], abs=1e-5)
+    for row in probe["table"]:
+        if not row["diverged"]:
+            assert len(row["path_loss"]) == 5 and row["path_loss"][0] == probe["model1"]["eval_loss"]
+            assert row["loss_barrier"] >= 0.0 and row["eval_loss"] == row["path_loss"][-1]
+    assert auto.ensemble_metadata()["cycle_learning_rate_mode"] == "auto"
+
+    fixed = run(tmp_path / "fixed", cycle_learning_rate=probe["cycle_learning_rate"])
+    for k, (a, b) in enumerate(zip(auto.member_paths, fixed.member_paths, strict=True)):
+        got, ref = (safetensors.torch.load_file(os.path.join(p, "adapter_model.safetensors")) for p in (a, b))
+        assert got.keys() == ref.keys() and all(torch.equal(got[n], ref[n]) for n in got), k
 
 
 # ---------------------------------------------------------------------------------------------- refusals

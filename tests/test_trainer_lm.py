@@ -101,5 +101,60 @@ def test_auto_cycle_learning_rate_on_a_causal_lm_judges_the_basin_by_token_nll(t
     loader = torch.utils.data.DataLoader(held_out, batch_size=4, collate_fn=collator)
     member0 = GPT2LMHeadModel.from_pretrained(trainer.member_paths[0])
     assert probe["model1"]["eval_loss"] == pytest.approx(-make_lm_eval_fn(loader)(member0), abs=1e-5)
+    # padding-safe and per token: the NLL of every unpadded text summed, over the number of scored tokens
+    token_nll, sequence_nll = _hand_nll(member0, tokenizer, TEXTS[:4])
+    assert probe["model1"]["eval_loss"] == pytest.approx(token_nll, abs=1e-5)
+    assert abs(token_nll - sequence_nll) > 1e-3  # the held-out texts differ in length: the test can tell
     assert all(row["eval_loss"] is None or row["eval_loss"] > 0 for row in probe["table"])
     assert isinstance(trainer.ensemble(), EnsembleModelForCausalLM)
+
+
+def _hand_nll(model, tokenizer, texts) -> tuple[float, float]:
+    """(token-level NLL, mean of per-text NLLs) of `model` on `texts`, one unpadded text at a time."""
+    total, count, per_text = 0.0, 0, []
+    with torch.no_grad():
+        for text in texts:
+            ids = torch.tensor([tokenizer(text)["input_ids"]])
+            log_p = model(input_ids=ids).logits[0, :-1].double().log_softmax(-1)
+            nll = -log_p.gather(-1, ids[0, 1:, None]).sum().item()
+            total, count = total + nll, count + ids.shape[1] - 1
+            per_text.append(nll / (ids.shape[1] - 1))
+    return total / count, sum(per_text) / len(per_text)
+
+
+def test_auto_cycle_learning_rate_on_lora_llama_members_judges_the_merged_weights(tmp_path):
+    """cycle_learning_rate="auto" on LoRA causal-LM members: model 1's probe loss is the token NLL (padding
+    ignored, per token) of member 0 merged by peft; the probes record a table and choose from the grid."""
+    from hf_ens.trainers.probe import PROBE_FILE
+    from peft import PeftModel
+
+    tokenizer = word_tokenizer(padding_side="right")
+    collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    args = starsse_config(
+        tmp_path,
+        num_members=2,
+        learning_rate=5e-2,
+        cycle_learning_rate="auto",
+        cycle_lr_grid=[0.5, 2.0, 50.0],
+        probe_search="linear",
+    )
+    trainer = StarSSETrainer(
+        model=get_peft_model(tiny_llama(0), config).train(),
+        args=args,
+        train_dataset=Dataset.from_dict(dict(tokenizer(TEXTS))),
+        eval_dataset=Dataset.from_dict(dict(tokenizer(TEXTS[:4]))),
+        data_collator=collator,
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    probe = trainer.basin_probe
+    assert (tmp_path / PROBE_FILE).is_file() and probe["mode"] == "auto"
+    multipliers = [row["multiplier"] for row in probe["table"]]
+    assert multipliers == [0.5, 2.0, 50.0][: len(multipliers)] and probe["chosen_multiplier"] in multipliers
+    assert trainer.chosen_cycle_learning_rate == pytest.approx(probe["chosen_multiplier"] * 5e-2)
+    member0 = PeftModel.from_pretrained(tiny_llama(0), trainer.member_paths[0]).merge_and_unload()
+    token_nll, _ = _hand_nll(member0, tokenizer, TEXTS[:4])
+    assert probe["model1"]["eval_loss"] == pytest.approx(token_nll, abs=1e-5)
+    assert all(row["diverged"] or len(row["path_loss"]) == 5 for row in probe["table"])
+    assert isinstance(trainer.ensemble(), AdapterEnsembleModelForCausalLM)

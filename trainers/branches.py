@@ -253,12 +253,17 @@ def train_branch(trainer, k: int, data: BranchData, progress=None) -> float:
 
 def accumulate_gradients(trainer, model: torch.nn.Module, micro_batches: list) -> torch.Tensor:
     """Forward and backward every micro-batch of one optimizer step (the Trainer's ``compute_loss`` under its
-    autocast); returns the step's loss, the mean over micro-batches."""
+    autocast); returns the step's loss. The loss is the Trainer loop's: with the ``num_items_in_batch`` it
+    passes (``StarSSETrainer.step_num_items``: a causal LM's step loss is per token over all micro-batches,
+    padded ones included), else the mean over micro-batches."""
     loss = torch.zeros((), device=trainer.args.device)
+    num_items = trainer.step_num_items(micro_batches)
     for inputs in micro_batches:
         inputs = send_to_device(inputs, trainer.args.device)
-        with trainer.accelerator.autocast():
-            micro_loss = trainer.compute_loss(model, inputs) / len(micro_batches)
+        with trainer.accelerator.autocast(), trainer.alone():
+            micro_loss = trainer.compute_loss(model, inputs, num_items_in_batch=num_items)
+        if num_items is None:
+            micro_loss = micro_loss / len(micro_batches)
         micro_loss.backward()
         loss += micro_loss.detach().float()
     return loss

@@ -8,7 +8,10 @@ model 1 with the cycles' shape (warmup + cosine, ``probe_steps`` long), a fresh 
 
 * the loss barrier of the straight path model 1 -> probe end (``hf_ens.basin.barrier``: the largest excess of
   the path over the line between its ends, at ``PATH_POINTS`` evenly spaced points, BatchNorm statistics
-  recomputed at every point as the soups do);
+  recomputed at every point as the soups do). LoRA members are judged on their merged weights
+  (``W0 + scale B A`` and the head, ``hf_ens.basin.whole_model``): the path is the straight line between the
+  merged model 1 and the merged probe end, never the model of linearly interpolated ``A`` and ``B`` factors
+  (their product has a cross term: a curve in weight space, not the line a soup lies on);
 * the probe's eval loss and error vs model 1's.
 
 A probe stays in the basin when its barrier is at most ``basin_tolerance`` x model 1's eval loss and, as a
@@ -44,7 +47,7 @@ from torch.utils.data import DataLoader
 from transformers.trainer_utils import set_seed
 from transformers.utils import logging
 
-from hf_ens.basin import barrier, interpolation_profile
+from hf_ens.basin import barrier, interpolation_profile, whole_model
 from hf_ens.checks import nonfinite_tensors
 from hf_ens.evaluation import evaluate_loss_error
 from hf_ens.soups import has_batchnorm, recompute_batchnorm
@@ -161,7 +164,10 @@ class ProbeRun:
         model = trainer.model
         rng = rng_state()
         model1_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        model1 = copy.deepcopy(model).eval()
+        # the path's end the probes share, as whole weights: a LoRA model 1 merged (W0 + scale B A and its
+        # head), which the path to each probe's merged end then interpolates (hf_ens.basin.whole_model)
+        merged = whole_model(model)
+        model1 = (copy.deepcopy(model) if merged is model else merged).eval()
         model1_metrics = self.evaluate(copy.deepcopy(model1))
         grid, world, rank = list(args.cycle_lr_grid), args.world_size, args.process_index
         probed: dict[int, dict[str, Any]] = {}

@@ -39,6 +39,7 @@ the checkpoints too.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import json
@@ -114,13 +115,9 @@ class StarSSETrainer(Trainer):
                 "StarSSETrainer owns the LR schedule (trainers.schedule); do not pass a lr_scheduler."
             )
         if self.is_peft:
-            adapters.check_lora(self.model)  # members must merge to W0 + scale B A, and re-draw exactly
-            if self.args.auto_cycle_learning_rate:
-                raise ValueError(
-                    "cycle_learning_rate='auto' judges the basin by interpolating whole weights; LoRA "
-                    "members would need their adapters merged first, which the probe does not do yet. Give "
-                    "cycle_learning_rate a number."
-                )
+            # members must merge to W0 + scale B A (the soups and the "auto" probes' merged weights), and
+            # re-draw exactly
+            adapters.check_lora(self.model)
         _say_if_not_ensembled(self.model)
         if self.model_accepts_loss_kwargs and not loss_normalized_by_num_items(self.model):
             # The Trainer would pass num_items_in_batch, skip its division by the accumulation steps, and so
@@ -384,6 +381,27 @@ class StarSSETrainer(Trainer):
         loss = super().training_step(model, inputs, num_items_in_batch)
         self._loss_watch.update(loss, self.state.global_step)
         return loss
+
+    @contextlib.contextmanager
+    def alone(self):
+        """For a step this process makes alone (a branch or an LR probe: no collective, no DDP wrapper): the
+        Trainer counts and normalises the loss over this process's micro-batches only
+        (``average_tokens_across_devices`` off for the block; the run's settings are unchanged after it)."""
+        saved = self.args.average_tokens_across_devices
+        self.args.average_tokens_across_devices = False
+        try:
+            yield
+        finally:
+            self.args.average_tokens_across_devices = saved
+
+    def step_num_items(self, micro_batches: list) -> torch.Tensor | int | None:
+        """The ``num_items_in_batch`` the Trainer's loop passes for one optimizer step over `micro_batches`,
+        made here alone (`alone`): for a model whose loss divides by it (any causal LM) the step loss is the
+        summed loss of every micro-batch over the step's target count, not the mean of micro-batch means,
+        which differs when micro-batches hold different numbers of tokens (padded text). None where the
+        Trainer passes none. The Trainer's own count (rule and dtype): a branch step is the loop's step."""
+        with self.alone():
+            return self._get_num_items_in_batch(micro_batches, self.args.device)
 
     def check_losses(self) -> None:
         """Raise `NonFiniteError` naming the first step whose loss was NaN or Inf (waits for the device)."""
