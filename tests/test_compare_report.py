@@ -121,3 +121,37 @@ def test_a_grid_only_report_has_no_sections_of_phases_not_run(tmp_path):
     text = write_report(records, cmp, 15).read_text()
     assert "## Grid" in text and "grid seeds only ([0, 1])" in text and "starsse/F=0.5E/x1 (n=2)" in text
     assert "second regime" not in text and "P1" not in text and "seeds [0, 1, 5]" not in text
+
+
+def test_report_shows_the_other_selection_metric_and_equal_settings_from_the_records(tmp_path):
+    """The StarSSE − SSE verdict flips with the selection metric: the report carries both and the
+    equal-settings rows, computed from the committed grid records (numbers of docs/results.md (b))."""
+    from pathlib import Path
+
+    from recipes.compare_methods import read_records
+    from recipes.report_results import equal_settings_table, write_report
+
+    fair = Path(__file__).resolve().parent.parent / "docs" / "results" / "fair"
+    records = [r for r in read_records(fair) if r["regime"] == "main" and r["seed"] in range(5)]
+    assert choose(records, list(range(5)), "held_out/ensemble/accuracy") == {
+        "starsse": "starsse/F=0.5E/x0.5",
+        "sse": "sse/F=0.5E/x1",
+    }
+    nll_pick = paired(
+        records, "main", "starsse/F=1E/x2", "ensemble/accuracy", "sse/F=1E/x4", "ensemble/accuracy"
+    )
+    acc_pick = paired(
+        records, "main", "starsse/F=0.5E/x0.5", "ensemble/accuracy", "sse/F=0.5E/x1", "ensemble/accuracy"
+    )
+    assert nll_pick["wins"] == 5 and nll_pick["mean"] > 0  # StarSSE ahead at the held-out-NLL choices ...
+    assert acc_pick["wins"] == 0 and acc_pick["mean"] == pytest.approx(
+        -0.00268, abs=1e-5
+    )  # ... behind at acc's
+    table = equal_settings_table(records, "main", list(range(5)))
+    assert "| F=1E/x1 | +0.39 ± 0.54 (3/5) |" in table and "| F=0.5E/x1 | -0.12 ± 0.19 (1/5) |" in table
+    assert "x2" not in table  # SSE never ran StarSSE's 2x: no row pretends it did
+    cmp = CompareArguments(
+        seeds=list(range(5)), contrast_seeds=[5], phases=["grid"], results_dir=str(tmp_path)
+    )
+    text = write_report(records, cmp, 15).read_text()
+    assert "chosen on held-out `held_out/ensemble/accuracy` instead" in text and "at equal settings" in text
