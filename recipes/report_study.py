@@ -336,7 +336,8 @@ def claims(study: Study, target: str, chosen: dict[str, dict[str, str]]) -> tupl
                 "the guard's probes",
             )
     lines = [
-        "| claim | contrast (test, all K members) | metric | selection | paired difference (better/n) | verdict |"
+        "| claim | contrast (test, all K members) | metric | selection | paired difference (better/n) "
+        "| verdict |"
     ]
     lines.append("|---|---|---|---|---|---|")
     for r in rows:
