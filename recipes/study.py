@@ -139,6 +139,11 @@ class Task:
         return f"{self.replicate}/{self.method}{suffix}"
 
 
+def _run(task: Task) -> str:
+    """The `runs` entry of a task."""
+    return f"{task.method}/x{task.mult:g}" if task.method in ("starsse", "sse") else task.method
+
+
 def all_tasks(study: StudyArguments) -> list[Task]:
     """In the order of `runs`: every replicate of every target for one entry before the next entry."""
     tasks = []
@@ -456,8 +461,9 @@ def work(study: StudyArguments, script: ScriptArguments, train: StarSSEConfig) -
         def ready(t: Task, finished: set[str] = finished) -> bool:
             return t.method == "model1" or Task(t.target, t.pretrain_seed, t.seed, "model1").key in finished
 
-        # prefer the replicate (target, seed) whose data this worker holds
-        pending.sort(key=lambda t: cache.get("key") != (t.target, t.seed))
+        # the queue's order of entries first; within an entry, the replicates whose data this worker holds
+        order = {run: i for i, run in enumerate(study.runs)}
+        pending.sort(key=lambda t: (order[_run(t)], cache.get("key") != (t.target, t.seed)))
         task = next((t for t in pending if ready(t) and _claim(claims, t)), None)
         if task is None:
             time.sleep(2)
