@@ -141,3 +141,39 @@ def test_a_tiny_study_records_every_method_and_the_report_reads_them(tmp_path):
     write_report(load(results), out)
     assert (out / "tables.md").read_text().count("|") > 10
     assert json.loads((out / "summary.json").read_text())["replicates"]["fmnist"] == 1
+
+
+@pytest.mark.parametrize(
+    ("diffs", "key", "expected"),
+    [
+        ([0.01, 0.02, 0.015, 0.012], "accuracy", "holds"),  # a is more accurate in every replicate
+        ([-0.01, -0.02, -0.015, -0.012], "accuracy", "does not hold"),
+        ([0.01, -0.02, 0.015, -0.012], "accuracy", "not shown"),
+        ([-0.1, -0.2, -0.15, -0.12], "nll", "holds"),  # lower NLL is better
+        ([0.1, 0.2, 0.15, 0.12], "nll", "does not hold"),
+    ],
+)
+def test_verdicts_read_the_interval_on_the_claimed_side(diffs, key, expected):
+    from recipes.report_results import mean_ci
+    from recipes.report_study import verdict
+
+    mean, half = mean_ci(diffs)
+    assert verdict({"mean": mean, "half": half, "n": len(diffs)}, key) == expected
+
+
+def test_the_guard_is_judged_on_the_fixed_run_of_the_lr_it_chose():
+    """The guard's record holds member 2 only; its K members are the starsse/xM record of the chosen M."""
+    from recipes.report_study import Study
+
+    def rec(method, mult, acc):
+        members = [{"accuracy": 0.5, "nll": 1.0, "ece": 0.1}] * 3
+        metrics = {"test": {"members": members, "ensemble": {"3": {"accuracy": acc, "nll": 1.0, "ece": 0.1}}}}
+        where = {"target": "t", "pretrain_seed": 0, "seed": 0}
+        return {**where, "method": method, "mult": mult, "metrics": metrics}
+
+    runs = [rec("model1", 0, 0.5), rec("starsse", 1, 0.61), rec("starsse", 2, 0.62), rec("guard", 2, 0)]
+    study = Study(runs)
+    assert study.value("t", (0, 0), "guard", "test", "ensemble", "accuracy") == 0.62
+    assert study.replicates("t", "guard") == [(0, 0)]
+    lone = Study([rec("model1", 0, 0.5), rec("guard", 4, 0)])  # chose an LR the grid did not run: no figure
+    assert lone.replicates("t", "guard") == []
