@@ -12,6 +12,7 @@ from recipes.compare_methods import CompareArguments
 from recipes.lm_lora import LMScriptArguments
 from recipes.pretrain_lm import PretrainLMArguments
 from recipes.pretrain_vit import PretrainArguments
+from recipes.study import StudyArguments
 from recipes.vit_cifar import ScriptArguments
 from tests._recipe_utils import ROOT
 
@@ -26,6 +27,8 @@ def _parse(path):
     if path.name.startswith("pretrain_"):
         return parse_config_and_args(PretrainArguments, ["--config", str(path)])
     classes = (ScriptArguments, StarSSEConfig)
+    if path.name.startswith("study"):
+        classes = (StudyArguments, *classes)
     if path.name.startswith("compare_"):
         classes = (CompareArguments, *classes)
     return parse_config_and_args(classes, ["--config", str(path)])
