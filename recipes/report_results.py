@@ -501,3 +501,33 @@ def write_report(records: list[dict], cmp, epochs: float) -> Path:
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return out / "tables.md"
+
+
+# ------------------------------------------------------------------------------------------------ every report
+
+# Each committed results folder and what rebuilds its tables and figures from its raw records.
+COMPARISONS = ("compare_fair.yaml", "compare_second_sweep.yaml", "compare_lora.yaml")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Rebuild every table and figure under docs/results/ from the committed raw records: the three fair
+    comparisons (recipes/compare_methods.py --report_only) and the study (recipes/report_study.py)."""
+    import argparse
+
+    from recipes.compare_methods import main as compare_main
+    from recipes.report_study import main as study_main
+
+    parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    parser.add_argument("--configs", default="recipes/configs", help="Where the comparisons' YAML configs are.")
+    parser.add_argument("--study", default="docs/results/study", help="The study's records (skipped if absent).")
+    args = parser.parse_args(argv)
+    for name in COMPARISONS:
+        print(f"[report] {name}", flush=True)
+        compare_main(["--config", str(Path(args.configs) / name), "--report_only", "true"])
+    if any(Path(args.study).glob("runs-*.jsonl")):
+        print(f"[report] {args.study}", flush=True)
+        study_main([args.study])
+
+
+if __name__ == "__main__":
+    main()

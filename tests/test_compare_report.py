@@ -155,3 +155,25 @@ def test_report_shows_the_other_selection_metric_and_equal_settings_from_the_rec
     )
     text = write_report(records, cmp, 15).read_text()
     assert "chosen on held-out `held_out/ensemble/accuracy` instead" in text and "at equal settings" in text
+
+
+def test_report_results_rebuilds_every_committed_table_from_the_committed_records(tmp_path, monkeypatch):
+    """`python recipes/report_results.py` regenerates docs/results/*/tables.md byte for byte from the raw
+    records beside them (a table edited by hand, or records that no longer give it, fail here)."""
+    import shutil
+
+    from recipes.report_results import COMPARISONS, main
+    from tests._recipe_utils import ROOT
+
+    shutil.copytree(ROOT / "docs" / "results", tmp_path / "docs" / "results")
+    shutil.copytree(ROOT / "recipes" / "configs", tmp_path / "recipes" / "configs")
+    folders = [tmp_path / "docs" / "results" / f for f in ("fair", "second_sweep", "lora", "study")]
+    folders = [f for f in folders if (f / "tables.md").exists()]
+    assert len(folders) >= len(COMPARISONS)
+    for folder in folders:
+        (folder / "tables.md").unlink()
+    monkeypatch.chdir(tmp_path)
+    main([])
+    for folder in folders:
+        committed = ROOT / "docs" / "results" / folder.name / "tables.md"
+        assert (folder / "tables.md").read_text() == committed.read_text(), folder.name
