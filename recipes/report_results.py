@@ -503,7 +503,7 @@ def write_report(records: list[dict], cmp, epochs: float) -> Path:
     return out / "tables.md"
 
 
-# ------------------------------------------------------------------------------------------------ every report
+# ------------------------------------------------------------------------------------------- every report
 
 # Each committed results folder and what rebuilds its tables and figures from its raw records.
 COMPARISONS = ("compare_fair.yaml", "compare_second_sweep.yaml", "compare_lora.yaml")
@@ -518,8 +518,8 @@ def main(argv: list[str] | None = None) -> None:
     from recipes.report_study import main as study_main
 
     parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
-    parser.add_argument("--configs", default="recipes/configs", help="Where the comparisons' YAML configs are.")
-    parser.add_argument("--study", default="docs/results/study", help="The study's records (skipped if absent).")
+    parser.add_argument("--configs", default="recipes/configs", help="The comparisons' configs.")
+    parser.add_argument("--study", default="docs/results/study", help="Study records (if any).")
     args = parser.parse_args(argv)
     for name in COMPARISONS:
         print(f"[report] {name}", flush=True)
