@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-__all__ = ["NonFiniteError", "nonfinite_tensors", "assert_finite"]
+__all__ = ["NonFiniteError", "nonfinite_tensors", "assert_finite", "raise_nonfinite"]
 
 
 class NonFiniteError(ValueError):
@@ -26,7 +26,11 @@ def nonfinite_tensors(weights: nn.Module | Mapping[str, torch.Tensor]) -> list[s
 
 def assert_finite(weights: nn.Module | Mapping[str, torch.Tensor], what: str) -> None:
     """Raise `NonFiniteError` naming `what` (e.g. "member 3") and the first offending tensors."""
-    bad = nonfinite_tensors(weights)
+    raise_nonfinite(nonfinite_tensors(weights), what)
+
+
+def raise_nonfinite(bad: list[str], what: str) -> None:
+    """`assert_finite`'s refusal, for names found elsewhere (e.g. in the shards of an FSDP2 model)."""
     if bad:
         shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
         raise NonFiniteError(

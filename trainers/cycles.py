@@ -37,9 +37,10 @@ from transformers.trainer_utils import set_seed
 
 from hf_ens import adapters
 from hf_ens._io import atomic_directory
-from hf_ens.checks import assert_finite
+from hf_ens.checks import assert_finite, raise_nonfinite
 from hf_ens.heads import reinit_task_head
 
+from . import sharded
 from .checkpoints import ANCHOR_NAME
 
 if TYPE_CHECKING:
@@ -81,8 +82,18 @@ class MemberCycles:
 
     # ------------------------------------------------------------------ anchors
     def copy_weights(self) -> dict[str, torch.Tensor]:
-        """The member's weights: every tensor, or the adapter's only for a peft model."""
+        """The member's weights: every tensor, or the adapter's only for a peft model. Sharded (FSDP2): a
+        collective; the full tensors on the main process's CPU, ``{}`` on the others (`trainers.sharded`)."""
+        if sharded.is_sharded(self.trainer.model):
+            return sharded.full_state_dict(self.trainer.model)
         return adapters.member_weights(self.trainer.model)
+
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Put :meth:`copy_weights`' `weights` back into the model (sharded: scattered from process 0)."""
+        if sharded.is_sharded(self.trainer.model):
+            sharded.load_full_state_dict(self.trainer.model, weights)
+        else:
+            adapters.load_member_weights(self.trainer.model, weights)
 
     def reset(self, state: dict[str, Any] | None) -> None:
         """At train begin: a fresh run's cycles, or those a checkpoint stored (:meth:`state_dict`)."""
@@ -116,7 +127,7 @@ class MemberCycles:
         processes), and for Local DE (k >= 1) a new task head drawn under that seed."""
         began, trainer = time.perf_counter(), self.trainer
         if self.anchor is not None:
-            adapters.load_member_weights(trainer.model, self.anchor)
+            self.load_weights(self.anchor)
         set_seed(branch_seed(trainer.args.seed, k))
         if trainer.args.method == "local_de" and k > 0:
             if trainer.is_peft:
@@ -154,7 +165,13 @@ class MemberCycles:
     def save_member(self, k: int, global_step: int, write: bool = True) -> None:
         """Refuse non-finite weights, then write member k (``write``: this process writes it)."""
         trainer = self.trainer
-        assert_finite(trainer.model, f"member {k:02d} (end of cycle {k + 1}, step {global_step})")
+        what = f"member {k:02d} (end of cycle {k + 1}, step {global_step})"
+        full = None
+        if sharded.is_sharded(trainer.model):  # collectives: every process checks and gathers
+            raise_nonfinite(sharded.nonfinite_tensors(trainer.model), what)
+            full = sharded.full_state_dict(trainer.model)
+        else:
+            assert_finite(trainer.model, what)
         if not write:
             return
         model = trainer.accelerator.unwrap_model(trainer.model)
@@ -164,7 +181,7 @@ class MemberCycles:
             if adapters.is_peft_model(model):
                 adapters.save_adapter(model, model.active_adapter, tmp)
             else:
-                model.save_pretrained(tmp)
+                model.save_pretrained(tmp, state_dict=full)  # sharded: the gathered full weights
             if processor is not None and hasattr(processor, "save_pretrained"):
                 processor.save_pretrained(tmp)
             if not any(Path(tmp).glob("*.safetensors")) and not any(Path(tmp).glob("*.bin")):
@@ -187,8 +204,12 @@ class MemberCycles:
 
 
 def load_anchor(checkpoint: str, state: dict[str, Any], model: torch.nn.Module) -> dict[str, Any]:
-    """`state` (a checkpoint's cycle state) with its anchor loaded onto `model`'s device, if it has one."""
-    if state.get("has_anchor"):
+    """`state` (a checkpoint's cycle state) with its anchor loaded onto `model`'s device, if it has one.
+    Sharded (FSDP2): onto the main process's CPU, ``{}`` on the others (as `MemberCycles.copy_weights`)."""
+    if state.get("has_anchor") and sharded.is_sharded(model):
+        path = os.path.join(checkpoint, ANCHOR_NAME)
+        state["anchor"] = safetensors.torch.load_file(path) if torch.distributed.get_rank() == 0 else {}
+    elif state.get("has_anchor"):
         device = next(model.parameters()).device
         state["anchor"] = safetensors.torch.load_file(
             os.path.join(checkpoint, ANCHOR_NAME), device=str(device)
@@ -204,6 +225,9 @@ class CycleCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.trainer.on_cycles_begin()
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.trainer.on_epoch_begin(state.global_step)
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.trainer.cycles.maybe_start(state.global_step)

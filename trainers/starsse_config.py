@@ -195,6 +195,7 @@ class StarSSEConfig(TrainingArguments):
         if self.cycle_learning_rate is None:
             self.cycle_learning_rate = self.learning_rate
         self.cycle_learning_rate = _cycle_learning_rate(self.cycle_learning_rate)
+        _refuse_deepspeed(self)  # before TrainingArguments imports deepspeed for it
         super().__post_init__()
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r} is not one of {', '.join(METHODS)}.")
@@ -227,6 +228,8 @@ class StarSSEConfig(TrainingArguments):
             _check_parallel_members(self)
         if self.auto_cycle_learning_rate:
             _check_auto(self)
+        if (version := fsdp_version(self)) is not None:
+            check_fsdp(self, version)
 
     @property
     def auto_cycle_learning_rate(self) -> bool:
@@ -309,6 +312,54 @@ def _check_parallel_members(args: StarSSEConfig) -> None:
         )
     if args.fp16:
         raise ValueError("parallel_members=True supports bf16 and fp32 training, not fp16 loss scaling.")
+
+
+def _refuse_deepspeed(args: StarSSEConfig) -> None:
+    if args.deepspeed or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        raise ValueError(DEEPSPEED_REFUSAL)
+
+
+DEEPSPEED_REFUSAL = (
+    "StarSSETrainer does not run under DeepSpeed: its anchor restore and member snapshots gather and "
+    "scatter the full weights, which is built for FSDP2 only (ZeRO-3's gather/scatter is not). For a model "
+    "larger than one GPU use FSDP2: accelerate launch --use_fsdp --fsdp_version 2, or fsdp=True."
+)
+
+
+def fsdp_version(args) -> int | None:
+    """The FSDP version this run will use (``fsdp=True`` / ``fsdp_config``, else ``accelerate launch
+    --use_fsdp``'s environment: accelerate's default version there is 1), or None without FSDP."""
+    if args.fsdp and args.fsdp_plugin_args is not None:
+        return int(args.fsdp_plugin_args.get("fsdp_version", 2))
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        return int(os.environ.get("FSDP_VERSION", "1"))
+    return None
+
+
+def check_fsdp(args, version: int) -> None:
+    """What StarSSETrainer cannot honour under FSDP (trainers.sharded): refused before any training."""
+    if version != 2:
+        raise ValueError(
+            f"StarSSETrainer supports FSDP2 only, got FSDP version {version} (FSDP1 is deprecated by "
+            "transformers and its gather/scatter is not built here). Use fsdp_config={'version': 2} or "
+            "accelerate launch --use_fsdp --fsdp_version 2."
+        )
+    if args.parallel_members:
+        raise ValueError(
+            "parallel_members=True trains each member alone on one process with the whole model; under FSDP "
+            "the model is sharded over all processes. Use parallel_members=False with FSDP."
+        )
+    if args.cycle_learning_rate == AUTO:
+        raise ValueError(
+            "cycle_learning_rate='auto' is not supported under FSDP: its probes interpolate and train whole "
+            "models on each process alone (not built for sharded weights). Set a numeric cycle_learning_rate."
+        )
+    if args.method == "local_de":
+        raise ValueError(
+            "method='local_de' is not supported under FSDP: its new task head is re-drawn with the head "
+            "layers' reset_parameters(), which does not work on FSDP2's sharded (DTensor) parameters. Use "
+            "method='starsse' or 'sse', or train without FSDP."
+        )
 
 
 def _check_real(name: str, value, *, low: float, inclusive: bool) -> None:

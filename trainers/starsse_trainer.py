@@ -74,7 +74,7 @@ from .nonfinite import LossWatch
 from .probe import ProbeRun, check_eval_dataset, format_table, probe_steps
 from .run_lock import run_lock
 from .schedule import CyclePlan, plan_cycles
-from .starsse_config import StarSSEConfig
+from .starsse_config import DEEPSPEED_REFUSAL, StarSSEConfig, check_fsdp
 
 __all__ = ["MemberSeededSampler", "StarSSETrainer"]
 
@@ -114,6 +114,7 @@ class StarSSETrainer(Trainer):
             raise ValueError(
                 "StarSSETrainer owns the LR schedule (trainers.schedule); do not pass a lr_scheduler."
             )
+        self._refuse_sharding()
         if self.is_peft:
             # members must merge to W0 + scale B A (the soups and the "auto" probes' merged weights), and
             # re-draw exactly
@@ -132,11 +133,27 @@ class StarSSETrainer(Trainer):
         self.basin_probe: dict[str, Any] | None = None
         self._resumed_state: dict[str, Any] | None = None
         self._train_sampler: MemberSeededSampler | None = None
+        self._steps_per_epoch: int | None = None  # optimizer steps per epoch of the loop (set_initial_...)
         # First in line, before the user's callbacks (``callbacks=[...]`` are registered by Trainer.__init__,
         # ``add_callback`` appends): a user's ``on_step_begin`` sees the weights the step trains from.
         self.callback_handler.callbacks.insert(0, CycleCallback(self))
         self._loss_watch = LossWatch()
         self.add_callback(_LossCheckCallback(self))
+
+    def _refuse_sharding(self) -> None:
+        """Under DeepSpeed or FSDP, what the Trainer's accelerator says (an accelerate config file included):
+        the config's own refusals again, and LoRA members under FSDP. Before any training."""
+        if self.is_deepspeed_enabled:
+            raise ValueError(DEEPSPEED_REFUSAL)
+        if not self.is_fsdp_enabled:
+            return
+        check_fsdp(self.args, int(getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1)))
+        if self.is_peft:
+            raise ValueError(
+                "LoRA members are not supported under FSDP: the gather/scatter of trainers.sharded holds "
+                "whole models, not a peft model's adapter tensors. LoRA members of one base fit where the "
+                "base does: train them without FSDP (DDP or parallel_members)."
+            )
 
     # ------------------------------------------------------------------ public API
     @property
@@ -325,6 +342,7 @@ class StarSSETrainer(Trainer):
                 "more optimizer steps than a float holds."
             ) from err
         num_train_epochs, steps_per_epoch, num_examples, _, total_batch, steps_in_epoch, _ = values
+        self._steps_per_epoch = steps_per_epoch
         plan = plan_cycles(args, steps_per_epoch)
         data = self.train_dataset
         if args.parallel_members and data is not None and hasattr(data, "__len__"):
@@ -443,6 +461,17 @@ class StarSSETrainer(Trainer):
         self.cycles.reset(self._resumed_state)
         self.lr_scheduler.sync(self.state.global_step)
         os.makedirs(self.members_dir, exist_ok=True)
+
+    def on_epoch_begin(self, global_step: int) -> None:
+        """Before the loop draws an epoch's batches: the data order of the epoch `global_step` belongs to.
+
+        The Trainer sets the sampler's epoch itself, except where a resume starts inside an epoch with more
+        than one process: ``skip_first_batches`` wraps accelerate's ``BatchSamplerShard`` in a
+        ``SkipBatchSampler``, and neither ``DataLoaderShard.set_epoch`` nor the Trainer reaches the sampler
+        under two wrappers, so the resumed epoch would replay epoch 0's order (transformers 5.24, accelerate
+        1.16)."""
+        if self._train_sampler is not None and self._steps_per_epoch:
+            self._train_sampler.set_epoch(global_step // self._steps_per_epoch)
 
     def on_member_written(self, k: int) -> None:
         """After member k: with ``cycle_learning_rate="auto"``, model 1 chooses the cycles' LR (loop only)."""
