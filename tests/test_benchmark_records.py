@@ -21,7 +21,8 @@ RECORDS = ROOT / "docs" / "results" / "benchmarks"
 BENCH, LORA, LM = "docs/benchmarks.md", "docs/lora.md", "docs/language_models.md"
 DOCS = (BENCH, LORA, LM, "docs/ensembles.md", "docs/basin.md", "docs/data_path.md")
 LM_MID, LM_TINY = "lm_ensemble_generate_mid.json", "lm_ensemble_generate_tiny.json"
-DEMO = "lora_ensemble_demo_vit.json"
+DEMO, PRE = "lora_ensemble_demo_vit.json", "bench_offline_pretrain.json"
+PM = "parallel_members.json"
 
 # (doc, record, key path under "figures", how the doc writes the figure: a format string)
 QUOTED: list[tuple[str, str, tuple, str]] = [
@@ -35,14 +36,11 @@ QUOTED: list[tuple[str, str, tuple, str]] = [
     (BENCH, "soup_memory.json", ("uniform", "seconds"), "x in {:.1f} s, greedy"),
     (BENCH, "soup_memory.json", ("greedy", "peak_over_state_dict"), "greedy {:.2f}x in"),
     (BENCH, "soup_memory.json", ("greedy", "seconds"), "x in {:.1f} s |"),
-    (BENCH, "parallel_members.json", ("speedup_n_processes_over_1",), "2 processes {:.2f}x faster than 1"),
-    (BENCH, "parallel_members.json", ("parallel_over_data_parallel",), "parallel members {:.2f}x the speed"),
-    (
-        BENCH,
-        "parallel_members.json",
-        ("branch_phase_seconds", "1 process, branches in turn"),
-        "| {:.2f} s / ",
-    ),
+    (BENCH, PM, ("speedup_n_processes_over_1",), "2 processes {:.2f}x faster than 1"),
+    (BENCH, PM, ("parallel_over_data_parallel",), "parallel members {:.2f}x the speed"),
+    (BENCH, PM, ("branch_phase_seconds", "1 process, branches in turn"), "| {:.2f} s / "),
+    (BENCH, PM, ("branch_phase_seconds", "2 processes, parallel branches"), "s / {:.2f} s /"),
+    (BENCH, PM, ("branch_phase_seconds", "2 processes, data-parallel branches"), "/ {:.2f} s:"),
     (BENCH, "data_path.json", ("evaluation", "processor_images_per_s"), "evaluation {:,.0f} vs"),
     (BENCH, "data_path.json", ("evaluation", "tensor_images_per_s"), "vs {:,.0f} images/s"),
     (BENCH, "data_path.json", ("training", "tensor_images_per_s"), "vs {:,.0f} ("),
@@ -64,6 +62,10 @@ QUOTED: list[tuple[str, str, tuple, str]] = [
     (BENCH, LM_TINY, ("batch_8", "batched", "relative_to_one_model"), "batched {:.2f}x one model; mid"),
     (BENCH, LM_MID, ("batch_8", "member loop", "relative_to_one_model"), "batch 8: member loop {:.2f}x"),
     (BENCH, LM_MID, ("batch_8", "batched", "relative_to_one_model"), "batched {:.2f}x ([Lang"),
+    (BENCH, PRE, ("seconds", "load all 70k as Dataset"), "{:.1f} s for all 70k images"),
+    (BENCH, PRE, ("seconds", "pre-train (fresh cache)"), "pre-training {:.0f} s wall"),
+    (BENCH, PRE, ("pretrain_metrics", "cpu_seconds"), "{:.0f} s of CPU time"),
+    (BENCH, PRE, ("pretrain_metrics", "eval_accuracy"), "evaluation split {:.2%}"),
     (BENCH, "basin_guard.json", ("probe_share_mean_percent",), "probes {:.1f}% of the run on average"),
     (BENCH, "basin_guard.json", ("probe_share_max_percent",), "max {:.1f}% |"),
     # docs/lora.md
@@ -220,7 +222,7 @@ def test_every_number_in_the_figures_column_is_a_quoted_figure():
     """docs/benchmarks.md's "figure" column holds no number that QUOTED does not check against a record."""
     quoted = [w.format(figure(records()[n], p)) for d, n, p, w in QUOTED if d == BENCH]
     rows = [line.split(" | ") for line in (ROOT / BENCH).read_text().splitlines() if line.startswith("| `")]
-    assert len(rows) >= 7
+    assert len(rows) >= 8
     for row in rows:
         for number in re.findall(r"\d{1,3}(?:,\d{3})+|\d+\.\d+", row[2]):
             assert any(number in phrase for phrase in quoted), f"{number} in {row[2][:60]!r} is not checked"
