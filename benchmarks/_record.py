@@ -85,6 +85,9 @@ def _git() -> dict:
     return {"commit": out("rev-parse", "HEAD") or None, "dirty": bool(changed)}
 
 
+_GIT_AT_START = _git()  # the code that ran: a commit made while a long benchmark runs is not it
+
+
 def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -151,7 +154,7 @@ def record(benchmark: str, settings: dict, figures: dict, note: str | None = Non
         "command": command(),
         "date": _STARTED.strftime("%Y-%m-%dT%H:%M:%SZ"),
         "wall_seconds": round((ended - _STARTED).total_seconds(), 1),
-        "git": _git(),
+        "git": _GIT_AT_START,
         "machine": machine(),
         "note": note,
         "settings": _plain(settings),

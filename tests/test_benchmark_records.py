@@ -22,11 +22,20 @@ BENCH, LORA, LM = "docs/benchmarks.md", "docs/lora.md", "docs/language_models.md
 DOCS = (BENCH, LORA, LM, "docs/ensembles.md", "docs/basin.md", "docs/data_path.md")
 LM_MID, LM_TINY = "lm_ensemble_generate_mid.json", "lm_ensemble_generate_tiny.json"
 DEMO, PRE = "lora_ensemble_demo_vit.json", "bench_offline_pretrain.json"
-PM = "parallel_members.json"
+PM, TO, DP = "parallel_members.json", "trainer_overhead.json", "docs/data_path.md"
+LM_1 = "lm_ensemble_generate_mid_1thread.json"
 
 # (doc, record, key path under "figures", how the doc writes the figure: a format string)
 QUOTED: list[tuple[str, str, tuple, str]] = [
     # docs/benchmarks.md
+    (BENCH, TO, ("wall_ratio_median",), "median {:.3f}, load-robust"),
+    (BENCH, TO, ("load_robust_ratio_median",), "(median step times) {:.3f}"),
+    (BENCH, TO, ("snapshot_share_of_cycle_percent_median",), "cycle starts {:.2f}% of a cycle"),
+    (BENCH, "data_path_thp0.json", ("evaluation", "tensor_over_processor"), "evaluation {:.1f}x, training"),
+    (BENCH, "data_path_thp0.json", ("training", "tensor_over_processor"), "training {:.1f}x |"),
+    (BENCH, LM_1, ("batch_1", "batched", "relative_to_one_model"), "batch 1 batched {:.2f}x"),
+    (BENCH, LM_1, ("batch_8", "batched", "relative_to_one_model"), "batch 8 batched {:.2f}x"),
+    (BENCH, LM_1, ("batch_8", "member loop", "relative_to_one_model"), "(member loop {:.2f}x)"),
     (BENCH, "ensemble_inference.json", ("ensemble_over_k_single",), "ensemble / (K x single) {:.3f}"),
     (BENCH, "ensemble_inference.json", ("ensemble_over_k_single_median_based",), "(median-based {:.3f})"),
     (BENCH, "ensemble_inference.json", ("soup_over_single",), "soup / single {:.3f}"),
@@ -61,7 +70,7 @@ QUOTED: list[tuple[str, str, tuple, str]] = [
     (BENCH, LM_TINY, ("batch_8", "member loop", "relative_to_one_model"), "member loop {:.2f}x, batched"),
     (BENCH, LM_TINY, ("batch_8", "batched", "relative_to_one_model"), "batched {:.2f}x one model; mid"),
     (BENCH, LM_MID, ("batch_8", "member loop", "relative_to_one_model"), "batch 8: member loop {:.2f}x"),
-    (BENCH, LM_MID, ("batch_8", "batched", "relative_to_one_model"), "batched {:.2f}x ([Lang"),
+    (BENCH, LM_MID, ("batch_8", "batched", "relative_to_one_model"), "batched {:.2f}x; mid, one thread"),
     (BENCH, PRE, ("seconds", "load all 70k as Dataset"), "{:.1f} s for all 70k images"),
     (BENCH, PRE, ("seconds", "pre-train (fresh cache)"), "pre-training {:.0f} s wall"),
     (BENCH, PRE, ("pretrain_metrics", "cpu_seconds"), "{:.0f} s of CPU time"),
@@ -96,14 +105,27 @@ QUOTED: list[tuple[str, str, tuple, str]] = [
     (LORA, DEMO, ("inference", "ensemble_over_k_one_lora_model"), "| {:.3f} (min of 20"),
     (LORA, DEMO, ("inference", "ensemble_over_k_one_lora_model_median_based"), "median-based {:.3f}) |"),
     # docs/language_models.md
-    (LM, LM_MID, ("batch_1", "one model", "tokens_per_s"), "| 1 | {:.1f} tok/s |"),
-    (LM, LM_MID, ("batch_8", "one model", "tokens_per_s"), "| 8 | {:.1f} tok/s |"),
-    (LM, LM_MID, ("batch_1", "member loop", "tokens_per_s"), "| {:.1f} tok/s (0.15x) |"),
-    (LM, LM_MID, ("batch_1", "member loop", "relative_to_one_model"), "3.1 tok/s ({:.2f}x)"),
-    (LM, LM_MID, ("batch_1", "batched", "relative_to_one_model"), "1.9 tok/s ({:.2f}x)"),
-    (LM, LM_MID, ("batch_8", "member loop", "relative_to_one_model"), "5.8 tok/s ({:.2f}x)"),
-    (LM, LM_MID, ("batch_8", "batched", "tokens_per_s"), "| {:.1f} tok/s (0.44x) |"),
-    (LM, LM_MID, ("batch_8", "batched", "relative_to_one_model"), "22.5 tok/s ({:.2f}x)"),
+    (LM, LM_1, ("batch_1", "one model", "tokens_per_s"), "| 1 | {:.1f} tok/s |"),
+    (LM, LM_1, ("batch_8", "one model", "tokens_per_s"), "| 8 | {:.1f} tok/s |"),
+    (LM, LM_1, ("batch_1", "member loop", "tokens_per_s"), "| {:.1f} tok/s (0.19x) |"),
+    (LM, LM_1, ("batch_1", "member loop", "relative_to_one_model"), "9.5 tok/s ({:.2f}x)"),
+    (LM, LM_1, ("batch_1", "batched", "tokens_per_s"), "| {:.1f} tok/s (0.39x) |"),
+    (LM, LM_1, ("batch_1", "batched", "relative_to_one_model"), "19.4 tok/s ({:.2f}x)"),
+    (LM, LM_1, ("batch_8", "member loop", "tokens_per_s"), "| {:.1f} tok/s (0.18x) |"),
+    (LM, LM_1, ("batch_8", "member loop", "relative_to_one_model"), "38.4 tok/s ({:.2f}x)"),
+    (LM, LM_1, ("batch_8", "batched", "tokens_per_s"), "| {:.1f} tok/s (0.32x) |"),
+    (LM, LM_1, ("batch_8", "batched", "relative_to_one_model"), "65.9 tok/s ({:.2f}x)"),
+    (LM, LM_MID, ("batch_8", "batched", "relative_to_one_model"), "batch 8 batched {:.2f}x one model"),
+    (LM, LM_MID, ("batch_1", "batched", "relative_to_one_model"), "batched {:.2f}x, slower than"),
+    # docs/data_path.md
+    (DP, "data_path.json", ("evaluation", "tensor_images_per_s"), "made {:,.0f} evaluation"),
+    (DP, "data_path.json", ("training", "tensor_images_per_s"), "evaluation and {:,.0f} training images/s"),
+    (DP, "data_path_thp0.json", ("evaluation", "tensor_images_per_s"), "and {:,.0f} and"),
+    (DP, "data_path_thp0.json", ("training", "tensor_images_per_s"), "and {:,.0f} without"),
+    (DP, "data_path.json", ("training", "processor_images_per_s"), "({:,.0f} and"),
+    (DP, "data_path_thp0.json", ("training", "processor_images_per_s"), "and {:,.0f} training images/s)"),
+    (DP, "data_path.json", ("training", "tensor_over_processor"), "faster one: {:.1f}x and"),
+    (DP, "data_path_thp0.json", ("training", "tensor_over_processor"), "x and {:.1f}x the processor"),
     # docs/ensembles.md, docs/basin.md
     (
         "docs/ensembles.md",
@@ -222,7 +244,7 @@ def test_every_number_in_the_figures_column_is_a_quoted_figure():
     """docs/benchmarks.md's "figure" column holds no number that QUOTED does not check against a record."""
     quoted = [w.format(figure(records()[n], p)) for d, n, p, w in QUOTED if d == BENCH]
     rows = [line.split(" | ") for line in (ROOT / BENCH).read_text().splitlines() if line.startswith("| `")]
-    assert len(rows) >= 8
+    assert len(rows) >= 9
     for row in rows:
         for number in re.findall(r"\d{1,3}(?:,\d{3})+|\d+\.\d+", row[2]):
             assert any(number in phrase for phrase in quoted), f"{number} in {row[2][:60]!r} is not checked"
