@@ -51,6 +51,7 @@ ROOT = Path(__file__).resolve().parent.parent
 from hf_ens.trainers import StarSSEConfig  # noqa: E402
 from hf_ens.trainers.probe import PROBE_FILE, choose, format_table, in_basin  # noqa: E402
 
+from benchmarks import _record  # noqa: E402
 from recipes._cli import parse_config_and_args  # noqa: E402
 from recipes.report_results import mean_ci  # noqa: E402
 from recipes.vit_cifar import ScriptArguments, run  # noqa: E402
@@ -214,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--probe_only", action="store_true", help="model 1 + probes only (fast)")
     parser.add_argument("--records", default=str(ROOT / "docs" / "results" / "fair" / "runs-*.jsonl"))
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="recipe overrides")
-    parser.add_argument("--json", default=None, help="also write the per-seed results here")
+    _record.add_arguments(parser)  # the record's figures hold the per-seed results (--from_json reads them)
     parser.add_argument(
         "--what_if", type=float, nargs="*", default=[], help="tolerances to re-judge the probe tables with"
     )
@@ -242,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
         args.cycle_factor = train.cycle_epochs / train.num_train_epochs
     train.cycle_epochs = args.cycle_factor * train.num_train_epochs
     script.interpolation_points = 0  # not needed here
-    results = json.loads(Path(args.from_json).read_text()) if args.from_json else []
+    results = read_results(args.from_json) if args.from_json else []
     for seed in [] if args.from_json else args.seeds:
         res = one_seed(script, train, seed, args.probe_only)
         results.append(res)
@@ -254,8 +255,6 @@ def main(argv: list[str] | None = None) -> None:
             f"{' (estimated)' if res['estimated'] else ''} = {100 * share:.1f}% (goal <= 15%)",
             flush=True,
         )
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1, default=float))
     for tolerance in args.what_if:
         for ratio in args.what_if_loss_ratio:
             picks = [what_if(r["probe"], tolerance, ratio) for r in results]
@@ -265,13 +264,29 @@ def main(argv: list[str] | None = None) -> None:
             )
     records = read_records(args.records)
     print(f"[basin_guard] {len(records)} sweep records from {args.records}")
-    for line in compare(results, records, args.cycle_factor):
+    lines = compare(results, records, args.cycle_factor)
+    for line in lines:
         print(f"[basin_guard] {line}")
     shares = [r["probe"]["seconds"] / r["whole_seconds"] for r in results]
     print(
         f"[basin_guard] chosen multipliers {[r['probe']['chosen_multiplier'] for r in results]}; probe share "
         f"of the whole run: mean {100 * statistics.fmean(shares):.1f}%, max {100 * max(shares):.1f}%"
     )
+    figures = {
+        "chosen_multipliers": [r["probe"]["chosen_multiplier"] for r in results],
+        "probe_share_percent": [100 * x for x in shares],
+        "probe_share_mean_percent": 100 * statistics.fmean(shares),
+        "probe_share_max_percent": 100 * max(shares),
+        "comparison": lines,
+        "seeds": results,
+    }
+    _record.write(args.json, "basin_guard", vars(args), figures, args.note)
+
+
+def read_results(path: str) -> list[dict]:
+    """Per-seed results of an earlier run: a record's ``figures.seeds``, or a bare list (older runs)."""
+    data = json.loads(Path(path).read_text())
+    return data["figures"]["seeds"] if isinstance(data, dict) else data
 
 
 if __name__ == "__main__":

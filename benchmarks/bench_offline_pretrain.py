@@ -18,7 +18,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+FIGURES: dict = {}  # what the JSON lines print, for the --json record
 
+from benchmarks import _record  # noqa: E402
 from recipes._cli import parse_config_and_args  # noqa: E402
 from recipes.image_datasets import DEBIAN_DIR, load_fashion_mnist, read_idx  # noqa: E402
 from recipes.pretrain_vit import PretrainArguments, ensure_pretrained_checkpoint  # noqa: E402
@@ -27,14 +29,16 @@ from recipes.pretrain_vit import PretrainArguments, ensure_pretrained_checkpoint
 def timed(label: str, fn, **extra):
     start = time.perf_counter()
     out = fn()
-    print(json.dumps({"what": label, "seconds": round(time.perf_counter() - start, 3), **extra}), flush=True)
+    seconds = round(time.perf_counter() - start, 3)
+    print(json.dumps({"what": label, "seconds": seconds, **extra}), flush=True)
+    FIGURES.setdefault("seconds", {})[label] = seconds
     return out
 
 
 def main() -> None:
     import torch
 
-    argv = sys.argv[1:]
+    argv, json_path, note = _record.pop_arguments(sys.argv[1:])
     skip_pretrain = "--skip_pretrain" in argv
     argv = [a for a in argv if a != "--skip_pretrain"]
     config = str(ROOT / "recipes" / "configs" / "pretrain_offline.yaml")
@@ -51,14 +55,19 @@ def main() -> None:
     data = load_fashion_mnist([3, 4, 6, 7, 9], train_size=550)
     timed("decode 5k test images", lambda: data["test"][:]["image"])
 
+    settings = {"skip_pretrain": skip_pretrain, "config": "recipes/configs/pretrain_offline.yaml"}
+    settings["overrides"], settings["pretrain"] = argv, vars(args)
     if skip_pretrain:
+        _record.write(json_path, "bench_offline_pretrain", settings, FIGURES, note)
         return
     with tempfile.TemporaryDirectory() as cache:
         args.cache_dir, args.force, args.use_shipped = cache, False, False  # time the training itself
         path = timed("pre-train (fresh cache)", lambda: ensure_pretrained_checkpoint(args))
         metrics = json.load(open(os.path.join(path, "pretrain_config.json")))["metrics"]
         print(json.dumps({"what": "pre-train metrics", **metrics}))
+        FIGURES["pretrain_metrics"] = metrics
         timed("pre-train (cache hit)", lambda: ensure_pretrained_checkpoint(args))
+    _record.write(json_path, "bench_offline_pretrain", settings, FIGURES, note)
 
 
 if __name__ == "__main__":

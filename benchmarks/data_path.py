@@ -29,6 +29,8 @@ import os
 import statistics
 import time
 
+from benchmarks import _record  # before the variables below are set: the record shows what the user set
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # read at torch's first allocation: before `import torch`
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,6 +61,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--repeats", type=int, default=3, help="passes per path; the median is reported")
+    _record.add_arguments(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     hf_logging.set_verbosity_error()
@@ -111,6 +114,26 @@ def main() -> None:
         f"{loader_rate:,.0f} ({loader_rate / rates['processor', True]:.0f}x)"
     )
     print(f"tensor path / processor path: {rates['device step', True] / rates['processor', True]:.1f}x")
+    figures = {
+        "images": len(ds),
+        "thp_mem_alloc_enable": os.environ["THP_MEM_ALLOC_ENABLE"],
+        "decode_images_per_s": decode_rate,
+        "evaluation": {
+            "processor_images_per_s": rates["processor", False],
+            "tensor_images_per_s": rates["device step", False],
+            "tensor_over_processor": rates["device step", False] / rates["processor", False],
+        },
+        "training": {
+            "processor_images_per_s": rates["processor", True],
+            "tensor_images_per_s": rates["device step", True],
+            "tensor_over_processor": rates["device step", True] / rates["processor", True],
+        },
+        "gpu_step_cpu_share": {
+            "uint8_slicing_images_per_s": loader_rate,
+            "over_processor_training": loader_rate / rates["processor", True],
+        },
+    }
+    _record.write(args.json, "data_path", vars(args), figures, args.note)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ import time
 import torch
 from transformers import ViTConfig, ViTForImageClassification
 
-from hf_ens import EnsembleModel  # noqa: E402
+from benchmarks import _record
+from hf_ens import EnsembleModel
 
 
 def parse_args() -> argparse.Namespace:
@@ -35,6 +36,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU")
+    _record.add_arguments(p)
     return p.parse_args()
 
 
@@ -102,6 +104,17 @@ def main() -> None:
         f"soup time / single = {low['soup'] / low['single']:.3f}  "
         f"(median-based {med['soup'] / med['single']:.3f})"
     )
+    figures = {
+        "member_params_millions": n_params / 1e6,
+        "median_ms": {name: 1e3 * t for name, t in med.items()},
+        "min_ms": {name: 1e3 * t for name, t in low.items()},
+        "ensemble_over_k_single": low["ensemble"] / (K * low["single"]),
+        "ensemble_over_k_single_median_based": med["ensemble"] / (K * med["single"]),
+        "ensemble_over_k_member_forwards": low["ensemble"] / low["K members"],
+        "soup_over_single": low["soup"] / low["single"],
+        "soup_over_single_median_based": med["soup"] / med["single"],
+    }
+    _record.write(args.json, "ensemble_inference", vars(args), figures, args.note)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from hf_ens.trainers import StarSSEConfig, StarSSETrainer  # noqa: E402
 from transformers import TrainerCallback, ViTConfig, ViTForImageClassification  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
+from benchmarks import _record  # noqa: E402
 from recipes.data import DevicePreprocessor, PixelSpec, collate  # noqa: E402
 
 GOAL_RATIO, GOAL_IMAGES_PER_SECOND = 0.98, 2780
@@ -164,6 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 100; smoke: 4)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed first steps (default 15; smoke: 2)")
     parser.add_argument("--workers", type=int, default=None, help="loader processes (default 4; smoke: 0)")
+    _record.add_arguments(parser)
     args = parser.parse_args(argv)
     smoke = args.smoke
     args.batch_size = args.batch_size or (8 if smoke else 256)
@@ -196,6 +198,14 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"goals on an H200: >= {GOAL_IMAGES_PER_SECOND:,} images/s and >= {GOAL_RATIO}x: {verdict}")
     else:
         print(f"goals (>= {GOAL_IMAGES_PER_SECOND:,} images/s, >= {GOAL_RATIO}x) apply to an H200 run only")
+    figures = {
+        "device": name,
+        "model": model,
+        "plain_images_per_s": plain,
+        "starsse_images_per_s": starsse,
+        "starsse_over_plain": ratio,
+    }
+    _record.write(args.json, "gpu_throughput", vars(args), figures, args.note)
     return {"plain": plain, "starsse": starsse, "ratio": ratio}
 
 

@@ -19,10 +19,7 @@ GPU decoding is memory-bound, which is where reading the base once per step pays
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,6 +28,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from benchmarks import _record
 from hf_ens.adapters import AdapterEnsembleModel, save_adapter
 
 CONFIGS = {
@@ -92,9 +90,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--json", default=None, help="Also write the figures (and command, machine) here.")
+    _record.add_arguments(parser)
     args = parser.parse_args()
-    rows = []
+    rows: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         base, ens = build(args.config, args.members, Path(tmp), args.device)
     runs = {
@@ -125,27 +123,12 @@ def main() -> None:
                 f"batch={batch:<3d} {name:<12s} {rate:9.1f} tok/s (median {median:9.1f})  "
                 f"{one / min(t):5.2f}x one model"
             )
-            rows.append(
-                {
-                    "batch": batch,
-                    "variant": name,
-                    "tokens_per_s": rate,
-                    "median_tokens_per_s": median,
-                    "relative_to_one_model": one / min(t),
-                }
-            )
-    if args.json:
-        device = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor()
-        threads = torch.get_num_threads()
-        record = {
-            "benchmark": "lm_ensemble_generate",
-            "command": "python benchmarks/lm_ensemble_generate.py " + " ".join(sys.argv[1:]),
-            "machine": f"{device or platform.machine()}, torch {torch.__version__}, {threads} threads",
-            "settings": {k: v for k, v in vars(args).items() if k != "json"},
-            "results": rows,
-        }
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
+            rows.setdefault(f"batch_{batch}", {})[name] = {
+                "tokens_per_s": rate,
+                "median_tokens_per_s": median,
+                "relative_to_one_model": one / min(t),
+            }
+    _record.write(args.json, "lm_ensemble_generate", vars(args), rows, args.note)
 
 
 if __name__ == "__main__":

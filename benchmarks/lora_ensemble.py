@@ -28,8 +28,9 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForImageClassification, ViTConfig, ViTForImageClassification
 
-from hf_ens import EnsembleModel  # noqa: E402
-from hf_ens.adapters import AdapterEnsembleModel, save_adapter  # noqa: E402
+from benchmarks import _record
+from hf_ens import EnsembleModel
+from hf_ens.adapters import AdapterEnsembleModel, save_adapter
 
 
 def parse_args() -> argparse.Namespace:
@@ -46,6 +47,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--threads", type=int, default=1)
+    _record.add_arguments(p)
     return p.parse_args()
 
 
@@ -207,6 +209,32 @@ def main() -> None:
             f"median-based {median:.3f}; "
             "goal <= 1.05)"
         )
+        full_size, lora_size = size(full_repo), size(lora_repo)
+        figures = {
+            "disk": {
+                "one_model_mib": one / 2**20,
+                "full_repo_mib": full_size / 2**20,
+                "full_repo_over_one_model": full_size / one,
+                "lora_repo_mib": lora_size / 2**20,
+                "lora_repo_over_one_model": lora_size / one,
+                "one_adapter_kib": adapter / 2**10,
+                "lora_repo_files": sorted(p.relative_to(lora_repo).as_posix() for p in lora_repo.glob("*")),
+            },
+            "peak_memory": {
+                "one_model_mib": single / 2**20,
+                "full_ensemble_mib": full_ens / 2**20,
+                "full_ensemble_over_one_model": full_ens / single,
+                "lora_ensemble_mib": lora_ens / 2**20,
+                "lora_ensemble_over_one_model": lora_ens / single,
+            },
+            "inference": {
+                "one_lora_model_min_ms": 1e3 * min(t_single),
+                "lora_ensemble_min_ms": 1e3 * min(t_ens),
+                "ensemble_over_k_one_lora_model": ratio,
+                "ensemble_over_k_one_lora_model_median_based": median,
+            },
+        }
+    _record.write(args.json, "lora_ensemble", vars(args), figures, args.note)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from benchmarks import _record
+
 ROOT = Path(__file__).resolve().parent.parent
 RUNNER = ROOT / "tests" / "_trainer_parallel_run.py"
 # ~2.7M parameters (benchmarks/trainer_overhead.py's ViT): per-step compute dominates, not the launch.
@@ -56,6 +58,7 @@ def main() -> None:
     parser.add_argument("--cycle-epochs", type=float, default=2.0, help="length of each branch in epochs")
     parser.add_argument("--samples", type=int, default=64, help="synthetic training images")
     parser.add_argument("--gpu", action="store_true", help="one GPU per process instead of CPU")
+    _record.add_arguments(parser)
     args = parser.parse_args()
 
     base = dict(
@@ -84,6 +87,12 @@ def main() -> None:
     print(f"{n} processes / 1 process speedup: {one / parallel:.2f}x")
     print(f"parallel vs data-parallel branches: {data_parallel / parallel:.2f}x")
     print(f"load average: {Path('/proc/loadavg').read_text().strip()} ({os.cpu_count()} CPUs)")
+    figures = {
+        "branch_phase_seconds": seconds,
+        "speedup_n_processes_over_1": one / parallel,
+        "parallel_over_data_parallel": data_parallel / parallel,
+    }
+    _record.write(args.json, "parallel_members", vars(args), figures, args.note)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks import _record
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -32,6 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workdir", default=None, help="Where to write the members (default: a temp dir).")
     p.add_argument("--soups", nargs="+", default=["uniform", "greedy"], choices=["uniform", "greedy"])
     p.add_argument("--child", choices=["uniform", "greedy"], help=argparse.SUPPRESS)
+    _record.add_arguments(p)
     return p.parse_args(argv)
 
 
@@ -122,6 +125,7 @@ def main(argv: list[str] | None = None) -> None:
         nbytes = write_members(args, root)
         print(f"{args.num_members} members of {nbytes / 2**20:.1f} MiB (state dict) in {root}", flush=True)
         env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
+        figures = {"member_state_dict_mib": nbytes / 2**20}
         for kind in args.soups:
             cmd = [sys.executable, __file__, "--child", kind, "--workdir", str(root)]
             out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
@@ -135,6 +139,14 @@ def main(argv: list[str] | None = None) -> None:
                 f"state dict (goal <= 3), {result['seconds']:.1f} s, members {result['chosen']}",
                 flush=True,
             )
+            figures[kind] = {
+                "peak_rss_growth_mib": grown / 2**20,
+                "peak_over_state_dict": grown / nbytes,
+                "seconds": result["seconds"],
+                "members_chosen": result["chosen"],
+                "hf_ens": result["hf_ens"],
+            }
+    _record.write(args.json, "soup_memory", vars(args), figures, args.note)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from transformers import (  # noqa: E402
 )
 from transformers.utils import logging as hf_logging  # noqa: E402
 
+from benchmarks import _record  # noqa: E402
 from hf_ens.testing_utils import TinyImages, tiny_vit  # noqa: E402
 
 # ~2.7M parameters: big enough that per-step work dominates, as in a real run (not the tests' tiny ViT).
@@ -136,6 +137,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--one", choices=["plain", "starsse"], help=argparse.SUPPRESS)  # internal
+    _record.add_arguments(parser)
     opts = parser.parse_args()
     hf_logging.set_verbosity_error()
     steps, batch, members = opts.steps_per_cycle, opts.batch_size, opts.members
@@ -149,7 +151,7 @@ def main() -> None:
     print(f"torch threads: {torch.get_num_threads()}, cpus: {os.cpu_count()}, load avg: {os.getloadavg()}")
     print("each run in its own process; the order alternates between repeats")
 
-    ratios, robust, shares = [], [], []
+    ratios, robust, shares, repeats = [], [], [], []
     for r in range(opts.repeats):
         order = ("plain", "starsse") if r % 2 == 0 else ("starsse", "plain")
         res = {side: measure_in_subprocess(side, opts) for side in order}
@@ -162,6 +164,19 @@ def main() -> None:
         robust.append(robust_ratio)
         shares.append(per_cycle / cycle_time)
         step_plain, step_ours = 1000 * res["plain"]["median_step"], 1000 * res["starsse"]["median_step"]
+        repeats.append(
+            {
+                "first": order[0],
+                "plain_steps_per_s": total / plain,
+                "starsse_steps_per_s": total / ours,
+                "wall_ratio": plain / ours,
+                "plain_median_step_ms": step_plain,
+                "starsse_median_step_ms": step_ours,
+                "load_robust_ratio": robust_ratio,
+                "snapshot_and_cycle_start_seconds": extra,
+                "snapshot_share_of_cycle_percent": 100 * per_cycle / cycle_time,
+            }
+        )
         print(
             f"repeat {r} ({order[0]} first): wall plain {total / plain:.2f} steps/s, StarSSE "
             f"{total / ours:.2f} steps/s, ratio {plain / ours:.3f}; median step {step_plain:.1f} ms vs "
@@ -174,6 +189,15 @@ def main() -> None:
         f"{statistics.median(robust):.3f} (goal >= 0.98); snapshot share of a cycle "
         f"{100 * statistics.median(shares):.2f}% (goal <= 1%)"
     )
+    figures = {
+        "model_params_millions": params / 1e6,
+        "total_steps": total,
+        "wall_ratio_median": statistics.median(ratios),
+        "load_robust_ratio_median": statistics.median(robust),
+        "snapshot_share_of_cycle_percent_median": 100 * statistics.median(shares),
+        "repeats": repeats,
+    }
+    _record.write(opts.json, "trainer_overhead", vars(opts), figures, opts.note)
 
 
 if __name__ == "__main__":

@@ -595,7 +595,9 @@ class AdapterEnsembleModel(EnsembleModel):
         names = _checkpoint_names(self.config.base_model)
         if names is None:
             return {}
-        prefix = self.peft_model.get_base_model().base_model_prefix
+        base = self.peft_model.get_base_model()
+        prefix = base.base_model_prefix
+        names = _as_loaded(base, names, {name for name, _ in _base_items(self.peft_model)})
         return {  # a checkpoint of the bare body (e.g. a BertModel) names its weights without the prefix
             name: value.detach().to("cpu").contiguous()
             for name, value in _base_items(self.peft_model)
@@ -673,6 +675,32 @@ def _checkpoint_names(ref) -> set[str] | None:
         with safetensors.safe_open(str(path / "model.safetensors"), framework="pt") as f:
             return set(f.keys())
     return None
+
+
+def _as_loaded(model: PreTrainedModel, names: set[str], model_names: set[str]) -> set[str]:
+    """`names` (a checkpoint's) plus the names `from_pretrained` loads them as into `model`.
+
+    transformers 5 renames some weights at load time (ViT's ``encoder.layer.0.attention.attention.query`` is
+    ``layers.0.attention.q_proj`` in the model) and ``save_pretrained`` writes the original names back, so a
+    checkpoint's names are not the model's: compared as they were, every renamed base weight looked missing
+    and ``base_extra.safetensors`` held a second copy of the base (a LoRA repo of 2x one model on disk and in
+    memory). transformers 4 renames nothing (no conversion mapping): the names are returned as they are."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:
+        return set(names)
+    try:
+        mapping = get_model_conversion_mapping(model)
+    except Exception:  # a model the mapping cannot be built for: nothing renamed
+        return set(names)
+    renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
+    converters = [m for m in mapping if isinstance(m, WeightConverter)]
+    meta = dict.fromkeys(model_names, True)
+    loaded = set(names)
+    for name in names:
+        loaded.add(rename_source_key(name, renamings, converters, model.base_model_prefix, meta)[0])
+    return loaded
 
 
 @torch.no_grad()

@@ -219,3 +219,22 @@ def test_member_weights_of_a_peft_model_are_the_adapter_only():
     assert names and all(".lora_" in n or ".modules_to_save." in n for n in names)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable <= names
+
+
+def test_a_local_base_checkpoint_is_not_saved_again_beside_the_adapters(adapters, tmp_path):
+    """transformers 5 loads ViT's ``attention.attention.query`` as ``attention.q_proj`` and saves it back
+    under the old name: the base's checkpoint names are not the model's. Compared as they were, every renamed
+    weight looked missing from the checkpoint and ``base_extra.safetensors`` held a second copy of the base
+    (benchmarks/lora_ensemble.py: a LoRA repo of 2.01x one model on disk, 1.99x in memory)."""
+    base_dir = tmp_path / "base"
+    tiny_vit(0).save_pretrained(base_dir)
+    base = ViTForImageClassification.from_pretrained(base_dir)
+    ens = AdapterEnsembleModel.from_adapters(base, adapters)
+    assert ens.config.base_model == str(base_dir)  # a local checkpoint: its names are read
+    saved = ens.save_pretrained(tmp_path / "repo")
+    assert not (saved / "base_extra.safetensors").exists()
+    root = (saved / "model.safetensors").stat().st_size
+    total = sum(p.stat().st_size for p in saved.rglob("*") if p.is_file())
+    assert total < 1.5 * root  # the soup plus K adapters, not a second base
+    loaded = EnsembleModel.from_pretrained(saved, base_model=base_dir)
+    assert torch.equal(logits(loaded), logits(ens))
