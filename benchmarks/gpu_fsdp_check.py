@@ -31,6 +31,8 @@ from hf_ens.trainers import StarSSEConfig, StarSSETrainer  # noqa: E402
 from torch.utils.data import Dataset  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
+from benchmarks import _record  # noqa: E402
+
 
 class RandomTokens(Dataset):
     def __init__(self, n: int, length: int, vocab: int):
@@ -102,8 +104,11 @@ def train(args, out: str, accumulation: int) -> dict:
     }
 
 
-def compare(out: str) -> None:
+def compare(out: str) -> dict:
+    """Print and return the phases' figures and the max abs difference per member."""
     import safetensors.torch
+
+    figures: dict = {}
 
     def load(phase, k):
         return safetensors.torch.load_file(
@@ -111,13 +116,17 @@ def compare(out: str) -> None:
         )
 
     for phase in ("sharded", "unsharded"):
-        print(phase, json.load(open(os.path.join(out, f"{phase}.json"))))
+        figures[phase] = json.load(open(os.path.join(out, f"{phase}.json")))
+        print(phase, figures[phase])
     for k in range(3):
         a, b = load("sharded", k), load("unsharded", k)
         diff = max((a[n].float() - b[n].float()).abs().max().item() for n in a)
+        figures[f"member_{k}_max_abs_diff"] = diff
         print(f"member {k}: max abs diff sharded vs unsharded {diff:.3g}")
     a, b = load("sharded", 1), load("sharded", 2)
-    print(f"members 1 vs 2 (must differ): {max((a[n] - b[n]).abs().max().item() for n in a):.3g}")
+    figures["members_1_vs_2_max_abs_diff"] = max((a[n] - b[n]).abs().max().item() for n in a)
+    print(f"members 1 vs 2 (must differ): {figures['members_1_vs_2_max_abs_diff']:.3g}")
+    return figures
 
 
 def main() -> None:
@@ -132,11 +141,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (CPU)")
+    _record.add_arguments(parser)  # the compare phase writes the record
     args = parser.parse_args()
     if args.smoke:
         args.hidden, args.layers, args.vocab, args.length, args.batch, args.samples = 64, 2, 128, 16, 2, 16
     if args.phase == "compare":
-        compare(args.out)
+        figures = compare(args.out)
+        _record.write(args.json, "gpu_fsdp_check", vars(args), figures, args.note)
         return
     accumulation = args.processes if args.phase == "unsharded" else 1
     result = train(args, os.path.join(args.out, args.phase), accumulation)

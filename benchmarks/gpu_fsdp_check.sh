@@ -14,4 +14,4 @@ $PY -m accelerate.commands.launch --use_fsdp --fsdp_version 2 --num_processes "$
   --mixed_precision no --dynamo_backend no \
   benchmarks/gpu_fsdp_check.py sharded "$OUT" --processes "$N"
 CUDA_VISIBLE_DEVICES=0 $PY benchmarks/gpu_fsdp_check.py unsharded "$OUT" --processes "$N"
-$PY benchmarks/gpu_fsdp_check.py compare "$OUT"
+$PY benchmarks/gpu_fsdp_check.py compare "$OUT" --json docs/results/benchmarks/gpu_fsdp_check.json
