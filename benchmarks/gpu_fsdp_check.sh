@@ -5,6 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
+export PYTHONPATH="$(cd "$(dirname "$0")/.." && pwd)${PYTHONPATH:+:$PYTHONPATH}"  # benchmarks/ imports from the checkout
 OUT=${1:-/tmp/gpu_fsdp_check}
 GPUS=$($PY -c "import torch; print(torch.cuda.device_count())")
 if [ "$GPUS" -lt 1 ]; then echo "no GPU: run tests/test_trainer_fsdp.py instead" >&2; exit 1; fi
