@@ -11,6 +11,8 @@ seed 0 is the shipped checkpoint). Per replicate, model 1 is trained once and sh
   starsse/xM  members 2..K: cycles of E epochs at M x the fine-tuning LR, each from model 1
   sse/xM      members 2..K: the same cycles, each from the previous member
   guard       StarSSE with cycle_learning_rate="auto" (the basin guard picks the cycle LR on held-out data)
+  net/xM      StarSSE at M x with basin_guard=True (the guard as a safety net: M is kept unless its probe
+              leaves the basin, then the largest grid LR below it that stays)
 
 Every member costs the same E epochs, so K members cost K x E for every method. Each run is evaluated on the
 held-out split (settings are chosen on it), on the whole test split and on a corrupted copy of `shift_samples`
@@ -34,6 +36,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -48,7 +51,8 @@ from hf_ens.trainers.cycles import branch_seed
 from recipes._cli import parse_config_and_args, run_cli
 from recipes.vit_cifar import ScriptArguments, load_model, load_splits, prepare_data
 
-METHODS = ("model1", "local_de", "global_de", "starsse", "sse", "guard")
+METHODS = ("model1", "local_de", "global_de", "starsse", "sse", "guard", "net")
+SET_LR_METHODS = ("starsse", "sse", "net")  # runs named <method>/x<M>: M x learning_rate is set by hand
 TARGETS = {
     # Fashion-MNIST classes the checkpoints never saw; 500 to train on, 500 held out, all 5,000 test images
     "fmnist": {"dataset_name": "offline:fashion_mnist", "classes": [3, 4, 6, 7, 9], "max_test_samples": None},
@@ -89,8 +93,8 @@ class StudyArguments:
         ],
         metadata={
             "help": "What each replicate runs, in the queue's order (all replicates and targets of one entry "
-            "before the next): model1, local_de, global_de, guard, or starsse/xM and sse/xM (cycle LR = M x "
-            "learning_rate). A cut-short study has whole entries, not whole replicates."
+            "before the next): model1, local_de, global_de, guard, or starsse/xM, sse/xM, net/xM (cycle LR "
+            "= M x learning_rate). A cut-short study has whole entries, not whole replicates."
         },
     )
     shift_samples: int = field(default=2000, metadata={"help": "Test images in the corrupted copy."})
@@ -112,8 +116,8 @@ class StudyArguments:
             raise ValueError(f"Unknown targets {unknown}; known: {list(TARGETS)}.")
         for run in self.runs:
             method, _, mult = run.partition("/x")
-            if method not in METHODS or bool(mult) != (method in ("starsse", "sse")):
-                known = "model1, local_de, global_de, guard, starsse/xM, sse/xM"
+            if method not in METHODS or bool(mult) != (method in SET_LR_METHODS):
+                known = "model1, local_de, global_de, guard, starsse/xM, sse/xM, net/xM"
                 raise ValueError(f"Unknown run {run!r}; known: {known}.")
         if not self.runs or self.runs[0] != "model1":
             raise ValueError("runs must start with model1 (every other run starts from it).")
@@ -135,13 +139,13 @@ class Task:
 
     @property
     def key(self) -> str:
-        suffix = f"/x{self.mult:g}" if self.method in ("starsse", "sse") else ""
+        suffix = f"/x{self.mult:g}" if self.method in SET_LR_METHODS else ""
         return f"{self.replicate}/{self.method}{suffix}"
 
 
 def _run(task: Task) -> str:
     """The `runs` entry of a task."""
-    return f"{task.method}/x{task.mult:g}" if task.method in ("starsse", "sse") else task.method
+    return f"{task.method}/x{task.mult:g}" if task.method in SET_LR_METHODS else task.method
 
 
 def all_tasks(study: StudyArguments) -> list[Task]:
@@ -385,11 +389,15 @@ def run_task(task: Task, study: StudyArguments, script: ScriptArguments, train: 
                 else:
                     kw["method"] = "sse" if task.method == "sse" else "starsse"
                     kw["cycle_epochs"] = train.num_train_epochs
-                    if task.method == "guard":
+                    if task.method in ("guard", "net"):
                         # the guard's members are those of the run with the chosen LR set by hand (the probes
                         # put weights and RNG states back: trainers/probe.py), so the guard trains member 2
                         # only; the report takes members 3..K from the starsse/xM record of the chosen M
-                        kw["cycle_learning_rate"] = "auto"
+                        if task.method == "guard":
+                            kw["cycle_learning_rate"] = "auto"
+                        else:
+                            kw["cycle_learning_rate"] = task.mult * train.learning_rate
+                            kw["basin_guard"] = True
                         kw["eval_dataset"] = data.held_out
                         kw["num_members"] = 2
                     else:
@@ -401,6 +409,9 @@ def run_task(task: Task, study: StudyArguments, script: ScriptArguments, train: 
                 if task.method == "guard":
                     record["basin_probe"] = trainer.basin_probe
                     record["mult"] = trainer.basin_probe["chosen_multiplier"]
+                elif task.method == "net":  # "mult" stays the set one (the record's key); the chosen apart
+                    record["basin_probe"] = trainer.basin_probe
+                    record["chosen_mult"] = trainer.basin_probe["chosen_multiplier"]
             models = [_load(p) for p in paths]
             for m in models:
                 data.preprocess.attach(m)
@@ -442,6 +453,11 @@ def _machine(study: StudyArguments) -> str:
     return f"{cpu} CPU (1 torch thread per worker, {study.workers} workers)"
 
 
+def _model1_kept(study: StudyArguments, task: Task) -> bool:
+    work = Path(study.results_dir) / ".work" / task.replicate
+    return (work / "model1").is_dir() and (work / "model1_logits.pt").is_file()
+
+
 def work(study: StudyArguments, script: ScriptArguments, train: StarSSEConfig) -> None:
     torch.set_num_threads(1)
     began = time.time()
@@ -454,6 +470,9 @@ def work(study: StudyArguments, script: ScriptArguments, train: StarSSEConfig) -
         if study.stop_after_seconds and time.time() - began > study.stop_after_seconds:
             return
         finished = {r["key"] for r in read_records(results)}
+        # a recorded model 1 whose weights are gone (a moved or cleaned results dir) is trained again (same
+        # seed, same recipe): the runs that start from it need its weights, not only its record
+        finished -= {t.key for t in tasks if t.method == "model1" and not _model1_kept(study, t)}
         pending = [t for t in tasks if t.key not in finished]
         if not pending:
             return
@@ -498,7 +517,14 @@ def main(argv: list[str] | None = None) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "recipes.study", *argv]
     procs = [subprocess.Popen([*cmd, "--worker_index", str(i)], env=env) for i in range(study.workers)]
-    codes = [p.wait() for p in procs]
+    # a `kill` of this process stops its workers too (Ctrl-C reaches them through the process group)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    try:
+        codes = [p.wait() for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
     if any(codes):
         raise SystemExit(f"study: a worker failed (exit codes {codes}).")
 

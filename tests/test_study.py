@@ -4,6 +4,7 @@ corrupted test split, the second target's real digits, the task queue and a whol
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -116,13 +117,13 @@ def test_a_tiny_study_records_every_method_and_the_report_reads_them(tmp_path):
             "--config", "recipes/configs/study.yaml", "--results_dir", str(results),
             "--checkpoints_dir", str(ckpts), "--targets", "fmnist", "--pretrain_seeds", "0",
             "--finetune_seeds", "0", "--num_members", "2", "--shift_samples", "64",
-            "--runs", "model1", "starsse/x1", "guard", "local_de", "sse/x1",
+            "--runs", "model1", "starsse/x1", "guard", "net/x1", "local_de", "sse/x1",
             "--num_train_epochs", "1", "--cycle_epochs", "1", "--workers", "1",
         ]
     )  # fmt: skip
     records = {r["key"]: r for r in load(results)}
     assert set(records) == {
-        f"fmnist/c0/s0/{m}" for m in ("model1", "starsse/x1", "guard", "local_de", "sse/x1")
+        f"fmnist/c0/s0/{m}" for m in ("model1", "starsse/x1", "guard", "net/x1", "local_de", "sse/x1")
     }
     star = records["fmnist/c0/s0/starsse/x1"]
     assert star["steps_per_member"] == [16, 16] and star["checkpoint_id"].startswith("ckpt-seed0:")
@@ -137,6 +138,25 @@ def test_a_tiny_study_records_every_method_and_the_report_reads_them(tmp_path):
     assert guard["basin_probe"]["chosen_multiplier"] == guard["mult"]
     if guard["mult"] == 1.0:  # the probes put everything back: member 2 is the hand-set run's
         assert guard["metrics"]["test"]["members"][1] == star["metrics"]["test"]["members"][1]
+    net = records["fmnist/c0/s0/net/x1"]  # the safety net set at 1x: its key keeps the set LR
+    assert net["mult"] == 1.0 and net["basin_probe"]["mode"] == "guard"
+    assert net["chosen_mult"] == net["basin_probe"]["chosen_multiplier"] <= 1.0
+    if net["chosen_mult"] == 1.0:
+        assert net["metrics"]["test"]["members"][1] == star["metrics"]["test"]["members"][1]
+    # model 1's weights lost (a cleaned results dir): a re-run trains it again instead of failing
+    shutil.rmtree(results / ".work" / "fmnist" / "c0" / "s0")
+    main(
+        [
+            "--config", "recipes/configs/study.yaml", "--results_dir", str(results),
+            "--checkpoints_dir", str(ckpts), "--targets", "fmnist", "--pretrain_seeds", "0",
+            "--finetune_seeds", "0", "--num_members", "2", "--shift_samples", "64",
+            "--runs", "model1", "starsse/x2", "--num_train_epochs", "1", "--cycle_epochs", "1",
+            "--workers", "1",
+        ]
+    )  # fmt: skip
+    again = {r["key"]: r for r in load(results)}
+    assert again["fmnist/c0/s0/model1"]["metrics"] == records["fmnist/c0/s0/model1"]["metrics"]  # the same
+    assert again["fmnist/c0/s0/starsse/x2"]["steps_per_member"] == [16, 16]
     out = tmp_path / "report"
     write_report(load(results), out)
     assert (out / "tables.md").read_text().count("|") > 10
