@@ -233,6 +233,7 @@ def _basin_probe_rows(probe) -> dict | None:
         "probe_steps": probe.get("probe_steps"),
         "cycle_steps": probe.get("cycle_steps"),
         "reason": probe.get("reason", ""),
+        "guard": probe.get("mode") == "guard",
     }
 
 

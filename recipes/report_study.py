@@ -37,7 +37,7 @@ def load(results_dir: str | Path) -> list[dict]:
 
 
 def run_name(rec: dict) -> str:
-    return f"{rec['method']}/x{rec['mult']:g}" if rec["method"] in GRID_METHODS else rec["method"]
+    return f"{rec['method']}/x{rec['mult']:g}" if rec["method"] in (*GRID_METHODS, "net") else rec["method"]
 
 
 class Study:
@@ -61,9 +61,12 @@ class Study:
 
     def record(self, target: str, rep: tuple[int, int], name: str) -> dict | None:
         runs = self.runs[target][rep]
-        if name == "guard":  # members 3..K are the fixed-LR run's at the chosen LR (trainers/probe.py)
-            guard = runs.get("guard")
-            return None if guard is None else runs.get(f"starsse/x{guard['mult']:g}")
+        if name == "guard" or name.startswith("net/"):
+            # members 3..K: the fixed-LR run's at the chosen LR (the probes leave no trace: trainers/probe.py)
+            guard = runs.get(name)
+            if guard is None:
+                return None
+            return runs.get(f"starsse/x{guard.get('chosen_mult', guard['mult']):g}")
         return runs.get(name)
 
     def value(self, target: str, rep, name: str, split: str, what: str, key: str, k: int | None = None):
@@ -158,6 +161,7 @@ def verdict(p: dict, key: str, claim_better: bool = True) -> str:
 def method_table(study: Study, target: str, chosen: dict[str, dict[str, str]]) -> str:
     """Test metrics of every run at K = 5: ensemble, soup, mean member; model 1 for reference."""
     names = ["model1", "local_de", "global_de", "guard"]
+    names += [f"net/x{x:g}" for x in study.mults(target, "net")]
     names += [f"{m}/x{x:g}" for m in GRID_METHODS for x in study.mults(target, m)]
     lines = [
         "| run | n | ensemble acc | ensemble NLL | ensemble ECE | soup acc | soup NLL | mean member acc |",
@@ -186,26 +190,51 @@ def method_table(study: Study, target: str, chosen: dict[str, dict[str, str]]) -
     return "\n".join(lines)
 
 
+def at_size(study: Study, target: str, rep, name: str, key: str, k: int) -> float:
+    """Test `key` of the ensemble of the first k members of run `name` (k = 1: model 1)."""
+    if k == 1:
+        return study.value(target, rep, name, "test", "model1", key)
+    return study.value(target, rep, name, "test", "ensemble", key, k)
+
+
+def critical_path(name: str, k: int) -> int:
+    """Member trainings (E optimizer epochs each) one after another to get the first k members of `name` with
+    parallel members (one device per branch): Local / Global DE train every member at once, StarSSE trains
+    model 1 then every cycle at once, SSE's cycles follow each other. Total optimizer steps: k x E for all."""
+    method = name.split("/")[0]
+    if method in ("local_de", "global_de", "model1"):
+        return 1
+    if method == "starsse":
+        return min(k, 2)
+    if method == "sse":
+        return k
+    raise ValueError(f"no critical path for {name!r} (the guard's probes add a run-dependent share)")
+
+
 def size_table(study: Study, target: str, names: list[str]) -> str:
-    """Test accuracy and NLL of the ensemble of the first k members, k = 1..5 (k x E optimizer epochs)."""
+    """Test accuracy / NLL / ECE of the ensemble of the first k members, k = 1..K (k x E optimizer epochs),
+    and the member trainings on the critical path with parallel members."""
     K = study.size(target)
     lines = [
-        "| run | " + " | ".join(f"k={k} acc / NLL" for k in range(1, K + 1)) + " |",
-        "|---" * (K + 1) + "|",
-    ]
+        "| run | " + " | ".join(f"k={k} acc / NLL / ECE" for k in range(1, K + 1))
+        + f" | critical path to k={K} (x E) |",
+        "|---" * (K + 2) + "|",
+    ]  # fmt: skip
     for name in names:
         reps = study.replicates(target, name)
         if not reps:
             continue
         cells = []
         for k in range(1, K + 1):
-            if k == 1:
-                acc = [study.value(target, r, name, "test", "model1", "accuracy") for r in reps]
-                nll = [study.value(target, r, name, "test", "model1", "nll") for r in reps]
-            else:
-                acc = [study.value(target, r, name, "test", "ensemble", "accuracy", k) for r in reps]
-                nll = [study.value(target, r, name, "test", "ensemble", "nll", k) for r in reps]
-            cells.append(f"{statistics.fmean(acc) * 100:.2f} / {statistics.fmean(nll):.3f}")
+            acc, nll, ece = (
+                statistics.fmean(at_size(study, target, r, name, key, k) for r in reps)
+                for key in ("accuracy", "nll", "ece")
+            )
+            cells.append(f"{acc * 100:.2f} / {nll:.3f} / {ece * 100:.1f}")
+        try:
+            cells.append(str(critical_path(name, K)))
+        except ValueError:
+            cells.append("2 + probes")
         lines.append(f"| {name} (n={len(reps)}) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -297,15 +326,16 @@ def claims(study: Study, target: str, chosen: dict[str, dict[str, str]]) -> tupl
                     key,
                     label,
                 )
-            add(
-                "(c') StarSSE vs Global DE (ensembles)",
-                star,
-                "global_de",
-                "ensemble",
-                "ensemble",
-                "accuracy",
-                label,
-            )
+            for key in ("accuracy", "nll"):
+                add(
+                    "(c') StarSSE vs Global DE (ensembles)",
+                    star,
+                    "global_de",
+                    "ensemble",
+                    "ensemble",
+                    key,
+                    label,
+                )
             for key in ("accuracy", "nll"):
                 add("(e) StarSSE's soup beats model 1", star, "model1", "soup", "model1", key, label)
             add("(e') StarSSE's soup vs its ensemble", star, star, "soup", "ensemble", "accuracy", label)
@@ -335,6 +365,15 @@ def claims(study: Study, target: str, chosen: dict[str, dict[str, str]]) -> tupl
                 key,
                 "the guard's probes",
             )
+    for mult in study.mults(target, "net"):
+        net, fixed = f"net/x{mult:g}", f"starsse/x{mult:g}"
+        for what, key in (
+            ("ensemble", "accuracy"),
+            ("ensemble", "nll"),
+            ("soup", "accuracy"),
+            ("soup", "nll"),
+        ):
+            add(f"safety net at {mult:g}x beats fixed {mult:g}x", net, fixed, what, what, key, "its probe(s)")
     lines = [
         "| claim | contrast (test, all K members) | metric | selection | paired difference (better/n) "
         "| verdict |"
@@ -354,32 +393,68 @@ def size_figure(study: Study, target: str, names: list[str], out: Path) -> Path 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    keys = ("accuracy", "nll", "ece")
+    labels = {"accuracy": "test accuracy (%)", "nll": "test NLL", "ece": "test ECE (%)"}
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     drawn = False
     for name in names:
         reps = study.replicates(target, name)
         if not reps:
             continue
-        for ax, key in zip(axes, ("accuracy", "nll"), strict=True):
-            ys = []
-            for k in range(1, study.size(target) + 1):
-                what = "model1" if k == 1 else "ensemble"
-                ys.append(statistics.fmean(study.value(target, r, name, "test", what, key, k) for r in reps))
-            ax.plot(
-                range(1, len(ys) + 1),
-                [y * SCALE[key] for y in ys],
-                marker="o",
-                label=f"{name} (n={len(reps)})",
-            )
+        ks = range(1, study.size(target) + 1)
+        for ax, key in zip(axes, keys, strict=True):
+            ys = [statistics.fmean(at_size(study, target, r, name, key, k) for r in reps) for k in ks]
+            ax.plot(list(ks), [y * SCALE[key] for y in ys], marker="o", label=f"{name} (n={len(reps)})")
             drawn = True
     if not drawn:
         plt.close(fig)
         return None
-    axes[0].set(xlabel="members k (k x E optimizer epochs)", ylabel="test accuracy (%)")
-    axes[1].set(xlabel="members k (k x E optimizer epochs)", ylabel="test NLL")
+    for ax, key in zip(axes, keys, strict=True):
+        ax.set(xlabel="members k (total optimizer steps: k x E)", ylabel=labels[key])
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"{target}: ensemble of the first k members")
+    fig.suptitle(f"{target}: ensemble of the first k members (mean over replicates)")
     return save_figure(fig, out / f"ensemble_size_{target}.png")
+
+
+def wall_clock_figure(study: Study, target: str, names: list[str], out: Path) -> Path | None:
+    """Test accuracy and NLL against the member trainings on the critical path with parallel members (the wall
+    clock with one device per branch, in units of one member's training E); the guard is left out."""
+    import matplotlib
+
+    from hf_ens.plots import save_figure
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    drawn = False
+    for name in names:
+        reps = study.replicates(target, name)
+        if not reps or name == "guard":
+            continue
+        ks = range(1, study.size(target) + 1)
+        xs = [critical_path(name, k) for k in ks]
+        for ax, key in zip(axes, ("accuracy", "nll"), strict=True):
+            ys = [
+                statistics.fmean(at_size(study, target, r, name, key, k) for r in reps) * SCALE[key]
+                for k in ks
+            ]
+            # markers only: with parallel members several k arrive at the same time (a vertical column)
+            jitter = 0.04 * (names.index(name) - len(names) / 2)
+            ax.plot([x + jitter for x in xs], ys, "o", alpha=0.75, label=f"{name} (k = 1..{len(ys)})")
+            drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    for ax, label in zip(axes, ("test accuracy (%)", "test NLL"), strict=True):
+        ax.set(
+            xlabel="critical path (member trainings E, one device per branch)",
+            ylabel=label,
+            xticks=[1, 2, 3, 4, 5],
+        )
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{target}: one device per branch (total optimizer steps are k x E for every method)")
+    return save_figure(fig, out / f"wall_clock_{target}.png")
 
 
 def write_report(records: list[dict], out: str | Path) -> dict:
@@ -408,7 +483,8 @@ def write_report(records: list[dict], out: str | Path) -> dict:
             "### Claims\n", table + "\n",
             "### Every run (test, all K members; mean ± 95% t interval over replicates)\n",
             method_table(study, target, chosen) + "\n",
-            "### Ensemble size (test; the first k members)\n", size_table(study, target, compared) + "\n",
+            "### Ensemble size (test; the first k members; critical path: member trainings one after another "
+            "with parallel members)\n", size_table(study, target, compared) + "\n",
             "### Shift (test images corrupted: mean over 5 corruptions; accuracy / NLL / ECE)\n",
             shift_table(study, target, compared) + "\n",
             "### Basin (held-out; model 1 -> member 2)\n",
@@ -420,9 +496,18 @@ def write_report(records: list[dict], out: str | Path) -> dict:
             counts = {f"{m:g}x": guards.count(m) for m in sorted(set(guards))}
             parts.append(f"The guard chose: {counts} (n={len(guards)}).\n")
             summary.setdefault("guard_choices", {})[target] = counts
+        for mult in study.mults(target, "net"):
+            name = f"net/x{mult:g}"
+            chosen = [study.runs[target][r][name]["chosen_mult"] for r in study.replicates(target, name)]
+            counts = {f"{m:g}x": chosen.count(m) for m in sorted(set(chosen))}
+            parts.append(f"The safety net set at {mult:g}x used: {counts} (n={len(chosen)}).\n")
+            summary.setdefault("net_choices", {}).setdefault(target, {})[f"{mult:g}x"] = counts
         figure = size_figure(study, target, ["model1", *compared], out)
         if figure is not None:
             parts.append(f"![ensemble size]({figure.name})\n")
+        figure = wall_clock_figure(study, target, ["model1", *compared], out)
+        if figure is not None:
+            parts.append(f"![wall clock with parallel members]({figure.name})\n")
     (out / "tables.md").write_text("\n".join(parts))
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
     return summary

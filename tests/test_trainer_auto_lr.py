@@ -380,3 +380,77 @@ def test_the_command_line_reads_auto_and_numbers():
     help_text = parser.format_help()
     assert "'auto'" in help_text and "basin_tolerance" in help_text
     assert torch.get_num_threads() == 1
+
+
+# ------------------------------------------------------------------------------- basin_guard: a safety net
+BASE = AUTO["learning_rate"]  # the fine-tuning LR the multipliers scale
+
+
+def test_the_safety_net_keeps_a_set_lr_that_stays_after_one_probe(tmp_path, reference):
+    """basin_guard=True with a set cycle LR inside the basin: one probe (the set LR), kept, and the members
+    are those of the plain fixed run (the probe leaves no trace)."""
+    probe, members, _ = reference
+    trainer = auto_trainer(tmp_path, cycle_learning_rate=2.0 * BASE, basin_guard=True)
+    assert trainer.chosen_cycle_learning_rate == pytest.approx(2.0 * BASE)  # the set LR before the probe
+    trainer.train()
+    guard = trainer.basin_probe
+    assert guard["mode"] == "guard" and [row["multiplier"] for row in guard["table"]] == [2.0]
+    assert guard["cycle_lr_grid"] == [0.5, 2.0] and guard["table"][0]["in_basin"]
+    assert guard["chosen_multiplier"] == 2.0 and "kept" in guard["reason"]
+    meta = trainer.ensemble_metadata()
+    assert meta["cycle_learning_rate_mode"] == "guard" and meta["cycle_learning_rate"] == pytest.approx(4e-3)
+    for k, path in enumerate(trainer.member_paths):
+        assert max_diff(load_member(path), members[k]) <= 1e-6, k
+    trainer.ensemble().save_pretrained(tmp_path / "repo")
+    card = (tmp_path / "repo" / "README.md").read_text()
+    assert "checked by the basin guard" in card and "chosen automatically" not in card
+
+
+def test_the_safety_net_steps_down_only_when_the_set_lr_leaves(tmp_path, reference):
+    """A set cycle LR that leaves the basin (100x): probed first, then the grid below it is searched; the
+    cycles use the largest LR that stays, and the members equal the fixed run at that LR."""
+    probe, members, _ = reference
+    trainer = auto_trainer(tmp_path, cycle_learning_rate=100.0 * BASE, basin_guard=True)
+    trainer.train()
+    guard = trainer.basin_probe
+    rows = {row["multiplier"]: row for row in guard["table"]}
+    assert not rows[100.0]["in_basin"] and rows[2.0]["in_basin"]
+    assert guard["chosen_multiplier"] == 2.0 and "left the basin" in guard["reason"]
+    assert trainer.chosen_cycle_learning_rate == pytest.approx(2.0 * BASE)
+    _, lrs, _ = trainer.lr_schedule()
+    assert lrs[MODEL1_STEPS] == pytest.approx(2.0 * BASE)
+    for k, path in enumerate(trainer.member_paths):
+        assert max_diff(load_member(path), members[k]) <= 1e-6, k
+
+
+def test_the_safety_net_candidates_end_at_the_set_lr():
+    from hf_ens.trainers.probe import candidates
+
+    args = starsse_config("unused", cycle_learning_rate=LR, basin_guard=True)
+    assert candidates(args) == [0.25, 0.5, 1.0]  # the default grid below the default 1x, then 1x
+    args = starsse_config("unused", cycle_learning_rate=3 * LR, basin_guard=True)
+    assert candidates(args) == [0.25, 0.5, 1.0, 2.0, pytest.approx(3.0)]
+    args = starsse_config("unused", cycle_learning_rate=None, basin_guard=True)  # unset: learning_rate, 1x
+    assert candidates(args)[-1] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (dict(cycle_learning_rate="auto"), "one of them"),
+        (dict(method="local_de"), "basin_guard=True probes"),
+        (dict(num_members=1), "num_members=1"),
+        (dict(fp16=True), "fp16"),
+    ],
+)
+def test_bad_safety_net_settings_are_refused_by_the_config(tmp_path, overrides, match):
+    settings = {**AUTO, "cycle_learning_rate": BASE, "basin_guard": True, **overrides}
+    with pytest.raises(ValueError, match=match):
+        starsse_config(tmp_path, **settings)
+
+
+def test_the_safety_net_without_an_eval_dataset_is_refused_before_training(tmp_path):
+    trainer = auto_trainer(tmp_path, eval_dataset=None, cycle_learning_rate=BASE, basin_guard=True)
+    with pytest.raises(ValueError, match="eval_dataset"):
+        trainer.train()
+    assert os.listdir(tmp_path) == [] and trainer.state.global_step == 0

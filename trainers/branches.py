@@ -367,7 +367,7 @@ def train_branches(trainer) -> TrainOutput:
     trainer.cycles.anchor_from_model1()
     trainer.model_wrapped = trainer.model  # no DDP wrapper: a branch exchanges nothing with other processes
     trainer.accelerator.free_memory()
-    if args.auto_cycle_learning_rate:  # after model 1, before any branch: every process probes
+    if args.probes_cycle_learning_rate:  # after model 1, before any branch: every process probes
         adapters.load_member_weights(trainer.model, trainer.cycles.anchor)
         trainer.choose_cycle_learning_rate(reuse_probe_file=True)
     members = range(1 if args.method == "starsse" else 0, args.num_members)

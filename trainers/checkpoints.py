@@ -67,14 +67,23 @@ RUN_FIELDS = (
     "max_grad_norm",
     "parallel_members",
 )
-# With cycle_learning_rate="auto" these decide the chosen LR too. Recorded only then, so that checkpoints of
-# runs with a numeric cycle LR (also those made before these fields existed) keep resuming.
-AUTO_RUN_FIELDS = ("cycle_lr_grid", "probe_search", "probe_fraction", "basin_tolerance", "probe_loss_ratio")
+# With the basin guard (cycle_learning_rate="auto" or basin_guard=True) these decide the chosen LR too.
+# Recorded only then, so that checkpoints of runs without it (also those made before these fields existed)
+# keep resuming.
+AUTO_RUN_FIELDS = (
+    "basin_guard",
+    "cycle_lr_grid",
+    "probe_search",
+    "probe_fraction",
+    "basin_tolerance",
+    "probe_loss_ratio",
+)
 
 
 def run_config(args) -> dict[str, Any]:
     """The values of :data:`RUN_FIELDS` as JSON would store them (enums as their value)."""
-    names = RUN_FIELDS + (AUTO_RUN_FIELDS if getattr(args, "cycle_learning_rate", None) == "auto" else ())
+    probes = getattr(args, "cycle_learning_rate", None) == "auto" or getattr(args, "basin_guard", False)
+    names = RUN_FIELDS + (AUTO_RUN_FIELDS if probes else ())
     values = {name: getattr(args, name, None) for name in names}
     values = {k: getattr(v, "value", v) for k, v in values.items()}
     return json.loads(json.dumps(values, default=str))

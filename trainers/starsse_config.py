@@ -41,13 +41,18 @@ class StarSSEConfig(TrainingArguments):
             Length of each later cycle in epochs; `None`: `num_train_epochs`. Ignored by `"local_de"`.
         cycle_learning_rate (`float`, `"auto"` or `None`, *optional*, defaults to `None`):
             Peak LR of each later cycle (cosine annealed to ~0); `None`: `learning_rate`; `"auto"`: chosen
-            after model 1 by the basin guard (`trainers.probe`).
+            after model 1 by the basin guard (`trainers.probe`): the largest LR of `cycle_lr_grid` that stays
+            in the pre-train basin.
+        basin_guard (`bool`, *optional*, defaults to `False`):
+            The basin guard as a safety net for a numeric `cycle_learning_rate`: one probe after model 1
+            checks it; it is kept if it stays in the basin, else the largest `cycle_lr_grid` LR below it that
+            stays is used.
         cycle_warmup_steps (`float`, *optional*, defaults to `0`):
             Linear warmup inside each later cycle: optimizer steps, or a fraction of a cycle if < 1.
         reset_optimizer (`bool`, *optional*, defaults to `True`):
             Clear the optimizer state (momentum, Adam moments and step) at every cycle start.
 
-        > Parameters that control `cycle_learning_rate="auto"` (the basin guard)
+        > Parameters that control the basin guard (`cycle_learning_rate="auto"` or `basin_guard=True`)
 
         cycle_lr_grid (`list[float]`, *optional*, defaults to `[0.25, 0.5, 1, 2, 4, 8, 16]`):
             The candidate cycle LRs, as multiples of `learning_rate` (at least two, each > 0).
@@ -102,6 +107,15 @@ class StarSSEConfig(TrainingArguments):
             "to choose it after model 1 with short probe cycles (the largest LR of cycle_lr_grid that stays "
             "in the pre-train basin on eval_dataset; 'starsse' and 'sse' only). Unset (None): learning_rate. "
             "Too high leaves the pre-train basin and loses the transfer benefit; ignored by 'local_de'."
+        },
+    )
+    basin_guard: bool = field(
+        default=False,
+        metadata={
+            "help": "A safety net for a numeric cycle_learning_rate (or learning_rate when unset): after "
+            "model 1, one probe cycle checks it on eval_dataset; it is kept if it stays in the pre-train "
+            "basin, and only if it leaves is the largest cycle_lr_grid LR below it that stays used instead. "
+            "Not with 'auto' (which already chooses inside the basin)."
         },
     )
     cycle_lr_grid: list[float] = field(
@@ -226,7 +240,12 @@ class StarSSEConfig(TrainingArguments):
         _check_output_dir(self.output_dir)
         if self.parallel_members:
             _check_parallel_members(self)
-        if self.auto_cycle_learning_rate:
+        if self.basin_guard and self.auto_cycle_learning_rate:
+            raise ValueError(
+                "basin_guard=True guards a numeric cycle_learning_rate; cycle_learning_rate='auto' already "
+                "chooses an LR inside the basin. Use one of them."
+            )
+        if self.probes_cycle_learning_rate:
             _check_auto(self)
         if (version := fsdp_version(self)) is not None:
             check_fsdp(self, version)
@@ -235,6 +254,19 @@ class StarSSEConfig(TrainingArguments):
     def auto_cycle_learning_rate(self) -> bool:
         """Whether the run chooses the cycle LR itself after model 1 (``cycle_learning_rate="auto"``)."""
         return self.cycle_learning_rate == AUTO
+
+    @property
+    def probes_cycle_learning_rate(self) -> bool:
+        """Whether the basin guard probes after model 1: ``"auto"`` (it chooses) or ``basin_guard`` (it checks
+        the set LR and steps down only if that one leaves the basin)."""
+        return self.auto_cycle_learning_rate or bool(self.basin_guard)
+
+    @property
+    def guard_mode(self) -> str | None:
+        """``"auto"``, ``"guard"`` or None: how the probes' result is named in metadata and cards."""
+        if self.auto_cycle_learning_rate:
+            return "auto"
+        return "guard" if self.basin_guard else None
 
 
 def _cycle_learning_rate(value):
@@ -279,22 +311,21 @@ def _check_probe_settings(args: StarSSEConfig) -> None:
 
 
 def _check_auto(args: StarSSEConfig) -> None:
-    """What cycle_learning_rate='auto' cannot honour (an eval_dataset is checked when training starts)."""
+    """What the basin guard (cycle_learning_rate='auto' or basin_guard=True) cannot honour (an eval_dataset is
+    checked when training starts)."""
+    what = "cycle_learning_rate='auto'" if args.auto_cycle_learning_rate else "basin_guard=True"
+    off = "a numeric cycle_learning_rate" if args.auto_cycle_learning_rate else "basin_guard=False"
     if args.method == "local_de":
         raise ValueError(
-            "cycle_learning_rate='auto' chooses the LR of StarSSE / SSE cycles after model 1; method="
-            "'local_de' has no cycle LR (every member replays model 1's schedule). Use method='starsse' or "
-            "'sse', or a numeric cycle_learning_rate."
+            f"{what} probes the LR of StarSSE / SSE cycles after model 1; method='local_de' has no cycle LR "
+            f"(every member replays model 1's schedule). Use method='starsse' or 'sse', or {off}."
         )
     if args.num_members < 2:
         raise ValueError(
-            "cycle_learning_rate='auto' chooses the LR of cycles 2..K; num_members=1 has none. Use "
-            "num_members >= 2 or a numeric cycle_learning_rate."
+            f"{what} probes the LR of cycles 2..K; num_members=1 has none. Use num_members >= 2 or {off}."
         )
     if args.fp16:
-        raise ValueError(
-            "cycle_learning_rate='auto' runs its probe cycles without fp16 loss scaling; use bf16 or fp32."
-        )
+        raise ValueError(f"{what} runs its probe cycles without fp16 loss scaling; use bf16 or fp32.")
 
 
 def _check_parallel_members(args: StarSSEConfig) -> None:
@@ -349,10 +380,11 @@ def check_fsdp(args, version: int) -> None:
             "parallel_members=True trains each member alone on one process with the whole model; under FSDP "
             "the model is sharded over all processes. Use parallel_members=False with FSDP."
         )
-    if args.cycle_learning_rate == AUTO:
+    if args.probes_cycle_learning_rate:
         raise ValueError(
-            "cycle_learning_rate='auto' is not supported under FSDP: its probes interpolate and train whole "
-            "models on each process alone (not built for sharded weights). Set a numeric cycle_learning_rate."
+            "cycle_learning_rate='auto' / basin_guard=True is not supported under FSDP: its probes "
+            "interpolate and train whole models on each process alone (not built for sharded weights). Set a "
+            "numeric cycle_learning_rate and basin_guard=False."
         )
     if args.method == "local_de":
         raise ValueError(

@@ -213,8 +213,8 @@ class StarSSETrainer(Trainer):
         args = self.args
         config = getattr(self.model, "config", None)
         auto = {}
-        if args.auto_cycle_learning_rate:
-            auto = {"cycle_learning_rate_mode": "auto", "basin_probe": self.basin_probe}
+        if args.probes_cycle_learning_rate:
+            auto = {"cycle_learning_rate_mode": args.guard_mode, "basin_probe": self.basin_probe}
         return {
             "method": args.method,
             "num_members": args.num_members,
@@ -248,9 +248,12 @@ class StarSSETrainer(Trainer):
 
     @property
     def chosen_cycle_learning_rate(self) -> float | None:
-        """The peak LR of cycles 2..K: the configured one, or the one ``"auto"`` chose (None before)."""
-        if not self.args.auto_cycle_learning_rate:
+        """The peak LR of cycles 2..K: the configured one, or the one the basin guard chose (``"auto"``: None
+        before)."""
+        if not self.args.probes_cycle_learning_rate:
             return self.args.cycle_learning_rate
+        if self.basin_probe is None and not self.args.auto_cycle_learning_rate:
+            return self.args.cycle_learning_rate  # basin_guard before its probe: the set LR
         return self.basin_probe["cycle_learning_rate"] if self.basin_probe else None
 
     def ensemble(self):
@@ -302,7 +305,7 @@ class StarSSETrainer(Trainer):
         return broadcast_object_list([message], from_process=0)[0]
 
     def _train_locked(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs):
-        if self.args.auto_cycle_learning_rate:
+        if self.args.probes_cycle_learning_rate:
             check_eval_dataset(self.eval_dataset)
         self._resumed_state = None
         self.basin_probe = None  # a resumed checkpoint (or, for branches, basin_probe.json) brings it back
@@ -370,7 +373,7 @@ class StarSSETrainer(Trainer):
                 )
             if self._train_sampler is not None:
                 self._train_sampler.epochs_per_member = plan.model1_steps // steps_per_epoch
-        if args.auto_cycle_learning_rate:
+        if args.probes_cycle_learning_rate:
             probe_steps(args, plan.cycle_steps)  # a cycle too short to probe: refused now, not after model 1
         if self._resumed_state is not None:  # the run settings were compared before loading; the plan
             saved = self._resumed_state  # also depends on the dataset's size
@@ -475,7 +478,7 @@ class StarSSETrainer(Trainer):
 
     def on_member_written(self, k: int) -> None:
         """After member k: with ``cycle_learning_rate="auto"``, model 1 chooses the cycles' LR (loop only)."""
-        if k == 0 and self.args.auto_cycle_learning_rate and not self.args.parallel_members:
+        if k == 0 and self.args.probes_cycle_learning_rate and not self.args.parallel_members:
             self.choose_cycle_learning_rate()
 
     def choose_cycle_learning_rate(self, reuse_probe_file: bool = False) -> None:
