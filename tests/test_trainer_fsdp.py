@@ -209,6 +209,7 @@ def _config(tmp_path, **overrides):
         ({"fsdp": True, "fsdp_config": {"version": 1}}, "FSDP2 only, got FSDP version 1"),
         ({"fsdp": True, "parallel_members": True}, "parallel_members=True trains each member alone"),
         ({"fsdp": True, "cycle_learning_rate": "auto"}, "'auto' is not supported under FSDP"),
+        ({"fsdp": True, "basin_guard": True}, "nor basin_guard=True"),
         ({"fsdp": True, "method": "local_de"}, "'local_de' is not supported under FSDP"),
     ],
 )

@@ -382,7 +382,7 @@ def check_fsdp(args, version: int) -> None:
         )
     if args.probes_cycle_learning_rate:
         raise ValueError(
-            "cycle_learning_rate='auto' / basin_guard=True is not supported under FSDP: its probes "
+            "cycle_learning_rate='auto' is not supported under FSDP, nor basin_guard=True: their probes "
             "interpolate and train whole models on each process alone (not built for sharded weights). Set a "
             "numeric cycle_learning_rate and basin_guard=False."
         )
