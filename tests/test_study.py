@@ -94,6 +94,7 @@ def test_queue_runs_every_replicate_of_an_entry_before_the_next():
         ({"targets": ["cifar"]}, "Unknown targets"),
         ({"runs": ["starsse"]}, "Unknown run"),
         ({"runs": ["model1", "local_de/x2"]}, "Unknown run"),
+        ({"runs": ["model1", "net"]}, "Unknown run"),  # the safety net needs the LR it guards: net/xM
         ({"runs": ["starsse/x1", "model1"]}, "start with model1"),
         ({"workers": 0}, "workers"),
     ],
@@ -197,3 +198,16 @@ def test_the_guard_is_judged_on_the_fixed_run_of_the_lr_it_chose():
     assert study.replicates("t", "guard") == [(0, 0)]
     lone = Study([rec("model1", 0, 0.5), rec("guard", 4, 0)])  # chose an LR the grid did not run: no figure
     assert lone.replicates("t", "guard") == []
+
+
+def test_the_critical_path_with_parallel_members_follows_each_methods_dependencies():
+    """Member trainings one after another with one device per branch: Local / Global DE all at once, StarSSE's
+    cycles after model 1, SSE's one after another; the guard's probes are not priced."""
+    from recipes.report_study import critical_path
+
+    assert [critical_path("local_de", k) for k in (1, 5)] == [1, 1]
+    assert [critical_path("global_de", k) for k in (1, 5)] == [1, 1]
+    assert [critical_path("starsse/x2", k) for k in (1, 2, 5)] == [1, 2, 2]
+    assert [critical_path("sse/x4", k) for k in (1, 2, 5)] == [1, 2, 5]
+    with pytest.raises(ValueError, match="probes"):
+        critical_path("guard", 5)
