@@ -99,7 +99,7 @@ class Study:
         candidate (never the test split)."""
         names = [f"{method}/x{m:g}" for m in self.mults(target, method)]
         reps = self.replicates(target, *names)
-        if not reps:
+        if not names or not reps:  # a target the method has not run on yet
             return None
         score = {
             n: statistics.fmean(self.value(target, r, n, "held_out", "ensemble", by) for r in reps)
