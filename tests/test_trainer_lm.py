@@ -158,3 +158,44 @@ def test_auto_cycle_learning_rate_on_lora_llama_members_judges_the_merged_weight
     assert probe["model1"]["eval_loss"] == pytest.approx(token_nll, abs=1e-5)
     assert all(row["diverged"] or len(row["path_loss"]) == 5 for row in probe["table"])
     assert isinstance(trainer.ensemble(), AdapterEnsembleModelForCausalLM)
+
+
+def test_the_safety_net_on_lora_llama_members_under_parallel_members_leaves_no_trace(tmp_path):
+    """basin_guard=True on LoRA causal-LM members with parallel_members (the branch path, a second family from
+    the ViT it was built with): one probe at the set LR, judged on merged weights; kept, the adapters are
+    those of the same run without the net, tensor for tensor."""
+    import safetensors.torch
+
+    tokenizer = word_tokenizer(padding_side="right")
+    collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    adapters = {}
+    for name, net in (("net", True), ("plain", False)):
+        args = starsse_config(
+            tmp_path / name,
+            num_members=3,
+            learning_rate=5e-2,
+            cycle_learning_rate=5e-2,
+            basin_guard=net,
+            cycle_lr_grid=[0.5, 2.0],  # probes of 1/4 cycle: 1 step of these 4-step cycles
+            basin_tolerance=1e9,  # the set LR stays: the test is about the trace, not the rule
+            parallel_members=True,
+        )
+        trainer = StarSSETrainer(
+            model=get_peft_model(tiny_llama(0), config).train(),
+            args=args,
+            train_dataset=Dataset.from_dict(dict(tokenizer(TEXTS))),
+            eval_dataset=Dataset.from_dict(dict(tokenizer(TEXTS[:4]))),
+            data_collator=collator,
+            processing_class=tokenizer,
+        )
+        trainer.train()
+        if net:
+            probe = trainer.basin_probe
+            assert probe["mode"] == "guard" and [row["multiplier"] for row in probe["table"]] == [1.0]
+            assert "kept" in probe["reason"] and trainer.chosen_cycle_learning_rate == pytest.approx(5e-2)
+        adapters[name] = [
+            safetensors.torch.load_file(f"{path}/adapter_model.safetensors") for path in trainer.member_paths
+        ]
+    for k, (got, ref) in enumerate(zip(adapters["net"], adapters["plain"], strict=True)):
+        assert got.keys() == ref.keys() and all(torch.equal(got[n], ref[n]) for n in got), k

@@ -76,7 +76,7 @@ def probe_steps(args, cycle_steps: int) -> int:
     steps = math.floor(fraction * cycle_steps)
     if steps < 1:
         raise ValueError(
-            f"cycle_learning_rate='auto': a cycle of {cycle_steps} optimizer steps is too short for "
+            f"the basin guard ({args.guard_mode}): a cycle of {cycle_steps} optimizer steps is too short for "
             f"{len(args.cycle_lr_grid)} probes of at most {fraction:.3g} of a cycle each; lengthen "
             "cycle_epochs, raise probe_fraction or shorten cycle_lr_grid."
         )
