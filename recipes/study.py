@@ -345,8 +345,7 @@ def run_task(task: Task, study: StudyArguments, script: ScriptArguments, train: 
         cache["key"] = (task.target, task.seed)
         cache["data"] = ReplicateData(script, task.seed, study, checkpoint_dir(study, task.pretrain_seed))
     data: ReplicateData = cache["data"]
-    work = Path(study.results_dir) / ".work" / task.replicate
-    model1_dir, model1_logits = work / "model1", work / "model1_logits.pt"
+    model1_dir, model1_logits = _model1_paths(study, task)
     ckpt = checkpoint_dir(study, task.pretrain_seed)
     K = train.num_members
     record: dict = {"checkpoint_id": checkpoint_id(ckpt)}
@@ -453,9 +452,15 @@ def _machine(study: StudyArguments) -> str:
     return f"{cpu} CPU (1 torch thread per worker, {study.workers} workers)"
 
 
-def _model1_kept(study: StudyArguments, task: Task) -> bool:
+def _model1_paths(study: StudyArguments, task: Task) -> tuple[Path, Path]:
+    """Where the replicate's model 1 weights and test logits are kept for the runs that start from it."""
     work = Path(study.results_dir) / ".work" / task.replicate
-    return (work / "model1").is_dir() and (work / "model1_logits.pt").is_file()
+    return work / "model1", work / "model1_logits.pt"
+
+
+def _model1_kept(study: StudyArguments, task: Task) -> bool:
+    weights, logits = _model1_paths(study, task)
+    return weights.is_dir() and logits.is_file()
 
 
 def work(study: StudyArguments, script: ScriptArguments, train: StarSSEConfig) -> None:

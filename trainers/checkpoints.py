@@ -82,8 +82,7 @@ AUTO_RUN_FIELDS = (
 
 def run_config(args) -> dict[str, Any]:
     """The values of :data:`RUN_FIELDS` as JSON would store them (enums as their value)."""
-    probes = getattr(args, "cycle_learning_rate", None) == "auto" or getattr(args, "basin_guard", False)
-    names = RUN_FIELDS + (AUTO_RUN_FIELDS if probes else ())
+    names = RUN_FIELDS + (AUTO_RUN_FIELDS if getattr(args, "probes_cycle_learning_rate", False) else ())
     values = {name: getattr(args, name, None) for name in names}
     values = {k: getattr(v, "value", v) for k, v in values.items()}
     return json.loads(json.dumps(values, default=str))

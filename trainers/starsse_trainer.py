@@ -250,11 +250,9 @@ class StarSSETrainer(Trainer):
     def chosen_cycle_learning_rate(self) -> float | None:
         """The peak LR of cycles 2..K: the configured one, or the one the basin guard chose (``"auto"``: None
         before)."""
-        if not self.args.probes_cycle_learning_rate:
-            return self.args.cycle_learning_rate
-        if self.basin_probe is None and not self.args.auto_cycle_learning_rate:
-            return self.args.cycle_learning_rate  # basin_guard before its probe: the set LR
-        return self.basin_probe["cycle_learning_rate"] if self.basin_probe else None
+        if self.basin_probe is not None:
+            return self.basin_probe["cycle_learning_rate"]
+        return None if self.args.auto_cycle_learning_rate else self.args.cycle_learning_rate
 
     def ensemble(self):
         """The trained members as an ``hf_ens.EnsembleModel`` (LoRA members: an
